@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models of every family on disk, and the offline data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from prunelab.models import TINY_ARCHS, save_tiny  # noqa: E402
+from prunelab.paths import shared_data_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny checkpoint (with byte tokenizer) per architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny(arch, root / arch) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if not (d / "wikitext-2-raw" / "wiki.test.raw").is_file():
+        pytest.fail(f"offline data not found at {d}: CI must have ../shared beside the repo")
+    return d
