@@ -1,0 +1,1 @@
+"""Data: text corpora and GLUE readers, calibration sampling, synthesized speech."""

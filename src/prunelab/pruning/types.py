@@ -1,0 +1,128 @@
+"""What a pruning run is asked to do (`PruneConfig`) and what it did (`PruneResult`)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from prunelab.errors import ConfigError
+
+METHODS = ("magnitude", "magnitude-layer", "wanda", "sparsegpt", "structured")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """`unstructured` → None; `N:M` → (N, M) where N of every M consecutive inputs are zeroed."""
+    if pattern == "unstructured":
+        return None
+    match = _NM.match(pattern or "")
+    if not match:
+        raise ConfigError(f"unknown pattern '{pattern}': use 'unstructured' or N:M such as 2:4")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ConfigError(f"pattern {pattern}: need 0 < N < M (N zeros in every group of M weights)")
+    return n, m
+
+
+@dataclass
+class PruneConfig:
+    """One pruning recipe. `sparsity` is the fraction of prunable weights set to zero.
+
+    For an N:M pattern the sparsity is N/M by construction and `sparsity` is ignored
+    (recorded as N/M). `calib` is a path or HF dataset name; None means the offline default
+    (MRPC training sentences from ../shared/data/glue-mrpc/train.tsv).
+    """
+
+    method: str = "magnitude"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    calib: str | None = None
+    calib_column: str | None = None
+    nsamples: int = 64
+    seqlen: int = 512
+    seed: int = 0
+    owl: bool = False  # outlier-weighted layerwise ratios (wanda/sparsegpt)
+    blocksize: int = 128  # sparsegpt
+    percdamp: float = 0.01  # sparsegpt
+    structured_target: str = "mlp"  # structured: "mlp", "heads" or "both"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+            raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1): pass e.g. 0.5 for 50 %")
+        nm = parse_pattern(self.pattern)
+        if nm is not None:
+            self.sparsity = nm[0] / nm[1]
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ConfigError("calibration needs --nsamples ≥ 1 and --seqlen ≥ 2")
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return parse_pattern(self.pattern)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method in ("wanda", "sparsegpt", "structured")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MatrixReport:
+    name: str
+    module_type: str
+    stack: str
+    block: int
+    numel: int
+    requested: float
+    achieved: float
+
+
+@dataclass
+class PruneResult:
+    """What was pruned. `masks[name]` is a bool tensor in (out, in) orientation, True = kept."""
+
+    config: PruneConfig
+    matrices: list[MatrixReport] = field(default_factory=list)
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    prunable_params: int = 0
+    prunable_zeros: int = 0
+    total_params: int = 0
+    total_zeros: int = 0
+    calibration: dict[str, Any] = field(default_factory=dict)  # source, nsamples, seqlen, tokens, sha256
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: calibration, pruning, total
+    peak_rss_bytes: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity_prunable(self) -> float:
+        return self.prunable_zeros / max(1, self.prunable_params)
+
+    @property
+    def sparsity_total(self) -> float:
+        return self.total_zeros / max(1, self.total_params)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "requested_sparsity": self.config.sparsity,
+            "achieved_sparsity_prunable": self.sparsity_prunable,
+            "achieved_sparsity_total": self.sparsity_total,
+            "prunable_params": self.prunable_params,
+            "prunable_zeros": self.prunable_zeros,
+            "total_params": self.total_params,
+            "total_zeros": self.total_zeros,
+            "calibration": self.calibration,
+            "timings_s": self.timings,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "warnings": self.warnings,
+            "matrices": [asdict(m) for m in self.matrices],
+        }
