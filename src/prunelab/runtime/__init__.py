@@ -1,0 +1,24 @@
+"""Sparse CPU inference: sparse linear modules, their kernels, and `bench` (latency, throughput, memory)."""
+
+from prunelab.runtime.kernels import SellMatrix, warmup
+from prunelab.runtime.sparse_linear import BACKENDS, SparseLinear, clear_decisions
+from prunelab.runtime.sparsify import (
+    SparsifySummary,
+    load_for_inference,
+    restore_dense,
+    sparse_modules,
+    sparsify_for_inference,
+)
+
+
+def bench_model(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export
+    """See `prunelab.runtime.bench.bench_model` (imported lazily: it pulls in transformers)."""
+    from prunelab.runtime.bench import bench_model as _bench_model
+
+    return _bench_model(*args, **kwargs)
+
+
+__all__ = [
+    "BACKENDS", "SellMatrix", "SparseLinear", "SparsifySummary", "bench_model", "clear_decisions",
+    "load_for_inference", "restore_dense", "sparse_modules", "sparsify_for_inference", "warmup",
+]
