@@ -1,0 +1,527 @@
+"""Study configuration: YAML or dict → a validated grid, checked before any work starts.
+
+Every entry is checked up front — models, methods and their options, patterns, sparsities,
+benchmarks, top-level keys — and the first bad one is named in a one-line `ConfigError`
+(`models[1] 'zoo:nope' ...`). Only then does `plan()` touch the models (to learn each one's
+family and pick its default benchmarks) and expand the grid into `Cell`s.
+
+Presets set the data sizes (`quick` for a few minutes, `default` for the ≤ 20-minute demo on
+2 cores); any value in the YAML overrides the preset's. The preset's numbers are part of every
+cell's hash, so `quick` and `default` results never mix.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prunelab.errors import ConfigError, PrunelabError
+from prunelab.study.cells import DENSE, Cell, norm_sparsity
+
+DEFAULT_MODELS = ["zoo:minilm", "zoo:smollm2", "zoo:whisper-tiny-en"]
+DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt"]
+DEFAULT_SPARSITIES = [0.1, 0.5, 0.9, 0.95, 0.99]
+
+# Benchmarks known by the evaluation contract; the live registry is preferred when importable.
+KNOWN_BENCHMARKS = ("ppl", "seq2seq-ppl", "pppl", "embed", "sst2", "mrpc", "asr")
+BENCH_FAMILIES = {
+    "ppl": {"decoder"}, "seq2seq-ppl": {"encoder-decoder"}, "pppl": {"encoder"},
+    "embed": {"encoder"}, "sst2": {"encoder", "decoder", "encoder-decoder"},
+    "mrpc": {"encoder", "decoder", "encoder-decoder"}, "asr": {"encoder-decoder"},
+}
+# Options a method entry may carry (PruneConfig fields other than method/sparsity/pattern).
+METHOD_OPTIONS = ("owl", "blocksize", "percdamp", "structured_target", "nsamples", "seqlen", "calib", "calib_column")
+CALIBRATION_KEYS = ("nsamples", "seqlen", "calib", "calib_column")
+EVAL_KEYS = ("seqlen", "max_tokens", "max_examples", "train_limit", "mode", "batch_size", "data",
+             "finetune_epochs", "finetune_lr")
+SPEED_KEYS = ("sparsities", "methods", "prefill_tokens", "decode_tokens", "repeats")
+SIZE_KEYS = ("sparsities", "methods")
+TOP_KEYS = ("models", "methods", "patterns", "sparsities", "benchmarks", "analyze", "size", "speed", "calibration",
+            "eval", "seed", "resources", "preset", "allow_hub", "keep_checkpoints", "threads")
+
+# Data sizes. `default` is sized for `make demo` (all three zoo models, 3 methods × 5 sparsities)
+# to finish in ≤ 20 minutes on 2 cores; see docs in report ("settings cut to fit").
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "calibration": {"nsamples": 16, "seqlen": 256},
+        "eval": {
+            "ppl": {"max_tokens": 4096, "seqlen": 512},
+            "seq2seq-ppl": {"max_examples": 64},
+            "pppl": {"max_tokens": 2048},
+            "sst2": {"train_limit": 1000, "max_examples": 872},
+            "mrpc": {"train_limit": 1000, "max_examples": 408},
+            "embed": {"max_examples": 500},
+            "asr": {"max_examples": 12},
+        },
+        "size": True,
+        "speed": {"sparsities": [0.5, 0.9, 0.99], "methods": ["magnitude"], "prefill_tokens": 128,
+                  "decode_tokens": 16, "repeats": 3},
+    },
+    "quick": {
+        "sparsities": [0.5, 0.9],
+        "calibration": {"nsamples": 4, "seqlen": 128},
+        "eval": {
+            "ppl": {"max_tokens": 1024, "seqlen": 256},
+            "seq2seq-ppl": {"max_examples": 16},
+            "pppl": {"max_tokens": 512},
+            "sst2": {"train_limit": 200, "max_examples": 200},
+            "mrpc": {"train_limit": 200, "max_examples": 200},
+            "embed": {"max_examples": 100},
+            "asr": {"max_examples": 4},
+        },
+        "size": True,
+        "speed": {"sparsities": [0.9], "methods": ["magnitude"], "prefill_tokens": 64, "decode_tokens": 8,
+                  "repeats": 2},
+    },
+}
+
+# Why the presets use the data sizes they do (printed in the report).
+PRESET_NOTES = {
+    "default": (
+        "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 198 cells) "
+        "finishes in <= 20 minutes on 2 CPU cores. Cut versus the papers' protocol: calibration 16 x 256 tokens "
+        "(papers: 128 x 2048 of C4), WikiText-2 perplexity on the first 4096 tokens in 512-token windows "
+        "(papers: the whole test set in 2048-token windows), SST-2/MRPC linear probes trained on 1000 "
+        "examples, embedding fidelity on 500 SST-2 sentences, speech benchmark on 12 clips, decode speed only "
+        "for magnitude pruning at 0.5/0.9/0.99 (speed depends on the sparsity pattern, not on how the mask "
+        "was chosen) with 16 decoded tokens x 3 repeats. Numbers are therefore noisier than published ones "
+        "and comparable only within this report."
+    ),
+    "quick": (
+        "A smoke test of the whole pipeline in a few minutes: sparsities 0.5 and 0.9 only, calibration "
+        "4 x 128 tokens, perplexity on 1024 tokens, probes on 200 examples, 4 speech clips, speed at 0.9 only. "
+        "Use it to check a setup, not to draw conclusions."
+    ),
+}
+
+
+@dataclass
+class MethodEntry:
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    """A validated study. Build with `load_config`; `plan()` expands it into cells."""
+
+    models: list[str]
+    methods: list[MethodEntry]
+    patterns: list[str]
+    sparsities: list[float]
+    benchmarks: Any  # "default" | list[str] | dict[model, "default" | list[str]]
+    analyze: bool
+    size: dict[str, Any] | None
+    speed: dict[str, Any] | None
+    calibration: dict[str, Any]
+    eval: dict[str, dict[str, Any]]
+    seed: int
+    resources: dict[str, float]
+    preset: str
+    allow_hub: bool = False
+    keep_checkpoints: bool = False
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The exact configuration, as recorded in the store and printed in the report."""
+        return {
+            "preset": self.preset,
+            "models": list(self.models),
+            "methods": [{"name": m.name, **m.options} if m.options else m.name for m in self.methods],
+            "patterns": list(self.patterns),
+            "sparsities": list(self.sparsities),
+            "benchmarks": copy.deepcopy(self.benchmarks),
+            "analyze": self.analyze,
+            "size": copy.deepcopy(self.size) if self.size is not None else False,
+            "speed": copy.deepcopy(self.speed) if self.speed is not None else False,
+            "calibration": dict(self.calibration),
+            "eval": copy.deepcopy(self.eval),
+            "seed": self.seed,
+            "resources": dict(self.resources),
+            "allow_hub": self.allow_hub,
+            "keep_checkpoints": self.keep_checkpoints,
+            "threads": self.threads,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries (live when the other parts are installed, contract fallbacks otherwise)
+# ---------------------------------------------------------------------------------------------
+
+
+def known_methods() -> list[str]:
+    try:
+        from prunelab.pruning.registry import METHOD_REGISTRY
+
+        return list(METHOD_REGISTRY)
+    except ImportError:
+        from prunelab.pruning.types import METHODS
+
+        return list(METHODS)
+
+
+def known_benchmarks() -> dict[str, set[str]]:
+    """Benchmark name → families it applies to."""
+    try:
+        from prunelab.evaluation.registry import BENCHMARKS
+
+        out = {name: set(spec.families) for name, spec in BENCHMARKS.items()}
+    except ImportError:
+        out = {}
+    for name in KNOWN_BENCHMARKS:  # asr may land later than the registry
+        out.setdefault(name, set(BENCH_FAMILIES[name]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study config not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"study config {p} is not valid YAML ({first}): fix the syntax") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"study config {p} must be a mapping (models:, methods:, sparsities:, ...)")
+    return data
+
+
+def load_config(
+    source: str | os.PathLike[str] | dict[str, Any] | None = None, *, preset: str | None = None
+) -> StudyConfig:
+    """Validate a YAML file / dict (None = the offline default study) against a preset.
+
+    Raises `ConfigError` naming the first bad entry; nothing is loaded or computed here.
+    """
+    raw: dict[str, Any] = read_yaml(source) if isinstance(source, (str, os.PathLike)) else dict(source or {})
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"study config: unknown key '{unknown[0]}': allowed keys are {', '.join(TOP_KEYS)}")
+    preset_name = preset or raw.get("preset") or "default"
+    if preset_name not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset_name}': choose one of {', '.join(PRESETS)}")
+    base = {
+        "models": list(DEFAULT_MODELS), "methods": list(DEFAULT_METHODS), "patterns": ["unstructured"],
+        "sparsities": list(DEFAULT_SPARSITIES), "benchmarks": "default", "analyze": True, "seed": 0,
+        "resources": {"num_cpus": 1, "num_gpus": 0}, "allow_hub": False, "keep_checkpoints": False,
+        "threads": None,
+    }
+    merged = _deep_merge(_deep_merge(base, PRESETS[preset_name]), {k: v for k, v in raw.items() if k != "preset"})
+
+    allow_hub = _bool(merged["allow_hub"], "allow_hub")
+    models = _check_models(merged["models"], allow_hub)
+    methods = _check_methods(merged["methods"])
+    patterns = _check_patterns(merged["patterns"])
+    sparsities = _check_sparsities(merged["sparsities"], "sparsities")
+    benchmarks = _check_benchmarks(merged["benchmarks"], models)
+    calibration = _check_keys(merged.get("calibration") or {}, CALIBRATION_KEYS, "calibration")
+    eval_opts = _check_eval(merged.get("eval") or {})
+    seed = merged["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"study config: seed {seed!r} must be an integer")
+    size = _check_sub(merged.get("size"), SIZE_KEYS, "size", methods)
+    speed = _check_sub(merged.get("speed"), SPEED_KEYS, "speed", methods)
+    resources = _check_resources(merged.get("resources") or {})
+    threads = merged.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"study config: threads {threads!r} must be a positive integer or null")
+    return StudyConfig(
+        models=models, methods=methods, patterns=patterns, sparsities=sparsities, benchmarks=benchmarks,
+        analyze=_bool(merged["analyze"], "analyze"), size=size, speed=speed, calibration=calibration,
+        eval=eval_opts, seed=seed, resources=resources, preset=preset_name, allow_hub=allow_hub,
+        keep_checkpoints=_bool(merged["keep_checkpoints"], "keep_checkpoints"), threads=threads,
+    )
+
+
+def _bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"study config: {name} must be true or false, got {value!r}")
+    return value
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if isinstance(value, (str, int, float, dict)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"study config: {name} must be a non-empty list")
+    return value
+
+
+def _check_models(value: Any, allow_hub: bool) -> list[str]:
+    from prunelab.models.spec import parse_spec
+
+    out: list[str] = []
+    for i, entry in enumerate(_as_list(value, "models")):
+        if not isinstance(entry, str):
+            raise ConfigError(f"study config: models[{i}] {entry!r} must be a model spec string")
+        try:
+            spec = parse_spec(entry)
+        except PrunelabError as exc:
+            raise ConfigError(f"study config: models[{i}] '{entry}' is not a known model: {exc}") from exc
+        if spec.kind == "hub" and not allow_hub and not _in_hf_cache(spec.target):
+            raise ConfigError(
+                f"study config: models[{i}] '{entry}' is not a known model: not a zoo: alias, local directory or "
+                "cached hub model (use zoo:minilm / zoo:smollm2 / zoo:whisper-tiny-en, or set allow_hub: true)"
+            )
+        if entry in out:
+            raise ConfigError(f"study config: models[{i}] '{entry}' is listed twice")
+        out.append(entry)
+    return out
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "config.json")
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def _check_methods(value: Any) -> list[MethodEntry]:
+    known = known_methods()
+    out: list[MethodEntry] = []
+    for i, entry in enumerate(_as_list(value, "methods")):
+        if isinstance(entry, str):
+            name, opts = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("name"), str):
+            name, opts = entry["name"], {k: v for k, v in entry.items() if k != "name"}
+        else:
+            raise ConfigError(f"study config: methods[{i}] {entry!r} must be a name or a mapping with 'name:'")
+        if name == DENSE:
+            raise ConfigError(f"study config: methods[{i}] 'dense' is implicit (every study evaluates the dense "
+                              "model as the reference): remove it")
+        if name not in known:
+            raise ConfigError(f"study config: methods[{i}] '{name}' is not a known method: choose one of "
+                              f"{', '.join(known)}")
+        for key in opts:
+            if key not in METHOD_OPTIONS:
+                raise ConfigError(f"study config: methods[{i}] '{name}' has unknown option '{key}': allowed "
+                                  f"{', '.join(METHOD_OPTIONS)}")
+        try:  # let PruneConfig check option values (types, ranges)
+            from prunelab.pruning.types import PruneConfig
+
+            PruneConfig(method=name, sparsity=0.5, **opts)
+        except TypeError as exc:
+            raise ConfigError(f"study config: methods[{i}] '{name}': {exc}") from exc
+        except PrunelabError as exc:
+            raise ConfigError(f"study config: methods[{i}] '{name}': {exc}") from exc
+        out.append(MethodEntry(name, dict(opts)))
+    return out
+
+
+def _check_patterns(value: Any) -> list[str]:
+    from prunelab.pruning.types import parse_pattern
+
+    out = []
+    for i, entry in enumerate(_as_list(value, "patterns")):
+        try:
+            parse_pattern(str(entry))
+        except PrunelabError as exc:
+            raise ConfigError(f"study config: patterns[{i}] '{entry}' is not a known pattern: {exc}") from exc
+        out.append(str(entry))
+    return out
+
+
+def _check_sparsities(value: Any, name: str) -> list[float]:
+    out: list[float] = []
+    for i, entry in enumerate(_as_list(value, name)):
+        if isinstance(entry, bool) or not isinstance(entry, (int, float)):
+            raise ConfigError(f"study config: {name}[{i}] {entry!r} is not a number: use e.g. 0.5 for 50 %")
+        if not 0.0 <= float(entry) < 1.0:
+            raise ConfigError(f"study config: {name}[{i}] {entry} is outside [0, 1): use e.g. 0.5 for 50 %")
+        s = norm_sparsity(entry)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def _check_bench_list(value: Any, where: str, known: dict[str, set[str]]) -> Any:
+    if value == "default":
+        return "default"
+    items = _as_list(value, where)
+    for i, b in enumerate(items):
+        if b not in known:
+            raise ConfigError(f"study config: {where}[{i}] '{b}' is not a known benchmark: choose from "
+                              f"{', '.join(sorted(known))} or 'default'")
+    return list(dict.fromkeys(items))
+
+
+def _check_benchmarks(value: Any, models: list[str]) -> Any:
+    known = known_benchmarks()
+    if isinstance(value, dict):
+        out = {}
+        for model, benches in value.items():
+            if model not in models:
+                raise ConfigError(f"study config: benchmarks has an entry for '{model}', which is not in models")
+            out[model] = _check_bench_list(benches, f"benchmarks[{model}]", known)
+        return out
+    return _check_bench_list(value, "benchmarks", known)
+
+
+def _check_keys(value: Any, allowed: tuple[str, ...], where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"study config: {where} must be a mapping")
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"study config: {where} has unknown key '{key}': allowed {', '.join(allowed)}")
+    return dict(value)
+
+
+def _check_eval(value: Any) -> dict[str, dict[str, Any]]:
+    known = known_benchmarks()
+    value = _check_keys(value, tuple(known), "eval")
+    return {bench: _check_keys(opts or {}, EVAL_KEYS, f"eval.{bench}") for bench, opts in value.items()}
+
+
+def _check_sub(value: Any, allowed: tuple[str, ...], where: str, methods: list[MethodEntry]) -> dict[str, Any] | None:
+    """`size:` / `speed:` — false, true (every pruned point) or a mapping narrowing it."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    d = _check_keys(value, allowed, where)
+    if d.get("sparsities", "all") != "all":
+        d["sparsities"] = _check_sparsities(d["sparsities"], f"{where}.sparsities")
+    if d.get("methods", "all") != "all":
+        names = {m.name for m in methods}
+        for i, m in enumerate(_as_list(d["methods"], f"{where}.methods")):
+            if m not in names:
+                raise ConfigError(f"study config: {where}.methods[{i}] '{m}' is not one of the study's methods")
+    for key in ("prefill_tokens", "decode_tokens", "repeats"):
+        if key in d and (not isinstance(d[key], int) or d[key] < 1):
+            raise ConfigError(f"study config: {where}.{key} must be a positive integer")
+    return d
+
+
+def _check_resources(value: Any) -> dict[str, float]:
+    d = _check_keys(value, ("num_cpus", "num_gpus"), "resources")
+    for key, v in d.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"study config: resources.{key} {v!r} must be a number ≥ 0")
+    d.setdefault("num_cpus", 1)
+    d.setdefault("num_gpus", 0)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Expansion into cells
+# ---------------------------------------------------------------------------------------------
+
+
+def model_family(spec: str) -> tuple[str, bool]:
+    """(family, is_speech) from the model's config.json (converting zoo models into the cache)."""
+    from prunelab.models import detect_family, read_config, resolve_source
+
+    config = read_config(resolve_source(spec))
+    is_speech = getattr(config, "model_type", "") == "whisper" or hasattr(config, "num_mel_bins")
+    return detect_family(config), is_speech
+
+
+def default_benchmarks_for(family: str, is_speech: bool) -> list[str]:
+    """The two defaults per family from the evaluation contract (speech enc-dec → asr)."""
+    if family == "encoder-decoder" and is_speech:
+        return ["asr"]
+    try:
+        from prunelab.evaluation import default_benchmarks
+
+        return list(default_benchmarks(family))
+    except ImportError:
+        return {"decoder": ["ppl", "sst2"], "encoder": ["sst2", "mrpc", "embed"],
+                "encoder-decoder": ["seq2seq-ppl"]}[family]
+
+
+def _prune_params(config: StudyConfig, method: MethodEntry) -> dict[str, Any]:
+    from prunelab.pruning.types import PruneConfig
+
+    params: dict[str, Any] = {"seed": config.seed}
+    calib = {**config.calibration, **{k: v for k, v in method.options.items() if k in CALIBRATION_KEYS}}
+    if PruneConfig(method=method.name, sparsity=0.5).needs_calibration:
+        defaults = PruneConfig(method=method.name, sparsity=0.5)
+        for key in CALIBRATION_KEYS:
+            params[key] = calib.get(key, getattr(defaults, key))
+    return params
+
+
+def _selected(sub: dict[str, Any] | None, method: str, sparsity: float) -> bool:
+    if sub is None:
+        return False
+    methods = sub.get("methods", "all")
+    sparsities = sub.get("sparsities", "all")
+    return (methods == "all" or method in methods) and (sparsities == "all" or norm_sparsity(sparsity) in sparsities)
+
+
+def plan(config: StudyConfig, *, families: dict[str, tuple[str, bool]] | None = None) -> list[Cell]:
+    """Expand the grid into cells, in the order a sequential run executes them.
+
+    Per model: analyze, the dense benchmarks, then for every (method, pattern, sparsity) point
+    its prune cell followed by the cells that reuse its checkpoint (benchmarks, size, speed).
+    N:M patterns fix the sparsity at N/M, so they add one point per method.
+    """
+    from prunelab.pruning.types import parse_pattern
+
+    families = dict(families or {})
+    resources = dict(config.resources)
+    cells: list[Cell] = []
+    speed_opts = {k: v for k, v in (config.speed or {}).items() if k not in ("sparsities", "methods")}
+    for model in config.models:
+        if model not in families:
+            families[model] = model_family(model)
+        family, is_speech = families[model]
+        if isinstance(config.benchmarks, dict):
+            chosen = config.benchmarks.get(model, "default")
+        else:
+            chosen = config.benchmarks
+        if chosen == "default":
+            benches = default_benchmarks_for(family, is_speech)
+        else:
+            fam = known_benchmarks()
+            benches = [b for b in chosen if family in fam.get(b, {family})]
+        if config.analyze:
+            cells.append(Cell("analyze", model, resources=resources))
+        for bench in benches:
+            opts = {**config.eval.get(bench, {}), "seed": config.seed}
+            cells.append(Cell("bench", model, bench=bench, options=opts, resources=resources))
+        for method in config.methods:
+            mopts = {k: v for k, v in method.options.items() if k not in CALIBRATION_KEYS}
+            prune = _prune_params(config, method)
+            for pattern in config.patterns:
+                nm = parse_pattern(pattern)
+                points = [nm[0] / nm[1]] if nm else config.sparsities
+                for sparsity in points:
+                    base = {"model": model, "method": method.name, "pattern": pattern,
+                            "sparsity": norm_sparsity(sparsity), "method_options": mopts, "prune": prune,
+                            "resources": resources}
+                    cells.append(Cell("prune", **base))
+                    for bench in benches:
+                        opts = {**config.eval.get(bench, {}), "seed": config.seed}
+                        cells.append(Cell("bench", bench=bench, options=opts, **base))
+                    if _selected(config.size, method.name, sparsity):
+                        cells.append(Cell("size", **base))
+                    if _selected(config.speed, method.name, sparsity):
+                        cells.append(Cell("speed", options=speed_opts, **base))
+    return cells

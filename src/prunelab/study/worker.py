@@ -1,0 +1,365 @@
+"""Executing one cell: what runs inside the study process, a pool worker or a Ray task.
+
+`execute_cell(payload, study_dir)` never raises for a cell's own failure: it returns a result
+dict with status `failed` and the first line of the error (the traceback goes to the cell's
+log file), so one broken benchmark cannot stop a study. Everything heavy is imported lazily
+so that parts of prunelab that have not landed only fail the cells that need them.
+
+Pruned checkpoints live in `DIR/checkpoints/<point hash>`: written atomically with a marker
+file, guarded by a file lock so concurrent workers prune a point once. A worker keeps the
+last loaded models in memory so that a point's benchmarks share one load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import logging
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from prunelab.study.cells import Cell, canonical_json
+
+POINT_MARKER = "study_point.json"
+_MODELS: dict[str, Any] = {}  # path -> LoadedModel (this process's cache)
+_MAX_CACHED = 2  # the pruned checkpoint and the dense reference
+_VERSIONS: dict[str, str] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment facts
+# ---------------------------------------------------------------------------------------------
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that can change a number: Python, prunelab, torch, transformers, numpy, ..."""
+    global _VERSIONS
+    if _VERSIONS is None:
+        from importlib import metadata
+
+        out = {"python": platform.python_version(), "platform": platform.platform(),
+               "cpu_count": str(os.cpu_count())}
+        for dist in ("prunelab", "torch", "transformers", "numpy", "safetensors", "scikit-learn", "scipy", "ray",
+                     "numba", "jiwer"):
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+        _VERSIONS = out
+    return dict(_VERSIONS)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading is this cell's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    except Exception:  # pragma: no cover
+        return None
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.@_-]+", "_", text).strip("_")[:80]
+
+
+def log_path_for(cell: Cell, study_dir: Path) -> Path:
+    return study_dir / "logs" / f"{slug(cell.label)}-{cell.hash[:10]}.log"
+
+
+def checkpoint_dir(cell: Cell, study_dir: Path) -> Path:
+    return study_dir / "checkpoints" / cell.point_hash[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging capture
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _capture(log_path: Path) -> Iterator[io.TextIOBase]:
+    """Send Python-level stdout/stderr, warnings and logging of this cell to its log file."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(log_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    handler = logging.StreamHandler(fh)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    old_level = root.level
+    root.setLevel(min(old_level, logging.INFO) if old_level else logging.INFO)
+    try:
+        with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+            yield fh
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+        fh.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _load(spec: str) -> Any:
+    """Load a model, reusing this process's cache."""
+    if spec in _MODELS:
+        return _MODELS[spec]
+    from prunelab.models import load_model
+
+    lm = load_model(spec)
+    while len(_MODELS) >= _MAX_CACHED:
+        _MODELS.pop(next(iter(_MODELS)))
+    _MODELS[spec] = lm
+    return lm
+
+
+def forget_models() -> None:
+    _MODELS.clear()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def checkpoint_complete(path: Path) -> bool:
+    return (path / POINT_MARKER).is_file()
+
+
+def prune_config_for(cell: Cell) -> Any:
+    from prunelab.pruning.types import PruneConfig
+
+    kwargs = {**cell.prune, **cell.method_options}
+    return PruneConfig(method=cell.method, sparsity=cell.sparsity, pattern=cell.pattern, **kwargs)
+
+
+def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
+    """The pruned checkpoint of `cell`'s point: reuse it, or prune the dense model and save it.
+
+    Written into a temporary sibling and renamed (atomic); the marker file is written last
+    inside it, so a directory without the marker is never trusted.
+    """
+    if cell.is_dense:
+        from prunelab.models import resolve_source
+
+        return resolve_source(cell.model)
+    ckpt = checkpoint_dir(cell, study_dir)
+    if checkpoint_complete(ckpt):
+        return ckpt
+    with _file_lock(ckpt.with_name(ckpt.name + ".lock")):
+        if checkpoint_complete(ckpt):
+            return ckpt
+        from prunelab.io import atomic_dir, write_json
+        from prunelab.models import load_model
+        from prunelab.pruning import prune, save_pruned
+
+        config = prune_config_for(cell)
+        lm = load_model(cell.model)
+        t0 = time.perf_counter()
+        result = prune(lm, config)
+        prune_s = time.perf_counter() - t0
+        with atomic_dir(ckpt) as tmp:
+            save_pruned(lm, result, tmp)
+            report = result.to_dict()
+            report.pop("matrices", None)
+            write_json(tmp / POINT_MARKER, {"point": cell.point_dict(), "prune": report, "prune_wall_s": prune_s})
+        del lm
+    return ckpt
+
+
+def _point_info(ckpt: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((ckpt / POINT_MARKER).read_text())
+
+
+def _dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
+    return sum(f.stat().st_size for f in path.glob(pattern) if f.is_file())
+
+
+# ---------------------------------------------------------------------------------------------
+# The cell kinds
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_analyze(cell: Cell, study_dir: Path) -> dict[str, Any]:
+    from prunelab.analysis import analyze
+
+    out = study_dir / "analysis" / slug(cell.model)
+    stats = analyze(cell.model, out)
+    files = {p.name: str(p.relative_to(study_dir)) for p in sorted(out.glob("*")) if p.is_file()}
+    summary = {k: stats.get(k) for k in ("model", "family", "overall") if isinstance(stats, dict)}
+    return {"metrics": {**summary, "files": files, "out_dir": str(out.relative_to(study_dir))}}
+
+
+def _run_prune(cell: Cell, study_dir: Path) -> dict[str, Any]:
+    ckpt = ensure_checkpoint(cell, study_dir)
+    info = _point_info(ckpt)
+    report = info.get("prune", {})
+    metrics = {k: report.get(k) for k in ("requested_sparsity", "achieved_sparsity_prunable",
+                                           "achieved_sparsity_total", "prunable_params", "prunable_zeros",
+                                           "total_params", "total_zeros", "calibration", "timings_s",
+                                           "peak_rss_bytes", "warnings")}
+    metrics["prune_wall_s"] = info.get("prune_wall_s")
+    metrics["checkpoint"] = str(ckpt.relative_to(study_dir))
+    return {"metrics": metrics, "sizes": {"checkpoint_bytes": _dir_bytes(ckpt)}}
+
+
+def _run_bench(cell: Cell, study_dir: Path) -> dict[str, Any]:
+    from prunelab.evaluation import evaluate
+    from prunelab.evaluation.types import EvalOptions
+
+    source = ensure_checkpoint(cell, study_dir)
+    spec = cell.model if cell.is_dense else str(source)
+    lm = _load(spec)
+    opts = dict(cell.options)
+    clamped = _clamp_seqlen(lm, opts)
+    if cell.bench == "embed" and not cell.is_dense:
+        opts["reference"] = _load(cell.model)
+    result = evaluate(lm, cell.bench, EvalOptions(**opts))
+    d = result.to_dict()
+    d["model"] = cell.model  # the checkpoint path is an implementation detail
+    if clamped:
+        d["seqlen_clamped_to"] = clamped
+    return {"metrics": d}
+
+
+def _clamp_seqlen(lm: Any, opts: dict[str, Any]) -> int | None:
+    """A preset's window (e.g. 512) may exceed a small model's context: use the context instead.
+
+    Deterministic given the model, so the cell hash still identifies the result; recorded in
+    the metrics as `seqlen_clamped_to`.
+    """
+    seqlen = opts.get("seqlen")
+    config = getattr(lm.model, "config", None)
+    context = None
+    for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            context = value
+            break
+    if isinstance(seqlen, int) and context is not None and seqlen > context:
+        opts["seqlen"] = context
+        return context
+    return None
+
+
+def _run_size(cell: Cell, study_dir: Path) -> dict[str, Any]:
+    from prunelab.storage import save_sparse, size_report
+
+    ckpt = ensure_checkpoint(cell, study_dir)
+    lm = _load(str(ckpt))
+    out = study_dir / "sparse" / cell.point_hash[:16]
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    save_sparse(lm, out)
+    save_s = time.perf_counter() - t0
+    report = size_report(out)
+    sparse_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    shutil.rmtree(out, ignore_errors=True)  # the number is what the study keeps, not the copy
+    sizes = {"checkpoint_bytes": _dir_bytes(ckpt), "sparse_dir_bytes": sparse_bytes, "save_s": save_s}
+    totals = report.get("totals", report) if isinstance(report, dict) else {}
+    for key, value in (totals or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            sizes[key] = value
+    return {"metrics": {"size_report": report}, "sizes": sizes}
+
+
+def _run_speed(cell: Cell, study_dir: Path) -> dict[str, Any]:
+    from prunelab.models import load_model
+    from prunelab.runtime import bench_model
+
+    ckpt = ensure_checkpoint(cell, study_dir)
+    lm = load_model(str(ckpt))  # fresh: the runtime may swap modules in place
+    kwargs = {k: v for k, v in cell.options.items() if k in ("prefill_tokens", "decode_tokens", "repeats")}
+    result = bench_model(lm, **kwargs)
+    del lm
+    return {"metrics": result if isinstance(result, dict) else {"result": result}}
+
+
+KIND_FUNCS = {"analyze": _run_analyze, "prune": _run_prune, "bench": _run_bench, "size": _run_size,
+              "speed": _run_speed}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def execute_cell(payload: dict[str, Any], study_dir: str, threads: int | None = None) -> dict[str, Any]:
+    """Run one cell and return its result row (never raises for the cell's own errors)."""
+    cell = Cell.from_dict(payload)
+    root = Path(study_dir)
+    log_path = log_path_for(cell, root)
+    started = time.time()
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    _reset_peak_rss()
+    status, error, out = "done", None, {}
+    with _capture(log_path) as log:
+        print(f"== {cell.label}  hash={cell.hash}  pid={os.getpid()}  {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        print(f"config: {canonical_json(cell.to_dict())}")
+        try:
+            import torch
+
+            if threads:
+                torch.set_num_threads(int(threads))
+            _seed_everything(int(cell.prune.get("seed", cell.options.get("seed", 0))))
+            out = KIND_FUNCS[cell.kind](cell, root)
+        except Exception as exc:  # a failing cell is a result, not a crash
+            status = "failed"
+            first = (str(exc).splitlines() or [""])[0]
+            error = f"{type(exc).__name__}: {first}"[:500]
+            traceback.print_exc(file=log)
+        if cell.kind == "speed":
+            forget_models()
+        wall = time.perf_counter() - t0
+        print(f"== {status} in {wall:.2f} s" + (f": {error}" if error else ""))
+    return {
+        "status": status, "error": error, "metrics": out.get("metrics", {}), "sizes": out.get("sizes", {}),
+        "started_at": started, "finished_at": time.time(), "wall_s": wall, "cpu_s": time.process_time() - cpu0,
+        "peak_rss_bytes": _peak_rss_bytes(), "versions": library_versions(), "log_path": str(log_path),
+        "host": socket.gethostname(), "pid": os.getpid(),
+    }
