@@ -155,6 +155,24 @@ def demo(
         raise typer.Exit(1)
 
 
+@app.command()
+def size(
+    directory: Path = typer.Argument(..., help="A sparse checkpoint directory (from --format sparse / save_sparse)."),
+    by_type: bool = typer.Option(False, "--by-type", help="One row per module type instead of per tensor."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+) -> None:
+    """Per-tensor stored size vs dense and vs the bitmask / entropy bounds, with totals."""
+    from prunelab.io import write_json
+    from prunelab.storage import size_report, size_tables
+
+    rep = size_report(directory)
+    for table in size_tables(rep, by_type=by_type):
+        out.print(table)
+    if json_out is not None:
+        write_json(json_out, rep)
+        out.print(f"report: {json_out}", highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app, turning `PrunelabError` into a one-line message and exit 2."""
     try:

@@ -1,0 +1,496 @@
+"""The sparse checkpoint directory: write it atomically, read it back strictly.
+
+Layout of a sparse checkpoint directory::
+
+    sparse_index.json               format name + version, and per tensor: encoding, shape,
+                                    dtype, nnz, dense/stored bytes, its component tensors
+                                    (name, dtype, shape, crc32) and the shard file holding them
+    model.sparse.safetensors        the component tensors (`<tensor>::<component>`), or
+    model.sparse-00001-of-0000N.safetensors  when sharded
+    config.json, generation_config.json, tokenizer files, anything passed as extra_files
+
+The weights file is plain safetensors (no pickle) but deliberately *not* named
+`model.safetensors`: `from_pretrained` must not mistake the encoded components for weights.
+Tied weights (e.g. `lm_head.weight` sharing `embed_tokens.weight`) are stored once; the index
+records the alias and loading re-ties them.
+
+Loading is all-or-nothing: the index is schema-checked, every shard header is parsed and
+checked against the index (so a truncated file names the tensor whose bytes are missing), every
+component is checksummed and every tensor structurally validated and decoded *before* the model
+is built. Any problem is a `CheckpointError` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunelab.errors import CheckpointError, ConfigError
+from prunelab.io import atomic_dir, write_json
+from prunelab.storage.encodings import (
+    ENCODINGS,
+    EncodedTensor,
+    dtype_from_name,
+    dtype_name,
+    encode_tensor,
+)
+
+FORMAT_NAME = "prunelab-sparse"
+FORMAT_VERSION = 1
+INDEX_NAME = "sparse_index.json"
+WEIGHTS_STEM = "model.sparse"
+DEFAULT_SHARD_BYTES = 4 << 30
+_SEP = "::"
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_RESERVED = {INDEX_NAME, "config.json"}
+
+
+def is_sparse_checkpoint(directory: str | os.PathLike[str]) -> bool:
+    """True if `directory` holds a prunelab sparse checkpoint (its index file exists).
+
+    Existence is enough on purpose: a directory with a damaged index should go to
+    `load_sparse`, which says what is wrong, rather than to the dense loader.
+    """
+    return (Path(directory) / INDEX_NAME).is_file()
+
+
+def _crc(t: torch.Tensor) -> int:
+    return zlib.crc32(t.contiguous().view(-1).view(torch.uint8).numpy()) if t.numel() else 0
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+
+def _unwrap(model_or_lm: Any) -> tuple[Any, Any, Any, set[str]]:
+    """(HF model, tokenizer, processor, names of prunable weights) from a model or LoadedModel."""
+    if hasattr(model_or_lm, "model") and hasattr(model_or_lm, "prunable"):
+        lm = model_or_lm
+        return lm.model, lm.tokenizer, lm.processor, {m.param_name for m in lm.prunable}
+    model = model_or_lm
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise ConfigError("save_sparse needs a Hugging Face model (with .config) or a LoadedModel")
+    try:
+        from prunelab.models import detect_family, find_prunable
+
+        prunable = {m.param_name for m in find_prunable(model, detect_family(model.config))}
+    except Exception:  # not a transformer prunelab understands: still storable, just unlabelled
+        prunable = set()
+    return model, None, None, prunable
+
+
+def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tied duplicates, plus {alias name: stored name}."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if t.device.type == "meta":
+            raise ConfigError(f"tensor {name} is on the meta device: load the model's weights before saving")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu")
+    return tensors, aliases
+
+
+def encode_state(tensors: dict[str, torch.Tensor], *, progress: Any = None) -> dict[str, EncodedTensor]:
+    """Encode every tensor in its smallest lossless form (in memory; nothing is written)."""
+    out = {}
+    for name, t in tensors.items():
+        out[name] = encode_tensor(t, name)
+        if progress is not None:
+            progress(name)
+    return out
+
+
+def _copy_extra(src: Path, tmp: Path, reserved: set[str]) -> None:
+    if src.name in reserved or src.name.startswith(WEIGHTS_STEM):
+        raise ConfigError(f"extra file {src} would overwrite the checkpoint's own {src.name}: rename it")
+    if src.is_dir():
+        shutil.copytree(src, tmp / src.name, dirs_exist_ok=True)
+    elif src.is_file():
+        shutil.copy2(src, tmp / src.name)
+    else:
+        raise ConfigError(f"extra file {src} does not exist")
+
+
+def save_sparse(
+    model_or_loaded: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    extra_files: Iterable[str | os.PathLike[str]] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write `model_or_loaded` (HF model or LoadedModel) as a sparse checkpoint at `out_dir`.
+
+    Every tensor of the state dict gets its smallest lossless encoding; config.json,
+    generation_config.json (generative models) and the tokenizer / processor (from the
+    LoadedModel, or `tokenizer=`) are written beside it, then `extra_files` (files or
+    folders) are copied in. The directory is written atomically and *replaces* `out_dir` as a
+    whole: write other files into it afterwards, or pass them as `extra_files`.
+    Returns `out_dir`.
+    """
+    model, lm_tok, processor, prunable = _unwrap(model_or_loaded)
+    tokenizer = tokenizer if tokenizer is not None else lm_tok
+    tensors, aliases = _unique_state(model)
+    encoded = encode_state(tensors)
+    module_types: dict[str, str] = {}
+    if hasattr(model_or_loaded, "prunable"):
+        module_types = {m.param_name: m.module_type for m in model_or_loaded.prunable}
+
+    # Pack components into shards in state-dict order.
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    entries: dict[str, dict[str, Any]] = {}
+    placement: dict[str, int] = {}
+    for name, enc in encoded.items():
+        if shards[-1] and shard_bytes + enc.stored_bytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        placement[name] = len(shards) - 1
+        comps = {}
+        for cname, ct in enc.components.items():
+            key = f"{name}{_SEP}{cname}"
+            ct = ct.contiguous()
+            shards[-1][key] = ct
+            comps[cname] = {"key": key, "dtype": dtype_name(ct.dtype), "shape": list(ct.shape), "crc32": _crc(ct)}
+        shard_bytes += enc.stored_bytes
+        entry: dict[str, Any] = {
+            "encoding": enc.encoding,
+            "shape": list(enc.shape),
+            "dtype": dtype_name(enc.dtype),
+            "nnz": enc.nnz,
+            "dense_bytes": enc.dense_bytes,
+            "stored_bytes": enc.stored_bytes,
+            "params": enc.params,
+            "components": comps,
+            "prunable": name in prunable,
+        }
+        if name in module_types:
+            entry["module_type"] = module_types[name]
+        entries[name] = entry
+    n_shards = len(shards)
+    names = [
+        f"{WEIGHTS_STEM}.safetensors" if n_shards == 1 else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        for i in range(n_shards)
+    ]
+    for name, i in placement.items():
+        entries[name]["file"] = names[i]
+    for alias, target in aliases.items():
+        entries[alias] = {"alias_of": target, "prunable": alias in prunable}
+
+    float_dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    index = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "dtype": dtype_name(float_dtypes[0]) if float_dtypes else None,
+        "files": names,
+        "tensors": entries,
+    }
+
+    from safetensors.torch import save_file
+
+    reserved = _RESERVED | set(names)
+    with atomic_dir(out_dir) as tmp:
+        for fname, shard in zip(names, shards, strict=True):
+            save_file(shard, str(tmp / fname), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
+        _save_config(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+        for extra in extra_files or ():
+            _copy_extra(Path(extra), tmp, reserved)
+        write_json(tmp / INDEX_NAME, index)
+    return Path(out_dir)
+
+
+def _save_config(model: Any, tmp: Path) -> None:
+    """config.json (with architectures/dtype as save_pretrained writes them) + generation config."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    try:
+        config.dtype = str(next(model.parameters()).dtype).split(".")[1]
+    except StopIteration:  # pragma: no cover - a model without parameters
+        pass
+    config.save_pretrained(str(tmp))
+    gen = getattr(model, "generation_config", None)
+    can_generate = getattr(model, "can_generate", lambda: False)()
+    if gen is not None and can_generate:
+        gen.save_pretrained(str(tmp))
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+def _read_index(directory: Path) -> dict[str, Any]:
+    path = directory / INDEX_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {INDEX_NAME}: not a prunelab sparse checkpoint")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}): the sparse checkpoint is corrupt") from exc
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a {FORMAT_NAME} index (format={index.get('format')!r})"
+                              if isinstance(index, dict) else f"{path} is not a {FORMAT_NAME} index")
+    version = index.get("version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {version!r}; this prunelab reads version {FORMAT_VERSION}: upgrade prunelab"
+        )
+    files, tensors = index.get("files"), index.get("tensors")
+    if not isinstance(files, list) or not all(isinstance(f, str) and "/" not in f for f in files):
+        raise CheckpointError(f"{path}: 'files' must be a list of file names")
+    if not isinstance(tensors, dict) or not tensors:
+        raise CheckpointError(f"{path}: 'tensors' must be a non-empty object")
+    for name, e in tensors.items():
+        _check_entry(name, e, tensors, files)
+    return index
+
+
+def _check_entry(name: str, e: Any, tensors: dict[str, Any], files: list[str]) -> None:
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(f"tensor {name}: {what} in {INDEX_NAME} (sparse checkpoint is corrupt; re-save it)")
+
+    if not isinstance(e, dict):
+        raise bad("entry is not an object")
+    if "alias_of" in e:
+        target = tensors.get(e["alias_of"])
+        if not isinstance(target, dict) or "alias_of" in target:
+            raise bad(f"alias_of {e['alias_of']!r} names no stored tensor")
+        return
+    if e.get("encoding") not in ENCODINGS:
+        raise bad(f"unknown encoding {e.get('encoding')!r}")
+    shape = e.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise bad("shape is not a list of non-negative integers")
+    dtype_from_name(e.get("dtype"), name)
+    nnz = e.get("nnz")
+    if not isinstance(nnz, int) or not 0 <= nnz <= math.prod(shape):
+        raise bad(f"nnz {nnz!r} is outside 0..numel")
+    if e.get("file") not in files:
+        raise bad(f"file {e.get('file')!r} is not one of the checkpoint's files")
+    if not isinstance(e.get("params", {}), dict):
+        raise bad("params is not an object")
+    comps = e.get("components")
+    if not isinstance(comps, dict) or not comps:
+        raise bad("components missing")
+    for cname, c in comps.items():
+        if not (isinstance(c, dict) and isinstance(c.get("key"), str) and isinstance(c.get("shape"), list)
+                and isinstance(c.get("crc32"), int)):
+            raise bad(f"component {cname!r} is malformed")
+        dtype_from_name(c.get("dtype"), name)
+    for key in ("dense_bytes", "stored_bytes"):
+        if not isinstance(e.get(key), int):
+            raise bad(f"{key} missing")
+
+
+def _read_header(path: Path, owner: dict[str, str]) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header ourselves, so truncation and damage name the tensor affected."""
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path.name} is missing from {path.parent}: the sparse checkpoint is "
+                              "incomplete")
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name} is truncated ({size} bytes, no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if 8 + n > size:
+            raise CheckpointError(f"{path.name} is truncated inside its header ({size} bytes, header needs {8 + n})")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path.name}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: safetensors header is not an object")
+    available = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        tensor = owner.get(key, key.split(_SEP)[0])
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"tensor {tensor}: component {key} has no valid data_offsets in {path.name}") from exc
+        if end > available:
+            raise CheckpointError(
+                f"tensor {tensor}: component {key} ends at byte {end} of the data but {path.name} holds only "
+                f"{available} (file truncated; re-save the checkpoint)"
+            )
+        if begin > end:
+            raise CheckpointError(f"tensor {tensor}: component {key} has negative length in {path.name}")
+    return header, available
+
+
+def read_sparse_tensors(directory: str | os.PathLike[str], *, verify: bool = True) -> dict[str, EncodedTensor]:
+    """Every stored tensor in its encoded form (no densifying), validated; aliases share objects.
+
+    With `verify` (default) each component's CRC-32 is checked and each tensor structurally
+    validated (`EncodedTensor.validate`), so a runtime that consumes the compressed form
+    directly gets the same guarantees as `load_sparse`.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    directory = Path(directory)
+    index = _read_index(directory)
+    entries = index["tensors"]
+    owner = {c["key"]: name for name, e in entries.items() if "components" in e for c in e["components"].values()}
+    by_file: dict[str, list[str]] = {}
+    for name, e in entries.items():
+        if "alias_of" not in e:
+            by_file.setdefault(e["file"], []).append(name)
+    out: dict[str, EncodedTensor] = {}
+    for fname, names in by_file.items():
+        path = directory / fname
+        header, _ = _read_header(path, owner)
+        try:
+            fh_ctx = safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{fname} is unreadable ({exc}): the sparse checkpoint is corrupt") from exc
+        with fh_ctx as fh:
+            for name in names:
+                out[name] = _read_one(name, entries[name], header, fh, fname, verify)
+    for name, e in entries.items():
+        if "alias_of" in e:
+            out[name] = out[e["alias_of"]]
+    return out
+
+
+def _read_one(name: str, e: dict[str, Any], header: dict[str, Any], fh: Any, fname: str,
+              verify: bool) -> EncodedTensor:
+    from safetensors import SafetensorError
+
+    comps: dict[str, torch.Tensor] = {}
+    for cname, c in e["components"].items():
+        key = c["key"]
+        info = header.get(key)
+        if info is None:
+            raise CheckpointError(f"tensor {name}: component {key} is missing from {fname}")
+        want_dtype = dtype_from_name(c["dtype"], name)
+        if _ST_DTYPES.get(info.get("dtype")) != want_dtype or list(info.get("shape", [])) != c["shape"]:
+            raise CheckpointError(
+                f"tensor {name}: component {cname} is {info.get('dtype')} {info.get('shape')} in {fname} but the "
+                f"index says {c['dtype']} {c['shape']}"
+            )
+        try:
+            t = fh.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"tensor {name}: component {cname} is unreadable ({exc})") from exc
+        if verify and _crc(t) != c["crc32"]:
+            raise CheckpointError(f"tensor {name}: component {cname} fails its checksum (corrupt file {fname}; "
+                                  "re-save the checkpoint)")
+        comps[cname] = t
+    enc = EncodedTensor(
+        name=name, encoding=e["encoding"], shape=tuple(e["shape"]), dtype=dtype_from_name(e["dtype"], name),
+        nnz=e["nnz"], components=comps, params=dict(e.get("params", {})),
+    )
+    if verify:
+        enc.validate()
+        if enc.stored_bytes != e["stored_bytes"] or enc.dense_bytes != e["dense_bytes"]:
+            raise CheckpointError(f"tensor {name}: stored/dense byte counts disagree with the index")
+    return enc
+
+
+def load_state_dict_sparse(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The full state dict, decoded (tied names share one tensor). All-or-nothing."""
+    encoded = read_sparse_tensors(directory)
+    decoded: dict[int, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = {}
+    for name, enc in encoded.items():
+        key = id(enc)
+        if key not in decoded:
+            decoded[key] = enc.to_dense()
+        out[name] = decoded[key]
+    return out
+
+
+def load_sparse(
+    directory: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype | None = None,
+    auto_class: Any = None,
+) -> Any:
+    """Rebuild the Hugging Face model of a sparse checkpoint (eval mode), weights decoded exactly.
+
+    The class is the saved one (`config.architectures[0]`, a transformers class) when it
+    exists, else the Auto class prunelab's loader would pick for the config's family. The
+    model is built on the meta device by `from_pretrained(None, config=..., state_dict=...)`,
+    so no memory goes into a random initialisation, and tied weights are re-tied by
+    transformers. `dtype=None` keeps the stored dtype. Everything is decoded and checked
+    before the model is built; a missing or unexpected tensor is a `CheckpointError`.
+    """
+    import transformers as tf
+
+    from prunelab.models.family import detect_family
+    from prunelab.models.loader import auto_class_for, read_config
+
+    directory = Path(directory)
+    state = load_state_dict_sparse(directory)
+    index = json.loads((directory / INDEX_NAME).read_text())
+    config = read_config(directory)
+    cls = auto_class
+    if cls is None:
+        archs = getattr(config, "architectures", None) or []
+        cand = getattr(tf, archs[0], None) if archs else None
+        if isinstance(cand, type) and issubclass(cand, tf.PreTrainedModel):
+            cls = cand
+        else:
+            family = detect_family(config)
+            cls = auto_class_for(config, family, None)
+            if family == "encoder" and any(k.startswith(("cls.predictions", "lm_head")) for k in state):
+                cls = tf.AutoModelForMaskedLM
+    stored = index.get("dtype")
+    target = dtype or (dtype_from_name(stored) if stored else torch.float32)
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    gen = None
+    if (directory / "generation_config.json").is_file():
+        try:
+            gen = tf.GenerationConfig.from_pretrained(str(directory))
+        except (OSError, ValueError):
+            gen = None
+    try:
+        model, info = cls.from_pretrained(
+            None, config=config, state_dict=state, dtype=target, generation_config=gen, output_loading_info=True,
+        )
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot build {cls.__name__} from the sparse checkpoint {directory}: {first}") from exc
+    missing = [k for k in info.get("missing_keys", []) if k not in state]
+    unexpected = list(info.get("unexpected_keys", []))
+    mismatched = list(info.get("mismatched_keys", []))
+    if missing or unexpected or mismatched:
+        what = (f"tensor {missing[0]} is missing" if missing else
+                f"tensor {unexpected[0]} is not part of {cls.__name__}" if unexpected else
+                f"tensor {mismatched[0]} has the wrong shape")
+        raise CheckpointError(f"{directory}: {what} (checkpoint does not match its config.json)")
+    model.config.name_or_path = str(directory)
+    return model.eval()
+
+
+def checkpoint_file_bytes(directory: str | os.PathLike[str]) -> dict[str, int]:
+    """Size on disk of each file in the checkpoint directory (recursively), by relative path."""
+    directory = Path(directory)
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+

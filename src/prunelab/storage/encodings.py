@@ -1,0 +1,543 @@
+"""Lossless per-tensor encodings of sparse weights, and the rule that picks the smallest one.
+
+An element is "zero" when it compares equal to 0, so both `+0.0` and `-0.0` are zeros (a
+pruning step written as `w.mul_(mask)` leaves `-0.0` behind for negative weights; treating
+those as nonzeros would silently double the stored size). Every nonzero — NaN, denormals,
+everything else — is stored in the tensor's own dtype and comes back bit for bit; zeros come
+back as `+0.0`. `dense` tensors are stored untouched, so for them even `-0.0` is kept. The
+round trip is therefore exact under `torch.equal` and bit-exact for every nonzero.
+
+Encodings (component tensors in brackets; `n` = numel, `nnz` = nonzero count, `b` = bytes per
+element). A tensor is seen as a 2-D matrix `(R, C)`: `R = shape[0]`, `C = n // R` for ndim ≥ 2,
+`(1, n)` for 1-D tensors.
+
+* `dense`   [data]: the tensor as it is. `n·b` bytes.
+* `bitmask` [mask uint8, values]: bit *i* of the row-major flattened tensor is set iff element
+  *i* is nonzero, packed with `numpy.packbits` (big bit order: element 8k is the MSB of byte
+  k; pad bits of the last byte are 0); `values` are the nonzeros in row-major order.
+  `ceil(n/8) + nnz·b` bytes.
+* `csr`     [values, indptr, indices]: compressed sparse rows of the `(R, C)` view. `indptr`
+  (R+1 entries) uses the narrowest of uint8/uint16/int32/int64 that holds `nnz`. `indices`
+  is one of (`params.index`):
+    - `abs`: absolute column of each value, narrowest of uint8 (C ≤ 256) / uint16 (C ≤ 65536)
+      / int32;
+    - `delta8` / `delta16`: a code stream in uint8 / uint16 with escape `E = 255 / 65535`.
+      A code `c < E` means "skip `c` zero columns, then the next value"; a code `E` means
+      "skip `E` zero columns, no value". Gaps restart at each row (the first value of a row
+      has gap = its column). The stream holds `nnz` value codes plus the escapes; an escape
+      always precedes a value code of the same row.
+  The narrowest index form that fits is chosen by exact byte count.
+* `nm`      [values, groups uint8]: for tensors where every group of `M` consecutive elements
+  along `params.axis` (`-1`: last/input dim of an `(out, in)` Linear weight, `0`: first dim,
+  used for GPT-2 `Conv1D` `(in, out)` weights) holds at most `K = M − N` nonzeros. Each
+  group stores exactly `K` values (groups with fewer nonzeros are padded with the group's
+  first zero positions, whose stored values are exact zeros) and the *set* of kept
+  positions as its rank among all K-subsets of `range(M)`, ordered by the subset's bitmask
+  integer (bit j = position j). Ranks take `bits = ceil(log2(C(M, K)))` bits each, written
+  MSB first, groups in order, packed with `numpy.packbits`. For 2:4 that is 3 bits per 4
+  weights, below the 4 bits of two 2-bit indices (and below the 1 bit/element bitmask).
+  For `axis = 0` groups run down the columns: values/groups follow the transposed (C, R)
+  matrix in row-major order.
+
+`encode_tensor` computes the exact stored bytes of every applicable encoding and keeps the
+smallest (ties → the simpler one, in the order dense, bitmask, csr, nm). Decoding is
+vectorised numpy/torch; `validate` checks every structural invariant (component sizes,
+bounds, nnz) first, so a corrupt component raises `CheckpointError` naming the tensor
+rather than an IndexError or a silently wrong weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+
+from prunelab.errors import CheckpointError
+
+ENCODINGS = ("dense", "bitmask", "csr", "nm")
+NM_GROUP_SIZES = (2, 4, 8, 16)
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+# dtype names as written in the index (torch names without the "torch." prefix).
+DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, name)
+    for name in (
+        "float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2",
+        "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
+    )
+    if hasattr(torch, name)
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`torch.float32` → `"float32"`; the names stored in the JSON index."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype} cannot be stored in a sparse checkpoint") from None
+
+
+def dtype_from_name(name: str, tensor: str = "") -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except (KeyError, TypeError):
+        raise CheckpointError(f"tensor {tensor}: unknown dtype {name!r} in the sparse index") from None
+
+
+def _narrow_uint(max_value: int) -> torch.dtype:
+    """Narrowest index dtype that holds 0..max_value (unsigned up to 16 bits, then signed)."""
+    if max_value <= 0xFF:
+        return torch.uint8
+    if max_value <= 0xFFFF:
+        return torch.uint16
+    if max_value <= 0x7FFFFFFF:
+        return torch.int32
+    return torch.int64
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """numpy view of an integer/bool component (uint16 has no numpy bridge in every torch)."""
+    if t.dtype == torch.uint16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def _torch_u16(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(a.astype(np.uint16, copy=False).view(np.int16)).view(torch.uint16)
+
+
+def _to_torch_index(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.uint16:
+        return _torch_u16(a)
+    np_dtype = {torch.uint8: np.uint8, torch.int32: np.int32, torch.int64: np.int64}[dtype]
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np_dtype))
+
+
+def nonzero_mask(t: torch.Tensor) -> torch.Tensor:
+    """Flat bool tensor: True where the element is not zero (`-0.0` counts as zero; NaN does not)."""
+    return t.detach().reshape(-1) != 0
+
+
+def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    n = math.prod(shape)
+    if len(shape) >= 2:
+        return shape[0], (n // shape[0] if shape[0] else 0)
+    return 1, n
+
+
+@lru_cache(maxsize=64)
+def _subset_tables(m: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(rank of each M-bit mask with popcount K, or -1; mask of each rank; bits per rank)."""
+    ints = np.arange(1 << m, dtype=np.int64)
+    pop = ((ints[:, None] >> np.arange(m)) & 1).sum(1)
+    valid = pop == k
+    rank = np.where(valid, np.cumsum(valid) - 1, -1)
+    masks = np.flatnonzero(valid)
+    count = math.comb(m, k)
+    bits = (count - 1).bit_length()
+    return rank, masks, bits
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor in its stored form: encoding name, components, and what is needed to decode."""
+
+    name: str
+    encoding: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    nnz: int
+    components: dict[str, torch.Tensor]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.numel * self.itemsize
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(c.numel() * c.element_size() for c in self.components.values())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / self.numel if self.numel else 0.0
+
+    # -- validation ------------------------------------------------------------------------
+    def _fail(self, what: str) -> NoReturn:
+        raise CheckpointError(f"tensor {self.name}: {what} (sparse checkpoint is corrupt; re-save it)")
+
+    def _expect(self, comp: str, dtype: torch.dtype | None, numel: int) -> torch.Tensor:
+        t = self.components.get(comp)
+        if t is None:
+            self._fail(f"{self.encoding} component '{comp}' is missing")
+        if dtype is not None and t.dtype != dtype:
+            self._fail(f"component '{comp}' has dtype {t.dtype}, expected {dtype}")
+        if t.dim() != 1 and not (self.encoding == "dense" and comp == "data"):
+            self._fail(f"component '{comp}' should be 1-D, has shape {tuple(t.shape)}")
+        if t.numel() != numel:
+            self._fail(f"component '{comp}' has {t.numel()} elements, expected {numel}")
+        return t
+
+    def validate(self) -> None:
+        """Check every structural invariant without decoding the values (cheap, vectorised)."""
+        if self.encoding not in ENCODINGS:
+            self._fail(f"unknown encoding {self.encoding!r}")
+        if not 0 <= self.nnz <= self.numel:
+            self._fail(f"nnz {self.nnz} outside 0..{self.numel}")
+        extra = set(self.components) - {"data", "mask", "values", "indptr", "indices", "groups"}
+        if extra:
+            self._fail(f"unexpected components {sorted(extra)}")
+        getattr(self, f"_validate_{self.encoding}")()
+
+    def _validate_dense(self) -> None:
+        t = self._expect("data", self.dtype, self.numel)
+        if tuple(t.shape) != self.shape:
+            self._fail(f"dense data has shape {tuple(t.shape)}, expected {self.shape}")
+
+    def _validate_bitmask(self) -> None:
+        mask = self._expect("mask", torch.uint8, (self.numel + 7) // 8)
+        self._expect("values", self.dtype, self.nnz)
+        pad = (-self.numel) % 8
+        if pad and int(mask[-1]) & ((1 << pad) - 1):
+            self._fail("bitmask pad bits are set")
+        popcount = int(np.bitwise_count(mask.numpy()).sum(dtype=np.int64))
+        if popcount != self.nnz:
+            self._fail(f"bitmask has {popcount} set bits but nnz is {self.nnz}")
+
+    def _csr_rows(self) -> tuple[int, int, np.ndarray]:
+        rows, cols = _matrix_shape(self.shape)
+        indptr_t = self._expect("indptr", None, rows + 1)
+        if indptr_t.dtype not in (torch.uint8, torch.uint16, torch.int32, torch.int64):
+            self._fail(f"indptr has dtype {indptr_t.dtype}")
+        indptr = _np(indptr_t).astype(np.int64)
+        if indptr[0] != 0 or indptr[-1] != self.nnz or (np.diff(indptr) < 0).any():
+            self._fail("indptr is not a nondecreasing 0..nnz sequence")
+        if (np.diff(indptr) > cols).any():
+            self._fail("a row holds more values than columns")
+        self._expect("values", self.dtype, self.nnz)
+        return rows, cols, indptr
+
+    def _validate_csr(self) -> None:
+        self._csr_lin()
+
+    def _csr_lin(self) -> np.ndarray:
+        """Validated flat (row-major) positions of the CSR values, in value order."""
+        rows, cols, indptr = self._csr_rows()
+        kind = self.params.get("index")
+        idx_t = self.components.get("indices")
+        if idx_t is None:
+            self._fail("csr component 'indices' is missing")
+        if kind == "abs":
+            self._expect("indices", None, self.nnz)
+            if idx_t.dtype not in (torch.uint8, torch.uint16, torch.int32, torch.int64):
+                self._fail(f"indices have dtype {idx_t.dtype}")
+            col = _np(idx_t).astype(np.int64)
+            row = np.repeat(np.arange(rows, dtype=np.int64), np.diff(indptr))
+            if col.size and (col.min() < 0 or col.max() >= cols):
+                self._fail(f"column index out of range 0..{cols - 1}")
+            if col.size > 1:
+                same = row[1:] == row[:-1]
+                if (np.diff(col)[same] <= 0).any():
+                    self._fail("column indices are not strictly increasing within a row")
+            return row * cols + col
+        if kind not in ("delta8", "delta16"):
+            self._fail(f"unknown csr index kind {kind!r}")
+        want = torch.uint8 if kind == "delta8" else torch.uint16
+        if idx_t.dtype != want or idx_t.dim() != 1:
+            self._fail(f"{kind} indices must be a 1-D {want} stream")
+        esc = 0xFF if kind == "delta8" else 0xFFFF
+        codes = _np(idx_t).astype(np.int64)
+        is_val = codes != esc
+        nvals = int(is_val.sum())
+        if nvals != self.nnz:
+            self._fail(f"index stream holds {nvals} value codes but nnz is {self.nnz}")
+        if codes.size and not is_val[-1]:
+            self._fail("index stream ends with an escape")
+        before = np.cumsum(is_val) - is_val  # values before each code = index of its (next) value
+        row = np.searchsorted(indptr, before, side="right") - 1
+        advance = np.where(is_val, codes + 1, esc)
+        total = np.cumsum(advance)
+        start = total - advance
+        first = np.ones(codes.size, dtype=bool)
+        first[1:] = row[1:] != row[:-1]
+        base = np.maximum.accumulate(np.where(first, start, 0)) if codes.size else start
+        col = (total - base - 1)[is_val]
+        if col.size and col.max() >= cols:
+            self._fail(f"column index out of range 0..{cols - 1}")
+        return row[is_val] * cols + col
+
+    def _nm_geometry(self) -> tuple[int, int, int, int, int]:
+        """(axis, M, K, groups, bits) after validating the parameters."""
+        try:
+            n, m, axis = int(self.params["n"]), int(self.params["m"]), int(self.params["axis"])
+        except (KeyError, TypeError, ValueError):
+            self._fail("nm parameters n/m/axis missing")
+        if not (0 <= n <= m and m in NM_GROUP_SIZES and axis in (-1, 0)):
+            self._fail(f"bad nm parameters n={n} m={m} axis={axis}")
+        if axis == 0 and len(self.shape) != 2:
+            self._fail("nm axis 0 needs a 2-D tensor")
+        length = self.shape[axis] if self.shape else 1
+        if not self.shape or length % m:
+            self._fail(f"dimension {length} is not a multiple of M={m}")
+        k = m - n
+        groups = self.numel // m
+        bits = _subset_tables(m, k)[2]
+        return axis, m, k, groups, bits
+
+    def _nm_select(self) -> np.ndarray:
+        """Validated (groups, M) bool array of kept positions, in stored-value order."""
+        axis, m, k, groups, bits = self._nm_geometry()
+        packed = self._expect("groups", torch.uint8, (groups * bits + 7) // 8)
+        self._expect("values", self.dtype, groups * k)
+        rank_tab, masks, _ = _subset_tables(m, k)
+        if bits == 0:
+            codes = np.zeros(groups, dtype=np.int64)
+        else:
+            unpacked = np.unpackbits(packed.numpy())
+            if unpacked[groups * bits:].any():
+                self._fail("nm group codes have pad bits set")
+            weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
+            codes = unpacked[: groups * bits].reshape(groups, bits).astype(np.int64) @ weights
+        if codes.size and codes.max() >= masks.size:
+            self._fail(f"nm group code {int(codes.max())} ≥ C({m},{k}) = {masks.size}")
+        ints = masks[codes]
+        return ((ints[:, None] >> np.arange(m)) & 1).astype(bool)
+
+    def _validate_nm(self) -> None:
+        self._nm_select()
+
+    # -- decoding ----------------------------------------------------------------------------
+    def to_dense(self, *, check_nnz: bool = True) -> torch.Tensor:
+        """The original tensor, bit for bit. Validates first; raises CheckpointError naming the tensor."""
+        self.validate()
+        enc = self.encoding
+        if enc == "dense":
+            out = self.components["data"].reshape(self.shape)
+        elif enc == "bitmask":
+            bits = np.unpackbits(self.components["mask"].numpy(), count=self.numel).view(bool)
+            out = torch.zeros(self.numel, dtype=self.dtype)
+            out[torch.from_numpy(bits)] = self.components["values"]
+            out = out.reshape(self.shape)
+        elif enc == "csr":
+            lin = self._csr_lin()
+            out = torch.zeros(self.numel, dtype=self.dtype)
+            out[torch.from_numpy(lin)] = self.components["values"]
+            out = out.reshape(self.shape)
+        else:
+            sel = self._nm_select()
+            axis = int(self.params["axis"])
+            grouped = torch.zeros(sel.shape, dtype=self.dtype)
+            grouped[torch.from_numpy(sel)] = self.components["values"]
+            if axis == -1:
+                out = grouped.reshape(self.shape)
+            else:
+                rows, cols = self.shape
+                out = grouped.reshape(cols, rows).t().contiguous()
+        if check_nnz:
+            got = int(np.count_nonzero(nonzero_mask(out).numpy()))
+            if got != self.nnz:
+                self._fail(f"decoded {got} nonzeros but the index says nnz = {self.nnz}")
+        return out
+
+    def to_csr(self) -> torch.Tensor:
+        """A `torch.sparse_csr_tensor` of the (R, C) matrix view, without building the dense tensor.
+
+        For `csr` the stored arrays are used as they are (widened to int64); other encodings
+        are converted from their positions. Explicit zeros padded into `nm` groups are dropped.
+        """
+        self.validate()
+        rows, cols = _matrix_shape(self.shape)
+        if self.encoding == "csr":
+            _, _, indptr = self._csr_rows()
+            lin = self._csr_lin()
+            values = self.components["values"]
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(indptr), torch.from_numpy(lin - np.repeat(np.arange(rows) * cols, np.diff(indptr))),
+                values, size=(rows, cols),
+            )
+        dense = self.to_dense().reshape(rows, cols)
+        return dense.to_sparse_csr()
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def _bitmask_cost(n: int, nnz: int, b: int) -> int:
+    return (n + 7) // 8 + nnz * b
+
+
+def _csr_index_choice(mask: np.ndarray, rows: int, cols: int, nnz: int) -> tuple[str, int]:
+    """(index kind, index bytes) of the narrowest CSR column encoding for this mask."""
+    abs_bytes = nnz * torch.empty((), dtype=_narrow_uint(max(cols - 1, 0))).element_size()
+    best = ("abs", abs_bytes)
+    if cols > 0xFF and nnz:
+        gap = _row_gaps(mask, cols)
+        for kind, esc, width in (("delta8", 0xFF, 1), ("delta16", 0xFFFF, 2)):
+            cost = (nnz + int((gap // esc).sum())) * width
+            if cost < best[1]:
+                best = (kind, cost)
+    return best
+
+
+def _row_gaps(mask: np.ndarray, cols: int) -> np.ndarray:
+    """Zeros skipped before each nonzero within its row (row-major order)."""
+    idx = np.flatnonzero(mask)
+    row = idx // cols
+    col = idx - row * cols
+    prev = np.empty_like(col)
+    prev[0] = -1
+    prev[1:] = col[:-1]
+    prev[1:][row[1:] != row[:-1]] = -1
+    return col - prev - 1
+
+
+def _nm_candidates(mask: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(axis, M, K) for every group size and axis along which the zeros follow a K-of-M pattern.
+
+    Group counts are built by pairwise sums (M = 2, 4, 8, 16) on uint8, about 2n byte-adds per
+    axis, instead of one reduction per M.
+    """
+    out: list[tuple[int, int, int]] = []
+    if not shape or mask.numel() == 0:
+        return out
+    flat = mask.numpy().view(np.uint8)
+    views = [(-1, flat.reshape(-1, shape[-1]))]
+    if len(shape) == 2:
+        views.append((0, flat.reshape(shape).T))
+    for axis, counts in views:
+        m = 1
+        while m < NM_GROUP_SIZES[-1] and counts.shape[1] % 2 == 0:
+            counts = counts[:, 0::2] + counts[:, 1::2]
+            m *= 2
+            k = int(counts.max())
+            if k < m:
+                out.append((axis, m, k))
+    return out
+
+
+def _nm_cost(n: int, m: int, k: int, b: int) -> int:
+    groups = n // m
+    return groups * k * b + (groups * _subset_tables(m, k)[2] + 7) // 8
+
+
+def plan_encoding(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[str, dict[str, Any], int]:
+    """(encoding, params, stored bytes) of the smallest lossless encoding of `t`."""
+    shape = tuple(t.shape)
+    n, b = t.numel(), t.element_size()
+    dense = ("dense", {}, n * b)
+    if n == 0 or t.dim() == 0 or t.dtype == torch.bool or t.is_complex() or b not in _INT_VIEW:
+        return dense
+    if mask is None:
+        mask = nonzero_mask(t)
+    nnz = int(np.count_nonzero(mask.numpy()))
+    if nnz == n:
+        return dense
+    cands: list[tuple[int, int, str, dict[str, Any]]] = [(n * b, 0, "dense", {})]
+    cands.append((_bitmask_cost(n, nnz, b), 1, "bitmask", {}))
+    rows, cols = _matrix_shape(shape)
+    indptr_bytes = (rows + 1) * torch.empty((), dtype=_narrow_uint(nnz)).element_size()
+    best_so_far = min(c[0] for c in cands)
+    if nnz * (b + 1) + indptr_bytes < best_so_far:  # a lower bound of any CSR form
+        kind, idx_bytes = _csr_index_choice(mask.numpy(), rows, cols, nnz)
+        cands.append((nnz * b + indptr_bytes + idx_bytes, 2, "csr", {"index": kind}))
+    for axis, m, k in _nm_candidates(mask, shape):
+        cands.append((_nm_cost(n, m, k, b), 3, "nm", {"n": m - k, "m": m, "axis": axis}))
+    cost, _, enc, params = min(cands, key=lambda c: (c[0], c[1]))
+    return enc, params, cost
+
+
+def encode_tensor(t: torch.Tensor, name: str = "", *, encoding: str | None = None,
+                  params: dict[str, Any] | None = None) -> EncodedTensor:
+    """Encode `t` losslessly, in the smallest encoding unless `encoding` (and its params) is forced."""
+    t = t.detach().to("cpu").contiguous()
+    mask_t = nonzero_mask(t) if t.numel() and t.dtype != torch.bool and t.element_size() in _INT_VIEW else None
+    if encoding is None:
+        encoding, params, _ = plan_encoding(t, mask_t)
+    params = dict(params or {})
+    shape = tuple(t.shape)
+    nnz = int(np.count_nonzero(mask_t.numpy())) if mask_t is not None else int((t != 0).sum()) if t.numel() else 0
+    enc = EncodedTensor(name, encoding, shape, t.dtype, nnz, {}, params)
+    if encoding == "dense":
+        enc.components = {"data": t}
+        return enc
+    if mask_t is None:
+        raise CheckpointError(f"tensor {name}: dtype {t.dtype} can only be stored dense")
+    flat = t.reshape(-1)
+    if encoding == "bitmask":
+        packed = np.packbits(mask_t.numpy())
+        enc.components = {"mask": torch.from_numpy(packed), "values": flat[mask_t]}
+    elif encoding == "csr":
+        enc.components = _encode_csr(flat, mask_t.numpy(), shape, nnz, params)
+    elif encoding == "nm":
+        enc.components = _encode_nm(t, mask_t, params, name)
+    else:
+        raise CheckpointError(f"tensor {name}: unknown encoding {encoding!r}")
+    return enc
+
+
+def _encode_csr(flat: torch.Tensor, mask: np.ndarray, shape: tuple[int, ...], nnz: int,
+                params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    rows, cols = _matrix_shape(shape)
+    kind = params.setdefault("index", "abs")
+    idx = np.flatnonzero(mask)
+    row = idx // cols if cols else idx
+    counts = np.bincount(row, minlength=rows)
+    indptr = np.zeros(rows + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    comps = {
+        "values": flat[torch.from_numpy(idx)],
+        "indptr": _to_torch_index(indptr, _narrow_uint(nnz)),
+    }
+    if kind == "abs":
+        comps["indices"] = _to_torch_index(idx - row * cols, _narrow_uint(max(cols - 1, 0)))
+        return comps
+    esc = 0xFF if kind == "delta8" else 0xFFFF
+    gap = _row_gaps(mask, cols) if nnz else np.zeros(0, dtype=np.int64)
+    n_esc = gap // esc
+    pos = np.arange(nnz) + np.cumsum(n_esc)
+    stream = np.full(nnz + int(n_esc.sum()), esc, dtype=np.int64)
+    stream[pos] = gap - n_esc * esc
+    comps["indices"] = _to_torch_index(stream, torch.uint8 if kind == "delta8" else torch.uint16)
+    return comps
+
+
+def _encode_nm(t: torch.Tensor, mask: torch.Tensor, params: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    m, n, axis = int(params["m"]), int(params["n"]), int(params["axis"])
+    k = m - n
+    if axis == 0:
+        t = t.t().contiguous()
+        mask = mask.view(t.shape[1], t.shape[0]).t().contiguous()
+    if t.shape[-1] % m:
+        raise CheckpointError(f"tensor {name}: last dimension is not a multiple of M={m}")
+    vals = t.reshape(-1, m)
+    keep = mask.reshape(-1, m).numpy()
+    count = keep.sum(1)
+    if count.size and count.max() > k:
+        raise CheckpointError(f"tensor {name}: zeros do not follow a {n}:{m} pattern")
+    zeros = ~keep
+    sel = keep | (zeros & (np.cumsum(zeros, axis=1) <= (k - count)[:, None]))
+    rank_tab, _, bits = _subset_tables(m, k)
+    ints = sel.astype(np.int64) @ (1 << np.arange(m, dtype=np.int64))
+    codes = rank_tab[ints]
+    if bits:
+        code_bits = ((codes[:, None] >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8)
+        packed = np.packbits(code_bits.reshape(-1))
+    else:
+        packed = np.zeros(0, dtype=np.uint8)
+    sel_t = torch.from_numpy(sel)
+    values = vals[sel_t].masked_fill(~torch.from_numpy(keep)[sel_t], 0)  # padding stores +0.0, never -0.0
+    return {"values": values, "groups": torch.from_numpy(packed)}

@@ -1,0 +1,188 @@
+"""Size accounting for a sparse checkpoint: what each tensor costs, and what it could cost.
+
+Two information-theoretic references per tensor of `n` elements, `nnz` nonzeros, sparsity
+`s = 1 − nnz/n` and `bits` bits per value:
+
+* bitmask bound  = n · ((1 − s)·bits + 1) bits — the values plus one presence bit each; the
+  yardstick the issue sets (stored ≤ 1.02 × this for pruned matrices);
+* entropy bound  = n · (H(s) + (1 − s)·bits) bits, H the binary entropy — the least any
+  lossless code can spend on the positions of an i.i.d. random mask of that sparsity.
+  Structured (N:M) masks can go below it; their own bound is log2 C(M, K) bits per group,
+  reported as `pattern_bound_bytes` for `nm` tensors.
+
+All sizes are bytes of raw tensor data (safetensors headers and the JSON index are counted
+separately under `checkpoint`). The report is read from the index and file sizes only: no
+tensor is decoded, so `prunelab size` is instant even for large checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from prunelab.storage.checkpoint import INDEX_NAME, _read_index, checkpoint_file_bytes
+from prunelab.storage.encodings import DTYPES
+
+
+def binary_entropy(p: float) -> float:
+    """H(p) in bits."""
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def bounds_bytes(numel: int, nnz: int, bits: int) -> tuple[float, float]:
+    """(bitmask bound, entropy bound) in bytes for `nnz` of `numel` values of `bits` bits."""
+    s = 1.0 - nnz / numel if numel else 0.0
+    bitmask = (nnz * bits + numel) / 8
+    entropy = (numel * binary_entropy(s) + nnz * bits) / 8
+    return bitmask, entropy
+
+
+def _bits(dtype: str) -> int:
+    import torch
+
+    return torch.empty((), dtype=DTYPES[dtype]).element_size() * 8
+
+
+def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    dense = sum(r["dense_bytes"] for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    bm = sum(r["bitmask_bound_bytes"] for r in rows)
+    ent = sum(r["entropy_bound_bytes"] for r in rows)
+    numel = sum(r["numel"] for r in rows)
+    nnz = sum(r["nnz"] for r in rows)
+    return {
+        "count": len(rows),
+        "numel": numel,
+        "nnz": nnz,
+        "sparsity": 1 - nnz / numel if numel else 0.0,
+        "dense_bytes": dense,
+        "stored_bytes": stored,
+        "ratio": stored / dense if dense else 1.0,
+        "bitmask_bound_bytes": bm,
+        "entropy_bound_bytes": ent,
+        "stored_vs_bitmask_bound": stored / bm if bm else 1.0,
+        "stored_vs_entropy_bound": stored / ent if ent else 1.0,
+        "encodings": dict(Counter(r["encoding"] for r in rows)),
+    }
+
+
+def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-tensor and total sizes of a sparse checkpoint against dense and the two bounds.
+
+    Returns {"dir", "format", "version", "model_class", "dtype", "tensors": [...],
+    "totals": {"pruned": ..., "all": ...}, "checkpoint": {...}}. "pruned" covers the
+    matrices prunelab prunes (flagged at save time); when none is flagged, every 2-D tensor
+    with zeros. Ratios are stored / dense; `stored_vs_*_bound` are stored / bound.
+    """
+    directory = Path(directory)
+    index = _read_index(directory)
+    rows = []
+    for name, e in index["tensors"].items():
+        if "alias_of" in e:
+            continue
+        numel = math.prod(e["shape"])
+        bits = _bits(e["dtype"])
+        bm, ent = bounds_bytes(numel, e["nnz"], bits)
+        row: dict[str, Any] = {
+            "name": name,
+            "encoding": e["encoding"] + (f"({e['params'].get('index')})" if e["encoding"] == "csr" else
+                                         f"({e['params']['n']}:{e['params']['m']})" if e["encoding"] == "nm" else ""),
+            "shape": e["shape"],
+            "dtype": e["dtype"],
+            "numel": numel,
+            "nnz": e["nnz"],
+            "sparsity": 1 - e["nnz"] / numel if numel else 0.0,
+            "prunable": bool(e.get("prunable")),
+            "module_type": e.get("module_type"),
+            "dense_bytes": e["dense_bytes"],
+            "stored_bytes": e["stored_bytes"],
+            "ratio": e["stored_bytes"] / e["dense_bytes"] if e["dense_bytes"] else 1.0,
+            "bitmask_bound_bytes": bm,
+            "entropy_bound_bytes": ent,
+            "stored_vs_bitmask_bound": e["stored_bytes"] / bm if bm else 1.0,
+        }
+        if e["encoding"] == "nm":
+            m, k = e["params"]["m"], e["params"]["m"] - e["params"]["n"]
+            groups = numel // m
+            row["pattern_bound_bytes"] = (groups * math.log2(math.comb(m, k)) + e["nnz"] * bits) / 8
+        rows.append(row)
+    pruned = [r for r in rows if r["prunable"]]
+    if not pruned:
+        pruned = [r for r in rows if len(r["shape"]) == 2 and r["nnz"] < r["numel"]]
+    files = checkpoint_file_bytes(directory)
+    weights = sum(files.get(f, 0) for f in index["files"])
+    dense_tensors = sum(r["dense_bytes"] for r in rows)
+    others = sum(v for k, v in files.items() if k not in index["files"] and k != INDEX_NAME)
+    total = sum(files.values())
+    return {
+        "dir": str(directory),
+        "format": index["format"],
+        "version": index["version"],
+        "model_class": index.get("model_class"),
+        "dtype": index.get("dtype"),
+        "units": "bytes of raw tensor data unless named *_file_bytes; bounds may be fractional",
+        "tensors": rows,
+        "totals": {"pruned": _totals(pruned), "all": _totals(rows)},
+        "checkpoint": {
+            "weights_file_bytes": weights,
+            "index_file_bytes": files.get(INDEX_NAME, 0),
+            "other_file_bytes": others,
+            "total_file_bytes": total,
+            "dense_tensor_bytes": dense_tensors,
+            "dense_equivalent_bytes": dense_tensors + others,
+            "ratio": total / (dense_tensors + others) if dense_tensors + others else 1.0,
+        },
+    }
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def size_tables(report: dict[str, Any], *, by_type: bool = False) -> list[Any]:
+    """rich Tables for `prunelab size`: per tensor (or per module type), then totals."""
+    from rich.table import Table
+
+    cols = ("dense", "stored", "ratio", "bitmask bound", "entropy bound", "stored/bitmask bound")
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        return [human_bytes(r["dense_bytes"]), human_bytes(r["stored_bytes"]), f"{r['ratio']:.3f}",
+                human_bytes(r["bitmask_bound_bytes"]), human_bytes(r["entropy_bound_bytes"]),
+                f"{r['stored_vs_bitmask_bound']:.3f}"]
+
+    if by_type:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in report["tensors"]:
+            key = r["module_type"] or ("other (pruned)" if r["prunable"] else "not pruned")
+            groups.setdefault(key, []).append(r)
+        main = Table("module type", "tensors", "sparsity", "encodings", *cols,
+                     title=f"sparse checkpoint {report['dir']} by module type")
+        for key, rs in groups.items():
+            t = _totals(rs)
+            enc = ", ".join(f"{k}×{v}" for k, v in t["encodings"].items())
+            main.add_row(key, str(t["count"]), f"{t['sparsity']:.1%}", enc, *cells(t))
+    else:
+        main = Table("tensor", "encoding", "shape", "sparsity", *cols, title=f"sparse checkpoint {report['dir']}")
+        for r in report["tensors"]:
+            main.add_row(r["name"], r["encoding"], "×".join(map(str, r["shape"])), f"{r['sparsity']:.1%}", *cells(r))
+    totals = Table("totals", "tensors", "sparsity", *cols, title="totals (bytes of tensor data)")
+    for label, key in (("pruned matrices", "pruned"), ("all tensors", "all")):
+        t = report["totals"][key]
+        totals.add_row(label, str(t["count"]), f"{t['sparsity']:.1%}", *cells(t))
+    ck = report["checkpoint"]
+    files = Table("checkpoint on disk", "bytes", title="files")
+    files.add_row("weights files", human_bytes(ck["weights_file_bytes"]))
+    files.add_row("index", human_bytes(ck["index_file_bytes"]))
+    files.add_row("config, tokenizer, other", human_bytes(ck["other_file_bytes"]))
+    files.add_row("total", human_bytes(ck["total_file_bytes"]))
+    files.add_row("dense equivalent (tensors + other files)", human_bytes(ck["dense_equivalent_bytes"]))
+    files.add_row("total / dense", f"{ck['ratio']:.3f}")
+    return [main, totals, files]
