@@ -24,6 +24,7 @@ class EvalOptions:
     reference: Any = None  # dense LoadedModel for `embed` fidelity
     finetune_epochs: float = 1.0
     finetune_lr: float = 5e-5
+    finetune_max_steps: int | None = None  # cap on optimizer steps (finetune mode)
 
 
 @dataclass

@@ -1,0 +1,11 @@
+"""Evaluation: one module per benchmark, a registry, and `evaluate(lm, bench, options)`.
+
+Benchmarks: ppl (decoders), seq2seq-ppl (text encoder-decoders), pppl and embed (encoders),
+sst2 and mrpc (all families, probe or mask-preserving fine-tuning).
+"""
+
+from prunelab.evaluation.registry import BENCHMARKS, BenchSpec, default_benchmarks, get_bench
+from prunelab.evaluation.runner import evaluate
+from prunelab.evaluation.types import EvalOptions, EvalResult
+
+__all__ = ["BENCHMARKS", "BenchSpec", "EvalOptions", "EvalResult", "default_benchmarks", "evaluate", "get_bench"]

@@ -1,0 +1,97 @@
+"""Which benchmarks exist, which families they apply to, and what each family runs by default.
+
+Targets are "module:function" strings imported only when the benchmark runs, so importing
+the registry is cheap and adding a benchmark is one line here plus its module. A bench
+function has the signature `fn(lm: LoadedModel, options: EvalOptions) -> EvalResult`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunelab.errors import ConfigError
+
+ALL_FAMILIES = {"encoder", "decoder", "encoder-decoder"}
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """One benchmark: its name, lazy target, the families it applies to, one line of description."""
+
+    name: str
+    target: str  # "package.module:function"
+    families: set[str] = field(default_factory=lambda: set(ALL_FAMILIES))
+    description: str = ""
+
+    def load(self) -> Callable[..., Any]:
+        module_name, _, func_name = self.target.partition(":")
+        module = importlib.import_module(module_name)
+        return getattr(module, func_name)
+
+
+BENCHMARKS: dict[str, BenchSpec] = {
+    "ppl": BenchSpec(
+        "ppl", "prunelab.evaluation.ppl:evaluate_ppl", {"decoder"},
+        "causal-LM perplexity on WikiText-2 raw test (joined rows, non-overlapping windows, token-level NLL)",
+    ),
+    "seq2seq-ppl": BenchSpec(
+        "seq2seq-ppl", "prunelab.evaluation.seq2seq_ppl:evaluate_seq2seq_ppl", {"encoder-decoder"},
+        "teacher-forced perplexity over target tokens only, on WikiText-2 chunks rebuilt from a corrupted copy",
+    ),
+    "pppl": BenchSpec(
+        "pppl", "prunelab.evaluation.pppl:evaluate_pppl", {"encoder"},
+        "masked-LM pseudo-perplexity (mask each token in turn) on WikiText-2 rows; needs an MLM head",
+    ),
+    "embed": BenchSpec(
+        "embed", "prunelab.evaluation.embed:evaluate_embed", {"encoder"},
+        "embedding fidelity vs the dense model on SST-2 dev sentences: mean cosine, Spearman of pairwise sims",
+    ),
+    "sst2": BenchSpec(
+        "sst2", "prunelab.evaluation.glue:evaluate_sst2", set(ALL_FAMILIES),
+        "GLUE SST-2 accuracy: frozen-feature logistic-regression probe, or mask-preserving fine-tuning",
+    ),
+    "mrpc": BenchSpec(
+        "mrpc", "prunelab.evaluation.glue:evaluate_mrpc", set(ALL_FAMILIES),
+        "GLUE MRPC accuracy and F1: frozen-feature logistic-regression probe, or mask-preserving fine-tuning",
+    ),
+}
+
+
+def get_bench(name: str) -> BenchSpec:
+    """The registered benchmark `name`, or a one-line error listing the known ones."""
+    spec = BENCHMARKS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown bench '{name}': choose one of {', '.join(sorted(BENCHMARKS))}")
+    return spec
+
+
+def benches_for(family: str) -> list[str]:
+    return [name for name, spec in BENCHMARKS.items() if family in spec.families]
+
+
+def _is_speech(lm: Any) -> bool:
+    if getattr(lm, "processor", None) is not None:
+        return True
+    config = getattr(getattr(lm, "model", None), "config", None)
+    return getattr(config, "model_type", "") in {"whisper", "speech_to_text", "speecht5"}
+
+
+def default_benchmarks(lm_or_family: Any) -> list[str]:
+    """The benchmarks a study runs for a model (or a family name) when none are named.
+
+    decoder → ppl, sst2; encoder → sst2, mrpc, embed; encoder-decoder → asr for speech
+    models, seq2seq-ppl otherwise.
+    """
+    family = lm_or_family if isinstance(lm_or_family, str) else getattr(lm_or_family, "family", None)
+    if family == "decoder":
+        return ["ppl", "sst2"]
+    if family == "encoder":
+        return ["sst2", "mrpc", "embed"]
+    if family == "encoder-decoder":
+        if not isinstance(lm_or_family, str) and _is_speech(lm_or_family):
+            return ["asr"]
+        return ["seq2seq-ppl"]
+    raise ConfigError(f"unknown family '{family}': expected encoder, decoder or encoder-decoder")

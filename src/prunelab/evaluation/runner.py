@@ -1,0 +1,42 @@
+"""`evaluate(lm, bench, options)`: check the bench applies, run it, stamp identity and timing."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prunelab.errors import ConfigError
+from prunelab.evaluation.registry import benches_for, get_bench
+from prunelab.evaluation.types import EvalOptions, EvalResult
+from prunelab.models.types import LoadedModel
+
+
+def evaluate(lm: LoadedModel | str, bench: str, options: EvalOptions | None = None) -> EvalResult:
+    """Run benchmark `bench` on `lm` (a LoadedModel, or a spec string loaded here).
+
+    Raises `ConfigError` (one line) for an unknown bench or one that does not apply to the
+    model's family; data problems surface as `DataError` from the benchmark itself.
+    """
+    options = options or EvalOptions()
+    spec = get_bench(bench)
+    if isinstance(lm, str):
+        from prunelab.models import load_model
+
+        lm = load_model(lm)
+    if lm.family not in spec.families:
+        others = ", ".join(benches_for(lm.family)) or "none"
+        raise ConfigError(
+            f"bench '{bench}' does not apply to {lm.family} models ({lm.name}); "
+            f"it needs {' or '.join(sorted(spec.families))}: for this model use {others}"
+        )
+    fn: Any = spec.load()
+    was_training = lm.model.training
+    lm.model.eval()
+    start = time.perf_counter()
+    try:
+        result: EvalResult = fn(lm, options)
+    finally:
+        lm.model.train(was_training)
+    result.wall_time_s = time.perf_counter() - start
+    result.model, result.family, result.bench, result.seed = lm.name, lm.family, bench, options.seed
+    return result
