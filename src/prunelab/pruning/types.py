@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from prunelab.errors import ConfigError
+from prunelab.errors import ConfigError, PrunelabError
 
 METHODS = ("magnitude", "magnitude-layer", "wanda", "sparsegpt", "structured")
 _NM = re.compile(r"^(\d+):(\d+)$")
@@ -48,6 +48,8 @@ class PruneConfig:
     blocksize: int = 128  # sparsegpt
     percdamp: float = 0.01  # sparsegpt
     structured_target: str = "mlp"  # structured: "mlp", "heads" or "both"
+    owl_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score exceeds owl_m × the block mean
+    owl_lambda: float = 0.08  # OWL: per-block sparsities spread over [s - λ, s + λ]
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +77,10 @@ class PruneConfig:
         return asdict(self)
 
 
+class PruningError(PrunelabError):
+    """A pruning computation failed in a way the user can act on (e.g. a singular Hessian)."""
+
+
 @dataclass
 class MatrixReport:
     name: str
@@ -84,6 +90,8 @@ class MatrixReport:
     numel: int
     requested: float
     achieved: float
+    pruned: int = 0  # entries the mask removed (exactly round(requested · numel) or the N:M count)
+    zeros: int = 0  # entries that are exactly zero in the weight afterwards (≥ pruned if zeros pre-existed)
 
 
 @dataclass

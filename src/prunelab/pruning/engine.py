@@ -1,0 +1,199 @@
+"""`prune()`: run one method on a loaded model and account for what it did; `save_pruned()`.
+
+The engine is method-agnostic: it validates the request, builds the calibration set when the
+method needs one, calls the registered method, re-applies and verifies the returned masks,
+and counts zeros per matrix, over prunable weights and over all weights.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunelab.errors import ConfigError
+from prunelab.io import atomic_dir, write_json
+from prunelab.models.types import LoadedModel
+from prunelab.pruning.patterns import nm_target_count, target_count
+from prunelab.pruning.registry import PruneWarning, get_method
+from prunelab.pruning.sequential import ProgressFn
+from prunelab.pruning.types import MatrixReport, PruneConfig, PruneResult, PruningError
+
+OWL_METHODS = ("wanda", "sparsegpt")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _validate(lm: LoadedModel, config: PruneConfig) -> None:
+    config.validate()
+    if not lm.prunable:
+        raise ConfigError(f"{lm.name} has no prunable matrices (no linears inside numbered transformer blocks)")
+    if config.owl and config.method not in OWL_METHODS:
+        raise ConfigError(f"--owl applies to {' and '.join(OWL_METHODS)}, not to {config.method}")
+    if config.blocksize < 1 or not config.percdamp > 0:
+        raise ConfigError("sparsegpt needs blocksize ≥ 1 and percdamp > 0")
+
+
+def _is_noop(config: PruneConfig) -> bool:
+    return config.nm is None and float(config.sparsity) == 0.0 and not config.owl
+
+
+def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None = None) -> PruneResult:
+    """Prune `lm.model` in place with `config`; return masks and requested-vs-achieved sparsities.
+
+    `progress(message, done, total)` is called per block (calibrated methods) or per matrix.
+    Deterministic given `config.seed`.
+    """
+    _validate(lm, config)
+    t0 = time.perf_counter()
+    torch.manual_seed(config.seed)
+    result = PruneResult(config=config)
+    calib = None
+    if config.needs_calibration and not _is_noop(config):
+        from prunelab.data.calibration import calibration_set
+
+        if progress:
+            progress("calibration data", 0, 1)
+        cs = calibration_set(lm, config)
+        calib = cs.inputs
+        result.calibration = cs.info
+        result.warnings.extend(cs.warnings)
+    result.timings["calibration_data"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    fn = get_method(config.method)
+    was_training = lm.model.training
+    lm.model.eval()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always", PruneWarning)
+        if _is_noop(config):
+            masks = {m.name: torch.ones(m.out_features, m.in_features, dtype=torch.bool) for m in lm.prunable}
+        else:
+            masks = fn(lm, config, calib, progress)
+    lm.model.train(was_training)
+    result.warnings.extend(str(w.message) for w in caught if issubclass(w.category, PruneWarning))
+    result.timings["pruning"] = time.perf_counter() - t1
+    _account(lm, config, masks, result)
+    result.timings["total"] = time.perf_counter() - t0
+    result.peak_rss_bytes = peak_rss_bytes()
+    return result
+
+
+def _requested(config: PruneConfig) -> float:
+    if config.nm is not None:
+        return config.nm[0] / config.nm[1]
+    return float(config.sparsity)
+
+
+def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor], result: PruneResult) -> None:
+    """Re-apply masks (idempotent), check the counts, and fill the per-matrix and overall figures."""
+    model = lm.model
+    pruned_ids: set[int] = set()
+    with torch.no_grad():
+        for m in lm.prunable:
+            mask = masks.get(m.name)
+            if mask is None:
+                raise PruningError(f"method {config.method} returned no mask for {m.name}")
+            w = m.weight(model)
+            if tuple(mask.shape) != tuple(w.shape):
+                raise PruningError(f"mask for {m.name} has shape {tuple(mask.shape)}, weight {tuple(w.shape)}")
+            w.masked_fill_(~mask, 0)
+            pruned = int((~mask).sum())
+            zeros = int((w == 0).sum())
+            numel = w.numel()
+            result.matrices.append(MatrixReport(
+                name=m.name, module_type=m.module_type, stack=m.stack, block=m.block, numel=numel,
+                requested=_requested(config),
+                achieved=zeros / numel, pruned=pruned, zeros=zeros,
+            ))
+            result.prunable_params += numel
+            result.prunable_zeros += zeros
+            pruned_ids.add(id(m.module(model).weight))
+        seen: set[int] = set()
+        for p in model.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            result.total_params += p.numel()
+            result.total_zeros += int((p == 0).sum())
+    result.masks = masks
+    if config.owl:  # per-block requested sparsity: recover it from the mask counts
+        for r in result.matrices:
+            r.requested = r.pruned / r.numel
+    _check_exact(config, result)
+
+
+def _check_exact(config: PruneConfig, result: PruneResult) -> None:
+    """Every method except `structured` must hit its target count exactly; a miss is a bug, not a user error."""
+    if config.method == "structured":
+        return
+    if config.method == "magnitude" and config.nm is None:
+        got = sum(r.pruned for r in result.matrices)
+        expect = target_count(config.sparsity, result.prunable_params)
+        if got != expect:
+            raise PruningError(f"global magnitude pruned {got} entries, expected {expect} (internal error)")
+        return
+    for r in result.matrices:
+        mask = result.masks[r.name]
+        if config.nm is not None:
+            expect = nm_target_count(mask.shape[0], mask.shape[1], *config.nm)
+        elif config.owl:
+            continue
+        else:
+            expect = target_count(config.sparsity, r.numel)
+        if r.pruned != expect:
+            raise PruningError(f"{r.name}: pruned {r.pruned} entries, expected {expect} (internal error)")
+
+
+def save_pruned(lm: LoadedModel, result: PruneResult | None, out_dir: str | Path, *, format: str = "hf",
+                extra: dict[str, Any] | None = None) -> Path:
+    """Write the pruned model atomically: checkpoint + tokenizer/processor + `prune_report.json`.
+
+    `format="hf"`: `save_pretrained` with safetensors (loads with `AutoModel*.from_pretrained`);
+    `format="sparse"`: `prunelab.storage.save_sparse` (compressed sparse formats).
+    """
+    if format not in ("hf", "sparse"):
+        raise ConfigError(f"unknown --format '{format}': use hf or sparse")
+    save_sparse = None
+    if format == "sparse":
+        try:
+            from prunelab.storage import save_sparse
+        except ImportError as exc:
+            raise ConfigError("--format sparse needs prunelab.storage.save_sparse, which this checkout lacks; "
+                              "use --format hf") from exc
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir) as tmp:
+        if save_sparse is not None:
+            save_sparse(lm, tmp)
+        else:
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(tmp)
+        if lm.processor is not None:
+            lm.processor.save_pretrained(tmp)
+        report: dict[str, Any] = {
+            "model": lm.spec.raw,
+            "model_spec": {"raw": lm.spec.raw, "kind": lm.spec.kind, "target": lm.spec.target},
+            "family": lm.family,
+            "source": str(lm.source),
+            "format": format,
+            "method": result.config.method if result else None,
+            "pattern": result.config.pattern if result else None,
+        }
+        if result is not None:
+            report.update(result.to_dict())
+        report["save_time_s"] = time.perf_counter() - t0
+        report["peak_rss_bytes"] = peak_rss_bytes()
+        if extra:
+            report.update(extra)
+        write_json(tmp / "prune_report.json", report)
+    return out_dir

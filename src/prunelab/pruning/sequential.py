@@ -1,0 +1,366 @@
+"""Block-by-block calibration: the shared engine behind Wanda, SparseGPT and OWL.
+
+The calibration set is pushed through the model one transformer block at a time:
+
+1. A forward pre-hook on the first block of a stack captures what the block receives
+   (hidden states plus every keyword it needs: attention mask, rotary position embeddings,
+   T5 position bias, encoder hidden states...) and stops the forward there, so nothing past
+   the embeddings is computed.
+2. For each block, a forward pre-hook on each prunable linear accumulates the method's
+   statistics from that linear's input (`x` reshaped to tokens × in_features).
+3. When the whole calibration set fits in one batch (the usual case; see `plan_chunks`), the
+   block runs once: each linear's hook collects its statistics and prunes the linear *before*
+   it computes, so the linears after it see already-pruned inputs ("true sequential") and
+   the block's output is the pruned output. Otherwise the block runs twice per chunk: a
+   statistics pass, pruning, and an output pass.
+4. The block's pruned outputs become the next block's inputs.
+
+Encoder-decoder models: the encoder stack is pruned first; the pruned encoder is then run
+in full (final layer norm included) and its output feeds the decoder's cross-attention while
+the decoder stack is pruned the same way.
+
+Memory is the model plus one block's activations for the calibration set; nothing is ever
+sized by `max_position_embeddings`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from prunelab.models.types import LoadedModel, PrunableMatrix, Stack
+from prunelab.pruning.types import PruningError
+
+_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|block|blocks)\.\d+)(?:\.|$)")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+class Stats(Protocol):
+    """A per-linear accumulator of input statistics (column norms, Hessian, ...)."""
+
+    def add(self, x: torch.Tensor) -> None: ...
+
+
+@dataclass
+class BlockRef:
+    """One transformer block: its module and the prunable matrices inside it."""
+
+    stack: Stack
+    index: int
+    prefix: str
+    module: nn.Module
+    matrices: list[PrunableMatrix] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.stack} block {self.index}"
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward pass at the first block."""
+
+
+def block_prefix(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj` → `model.layers.3` (the block's qualified name)."""
+    match = _BLOCK.match(name)
+    if not match:
+        raise PruningError(f"cannot find the transformer block of '{name}'")
+    return match.group(1)
+
+
+def stack_blocks(lm: LoadedModel, stack: Stack) -> list[BlockRef]:
+    """The blocks of one stack in execution order, each with its prunable matrices."""
+    refs: dict[str, BlockRef] = {}
+    for m in lm.prunable:
+        if m.stack != stack or m.block < 0:
+            continue
+        prefix = block_prefix(m.name)
+        if prefix not in refs:
+            refs[prefix] = BlockRef(stack, m.block, prefix, lm.model.get_submodule(prefix))
+        refs[prefix].matrices.append(m)
+    return sorted(refs.values(), key=lambda b: b.index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching the calibration set
+# ----------------------------------------------------------------------------------------------
+
+
+def _width(config: Any) -> int:
+    names = ("intermediate_size", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "n_inner",
+             "hidden_size", "d_model", "n_embd")
+    widths = [int(getattr(config, n)) for n in names if isinstance(getattr(config, n, None), int)]
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or 0)
+    if getattr(config, "n_inner", None) is None and getattr(config, "n_embd", None):
+        widths.append(4 * int(config.n_embd))
+    return max(widths + [hidden, 1])
+
+
+def _heads(config: Any) -> int:
+    for n in ("num_attention_heads", "encoder_attention_heads", "num_heads", "n_head"):
+        v = getattr(config, n, None)
+        if isinstance(v, int):
+            return v
+    return 1
+
+
+def plan_chunks(lm: LoadedModel, calib: list[dict[str, torch.Tensor]], budget_bytes: int | None = None) -> int:
+    """How many calibration samples go through a block together.
+
+    All of them when one block's activations for the whole set (MLP intermediates and
+    attention scores, estimated generously) fit in `budget_bytes` (env
+    `PRUNELAB_CALIB_MEMORY_MB`, default 4096 MB): then every block runs once and is pruned
+    "true sequentially". Otherwise the largest chunk that fits (two passes per block).
+    """
+    if budget_bytes is None:
+        budget_bytes = int(float(os.environ.get("PRUNELAB_CALIB_MEMORY_MB", "4096")) * 2**20)
+    seq = max(int(v.shape[-1]) for v in calib[0].values() if torch.is_tensor(v) and v.dim() >= 2)
+    if "input_features" in calib[0]:
+        seq = max(seq, 1500)  # Whisper encoder frames
+    per_sample = 4 * seq * (6 * _width(lm.config) + 2 * _heads(lm.config) * seq)
+    return max(1, min(len(calib), budget_bytes // max(1, per_sample)))
+
+
+def _batches(calib: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(0, len(calib), size):
+        group = calib[i : i + size]
+        batch: dict[str, Any] = {}
+        for key in group[0]:
+            vals = [g[key] for g in group]
+            batch[key] = torch.cat(vals, dim=0) if torch.is_tensor(vals[0]) else vals[0]
+        out.append(batch)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Capturing a block's inputs
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BlockInput:
+    """What one block receives for one chunk: hidden states plus named keyword arguments."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+def _normalize(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BlockInput:
+    """Bind positional and keyword arguments to names so blocks can be called as block(h, **kw)."""
+    sig = inspect.signature(block.forward)
+    bound = sig.bind_partial(*args, **kwargs)
+    named: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        kind = sig.parameters[key].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise PruningError(f"{type(block).__name__} takes *args; cannot replay its inputs")
+        else:
+            named[key] = value
+    first = next(iter(sig.parameters))
+    hidden = named.pop(first, None)
+    if hidden is None:  # passed as hidden_states=... keyword under another name
+        hidden = named.pop("hidden_states")
+    if "use_cache" in named:
+        named["use_cache"] = False
+    return BlockInput(hidden, named)
+
+
+def capture_inputs(runner: Callable[[], Any], block: nn.Module) -> BlockInput:
+    """Run `runner()` (a forward pass) until `block` is called; return what it received."""
+    seen: list[BlockInput] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append(_normalize(module, args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        runner()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise PruningError(f"the forward pass never reached {type(block).__name__}: cannot calibrate this model")
+    return seen[0]
+
+
+def _call_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
+    """Run one block; keep T5's shared position biases (returned by block 0) for later blocks."""
+    out = block(inp.hidden, **inp.kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    hidden = out[0]
+    extra = list(out[1:])
+    if extra and torch.is_tensor(extra[0]) and "position_bias" in inp.kwargs:
+        inp.kwargs["position_bias"] = extra[0]
+    if len(extra) > 1 and torch.is_tensor(extra[1]) and "encoder_decoder_position_bias" in inp.kwargs:
+        inp.kwargs["encoder_decoder_position_bias"] = extra[1]
+    return hidden
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+# ----------------------------------------------------------------------------------------------
+
+MakeStats = Callable[[PrunableMatrix], Stats]
+PruneOne = Callable[[PrunableMatrix, Stats], None]
+AfterBlock = Callable[[BlockRef, dict[str, Stats]], None]
+
+
+class _Hooks:
+    """Pre-hooks on every prunable linear of a block; inputs shared by q/k/v are accumulated once."""
+
+    def __init__(self, lm: LoadedModel, block: BlockRef, make_stats: MakeStats, prune_one: PruneOne | None):
+        self.lm, self.block, self.make_stats, self.prune_one = lm, block, make_stats, prune_one
+        self.stats: dict[str, Stats] = {}
+        self.pruned: set[str] = set()
+        self.prune_inline = False
+        self._last: tuple[Any, Stats] | None = None
+        self._handles = [
+            m.module(lm.model).register_forward_pre_hook(self._make_hook(m)) for m in block.matrices
+        ]
+
+    def _make_hook(self, m: PrunableMatrix) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                stats = self._last[1]  # same input tensor as the previous linear (q/k/v, gate/up)
+                self.stats.setdefault(m.name, stats)
+            else:
+                stats = self.stats.get(m.name)
+                if stats is None:
+                    stats = self.stats[m.name] = self.make_stats(m)
+                stats.add(x.detach().reshape(-1, x.shape[-1]))
+                self._last = (x, stats)
+            if self.prune_inline and self.prune_one is not None and m.name not in self.pruned:
+                self.prune_one(m, stats)
+                self.pruned.add(m.name)
+
+        return hook
+
+    def end_pass(self) -> None:
+        self._last = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._last = None
+
+
+def _process_stack(
+    lm: LoadedModel,
+    blocks: list[BlockRef],
+    inputs: list[BlockInput],
+    make_stats: MakeStats,
+    prune_one: PruneOne | None,
+    after_block: AfterBlock | None,
+    progress: ProgressFn | None,
+    done: int,
+    total: int,
+) -> list[BlockInput]:
+    for block in blocks:
+        hooks = _Hooks(lm, block, make_stats, prune_one)
+        try:
+            if len(inputs) == 1 or prune_one is None:
+                # One pass: statistics, pruning (inline, in execution order) and outputs together.
+                hooks.prune_inline = True
+                outs = []
+                for inp in inputs:
+                    outs.append(_call_block(block.module, inp))
+                    hooks.end_pass()
+            else:
+                for inp in inputs:
+                    _call_block(block.module, inp)
+                    hooks.end_pass()
+                hooks.remove()
+                for m in block.matrices:
+                    if m.name in hooks.stats:
+                        prune_one(m, hooks.stats[m.name])
+                        hooks.pruned.add(m.name)
+                outs = [_call_block(block.module, inp) for inp in inputs]
+        finally:
+            hooks.remove()
+        missing = [m.name for m in block.matrices if m.name not in hooks.stats]
+        if missing:
+            raise PruningError(
+                f"{block.label}: calibration never reached {', '.join(missing)}; this architecture does not "
+                "use those linears in its forward pass (use --method magnitude-layer)"
+            )
+        if after_block is not None:
+            after_block(block, hooks.stats)
+        for inp, out in zip(inputs, outs, strict=True):
+            if not torch.isfinite(out).all():
+                raise PruningError(f"{block.label}: non-finite activations after pruning; lower the sparsity")
+            inp.hidden = out
+        done += 1
+        if progress is not None:
+            progress(block.label, done, total)
+    return inputs
+
+
+def run_sequential(
+    lm: LoadedModel,
+    calib: list[dict[str, torch.Tensor]],
+    make_stats: MakeStats,
+    prune_one: PruneOne | None,
+    *,
+    after_block: AfterBlock | None = None,
+    progress: ProgressFn | None = None,
+    chunk_size: int | None = None,
+) -> None:
+    """Push `calib` through every block in order, collecting statistics and pruning as it goes.
+
+    `make_stats(matrix)` creates an accumulator with `.add(x_2d)`; `prune_one(matrix, stats)`
+    prunes one matrix in place (None = statistics only, e.g. OWL's dense pre-pass);
+    `after_block(block, stats_by_name)` runs once per block after its matrices are done.
+    """
+    if not calib:
+        raise PruningError("no calibration samples")
+    model = lm.model
+    size = chunk_size or plan_chunks(lm, calib)
+    batches = _batches(calib, size)
+    with torch.no_grad():
+        if lm.family == "encoder-decoder":
+            enc_blocks = stack_blocks(lm, "encoder")
+            dec_blocks = stack_blocks(lm, "decoder")
+            total = len(enc_blocks) + len(dec_blocks)
+            encoder = model.get_encoder()
+            enc_batches = [{k: v for k, v in b.items() if not k.startswith("decoder_")} for b in batches]
+            done = 0
+            if enc_blocks:
+                inputs = [capture_inputs(lambda b=b: encoder(**b), enc_blocks[0].module) for b in enc_batches]
+                _process_stack(lm, enc_blocks, inputs, make_stats, prune_one, after_block, progress, 0, total)
+                done = len(enc_blocks)
+            if dec_blocks:
+                from transformers.modeling_outputs import BaseModelOutput
+
+                inputs = []
+                for b, eb in zip(batches, enc_batches, strict=True):
+                    enc_out = encoder(**eb).last_hidden_state  # the pruned encoder, final norm included
+                    kw = dict(b, encoder_outputs=BaseModelOutput(last_hidden_state=enc_out), use_cache=False)
+                    for k in ("input_ids", "input_features", "inputs_embeds"):
+                        kw.pop(k, None)
+                    inputs.append(capture_inputs(lambda kw=kw: model(**kw), dec_blocks[0].module))
+                _process_stack(lm, dec_blocks, inputs, make_stats, prune_one, after_block, progress, done, total)
+        else:
+            stack: Stack = "encoder" if lm.family == "encoder" else "decoder"
+            blocks = stack_blocks(lm, stack)
+            if not blocks:
+                raise PruningError("no transformer blocks with prunable matrices")
+            kw_extra = {"use_cache": False} if lm.family == "decoder" else {}
+            inputs = [capture_inputs(lambda b=b: model(**b, **kw_extra), blocks[0].module) for b in batches]
+            _process_stack(lm, blocks, inputs, make_stats, prune_one, after_block, progress, 0, len(blocks))

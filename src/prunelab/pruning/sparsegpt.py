@@ -1,0 +1,162 @@
+"""SparseGPT: one-shot pruning with OBS-style weight reconstruction (Frantar & Alistarh, 2023).
+
+For each linear with calibration inputs X, minimise ‖WX − ŴX‖² under the sparsity constraint.
+With H = XᵀX (+ dampening), columns are processed left to right in blocks of `blocksize`:
+each pruned weight's error is pushed onto the not-yet-processed weights of its row through
+the upper Cholesky factor of H⁻¹ (within the block immediately, to later blocks lazily in one
+matrix product per block). The mask of each column block is chosen by w² / [H⁻¹]_jj², with
+the per-block prune counts allocated so that the matrix hits round(s · numel) exactly; N:M
+masks are chosen per group of M columns as the sweep reaches it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from prunelab.models.types import LoadedModel, PrunableMatrix
+from prunelab.pruning.patterns import lowest_k_mask, nm_mask, target_count
+from prunelab.pruning.registry import PruneWarning
+from prunelab.pruning.sequential import ProgressFn, run_sequential
+from prunelab.pruning.types import PruneConfig, PruningError
+
+DAMP_RETRIES = 4  # dampening ×10 up to this many times before giving up
+
+
+class HessianStats:
+    """Accumulates XᵀX (float64) and the token count for one linear's input."""
+
+    def __init__(self, in_features: int) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        xf = x.float()
+        self.H += (xf.t() @ xf).double()
+        self.n += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.H / max(1, self.n)
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp·I)⁻¹ with damp = percdamp × mean(diag H); raises on failure."""
+    Hd = H.clone()
+    Hd.diagonal().add_(percdamp * float(torch.diagonal(H).mean()))
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        raise torch.linalg.LinAlgError("H + damp·I is not positive definite")
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if int(info) != 0 or not torch.isfinite(U).all():
+        raise torch.linalg.LinAlgError("inverse Hessian is not positive definite")
+    return U
+
+
+def _sweep(
+    W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column sweep: returns (updated weights with zeros, keep-mask)."""
+    W = W.clone()
+    rows, cols = W.shape
+    mask = torch.ones(rows, cols, dtype=torch.bool)
+    if nm is not None:
+        blocksize = max(nm[1], (blocksize // nm[1]) * nm[1])  # groups must not straddle blocks
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diagonal(Hinv1)
+        if nm is None:
+            kb = target_count(sparsity, rows * i2) - target_count(sparsity, rows * i1)
+            mask1 = lowest_k_mask(W1.pow(2) / d.pow(2).unsqueeze(0), kb)
+        else:
+            mask1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(count):
+            if nm is not None and i % nm[1] == 0:
+                j = min(i + nm[1], count)
+                mask1[:, i:j] = nm_mask(W1[:, i:j].pow(2) / d[i:j].pow(2).unsqueeze(0), *nm)
+            w = W1[:, i]
+            q = torch.where(mask1[:, i], w, torch.zeros_like(w))
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        if i2 < cols:
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, mask
+
+
+def sparsegpt_matrix(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    name: str = "matrix",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one (out, in) weight given its input Hessian H = XᵀX/n; returns (new weight, keep-mask).
+
+    If the dampened Hessian is not positive definite or the result is not finite, the
+    dampening is raised ×10 (up to `DAMP_RETRIES` times) with a `PruneWarning`; if it still
+    fails, `PruningError`.
+    """
+    W = weight.detach().float().clone()
+    H = H.double().clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0  # inputs never active: any value reconstructs them; keep the weights
+    damp = percdamp
+    for attempt in range(DAMP_RETRIES + 1):
+        try:
+            U = _inverse_cholesky(H, damp).float()
+            Q, mask = _sweep(W, U, sparsity, nm, blocksize)
+            if not torch.isfinite(Q).all():
+                raise torch.linalg.LinAlgError("non-finite weights after the update")
+            if attempt:
+                warnings.warn(
+                    f"sparsegpt {name}: Hessian ill-conditioned; dampening raised from {percdamp:g} to {damp:g} "
+                    "of the mean diagonal", PruneWarning, stacklevel=2,
+                )
+            return Q.to(weight.dtype), mask
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise PruningError(
+        f"sparsegpt {name}: Hessian still singular with dampening {damp / 10:g}; use more/other calibration "
+        "data (--calib, --nsamples) or --method wanda"
+    )
+
+
+def prune_sparsegpt(
+    lm: LoadedModel, config: PruneConfig, calib: list[dict[str, torch.Tensor]] | None,
+    progress: ProgressFn | None = None,
+) -> dict[str, torch.Tensor]:
+    """Sequential block-by-block SparseGPT (optionally with OWL block ratios)."""
+    from prunelab.pruning.magnitude import prune_outside_blocks
+    from prunelab.pruning.owl import block_sparsities
+
+    if calib is None:
+        raise ValueError("sparsegpt needs calibration inputs")
+    sparsity = block_sparsities(lm, config, calib, progress)
+    masks: dict[str, torch.Tensor] = {}
+
+    def prune_one(m: PrunableMatrix, stats: HessianStats) -> None:
+        w = m.weight(lm.model)
+        new, mask = sparsegpt_matrix(
+            w, stats.hessian(), sparsity[(m.stack, m.block)], config.nm,
+            blocksize=config.blocksize, percdamp=config.percdamp, name=m.name,
+        )
+        w.copy_(new)
+        w.masked_fill_(~mask, 0)
+        masks[m.name] = mask
+
+    run_sequential(lm, calib, lambda m: HessianStats(m.in_features), prune_one, progress=progress)
+    prune_outside_blocks(lm, config, masks)
+    return masks
