@@ -26,6 +26,7 @@ METHOD_REGISTRY: dict[str, str] = {
     "magnitude-layer": "prunelab.pruning.magnitude:prune_layerwise",
     "wanda": "prunelab.pruning.wanda:prune_wanda",
     "sparsegpt": "prunelab.pruning.sparsegpt:prune_sparsegpt",
+    "structured": "prunelab.pruning.structured:prune_structured",
 }
 
 
