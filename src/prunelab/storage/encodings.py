@@ -369,8 +369,13 @@ class EncodedTensor:
                 torch.from_numpy(indptr), torch.from_numpy(lin - np.repeat(np.arange(rows) * cols, np.diff(indptr))),
                 values, size=(rows, cols),
             )
-        dense = self.to_dense().reshape(rows, cols)
-        return dense.to_sparse_csr()
+        flat = self.to_dense().reshape(-1)
+        lin = np.flatnonzero(nonzero_mask(flat).numpy())
+        row = lin // cols if cols else lin
+        indptr = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(row, minlength=rows), out=indptr[1:])
+        return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(lin - row * cols),
+                                       flat[torch.from_numpy(lin)], size=(rows, cols))
 
 
 # -- encoding ------------------------------------------------------------------------------------
