@@ -173,6 +173,169 @@ def size(
         out.print(f"report: {json_out}", highlight=False)
 
 
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Model spec: zoo:<alias>, a local HF directory, a .gguf file or a hub id."),
+    method: str = typer.Option("wanda", "--method", "-m",
+                               help="magnitude, magnitude-layer, wanda, sparsegpt, structured."),
+    sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1)."),
+    pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (N zeros in every M inputs)."),
+    calib: str | None = typer.Option(None, "--calib", help="Text file, .tsv/.jsonl (with --calib-column) or HF "
+                                     "dataset name; default: MRPC training sentences."),
+    calib_column: str | None = typer.Option(None, "--calib-column", help="Column of a .tsv/.jsonl/HF dataset."),
+    nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window (capped at the model context)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
+    owl: bool = typer.Option(False, "--owl", help="Outlier-weighted per-block sparsities (wanda, sparsegpt)."),
+    fmt: str = typer.Option("hf", "--format", help="hf (save_pretrained, safetensors) or sparse (compressed)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+) -> None:
+    """Prune a model and write the checkpoint plus DIR/prune_report.json."""
+    import time as _time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from prunelab.models import load_model
+    from prunelab.pruning import PruneConfig, save_pruned
+    from prunelab.pruning import prune as run_prune
+
+    if fmt not in ("hf", "sparse"):
+        fail(f"unknown --format '{fmt}': use hf or sparse")
+    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_column=calib_column,
+                         nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl)
+    t0 = _time.perf_counter()
+    lm = load_model(model)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"{method} {pattern}", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{method}: {message}", completed=done, total=total)
+
+        result = run_prune(lm, config, progress=progress)
+    save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
+    for w in result.warnings:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+    rss = (result.peak_rss_bytes or 0) / 2**20
+    out.print(
+        f"{model}: {method} {pattern} → {result.sparsity_prunable:.2%} of prunable weights zero "
+        f"({result.sparsity_total:.2%} of all), {len(result.matrices)} matrices, "
+        f"{result.timings.get('total', 0):.1f} s, peak RSS {rss:.0f} MiB → {out_dir}",
+        highlight=False,
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Model spec: zoo:<alias>, a local HF directory, a .gguf file or a hub id."),
+    bench: list[str] = typer.Option([], "--bench", "-b", help="Benchmark (repeatable); default: the family's own."),
+    out_path: Path = typer.Option(..., "--out", "-o", help="Write the results JSON here."),
+    seqlen: int | None = typer.Option(None, "--seqlen", help="Window / sequence length (default per bench)."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="Evaluate a prefix of this many tokens."),
+    max_examples: int | None = typer.Option(None, "--max-examples", help="Cap on dev examples."),
+    train_limit: int | None = typer.Option(None, "--train-limit", help="Training rows for probe/finetune "
+                                          "(default 2000, 0 = all)."),
+    mode: str = typer.Option("probe", "--mode", help="GLUE mode: probe (frozen) or finetune (masks kept)."),
+    reference: str | None = typer.Option(None, "--reference", help="Dense reference model for embed."),
+    seed: int = typer.Option(0, "--seed"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    data: str | None = typer.Option(None, "--data", help="Override the dataset file / directory."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Cap on fine-tuning optimizer steps."),
+) -> None:
+    """Evaluate a model: perplexity, pseudo-perplexity, embedding fidelity, GLUE SST-2 / MRPC."""
+    from rich.table import Table
+
+    from prunelab.errors import ConfigError
+    from prunelab.evaluation import EvalOptions, run_benchmarks
+    from prunelab.io import write_json
+
+    if mode not in ("probe", "finetune"):
+        raise ConfigError(f"unknown --mode '{mode}': use probe or finetune")
+    options = EvalOptions(seqlen=seqlen, max_tokens=max_tokens, max_examples=max_examples, train_limit=train_limit,
+                          mode=mode, seed=seed, batch_size=batch_size, data=data,  # type: ignore[arg-type]
+                          finetune_max_steps=max_steps)
+
+    def _progress(name: str, result: object) -> None:
+        console.print(f"[green]done[/] {name}: {getattr(result, 'primary', '')} = {getattr(result, 'value', None)} "
+                      f"({getattr(result, 'wall_time_s', 0.0):.1f} s)", highlight=False)
+
+    payload = run_benchmarks(model, bench or None, options, reference=reference, progress=_progress)
+    write_json(out_path, payload)
+    table = Table("bench", "status", "metrics", "n", "seqlen", "wall s")
+    for r in payload["results"]:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        table.add_row(r["bench"], r["status"], metrics, str(r["n_tokens"] or r["n_examples"] or "-"),
+                      str(r["seqlen"] or "-"), f"{r['wall_time_s']:.1f}")
+    out.print(table)
+    out.print(f"results: {out_path}", highlight=False)
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="Model spec or checkpoint directory (HF or prunelab sparse format)."),
+    sparse: bool = typer.Option(True, "--sparse/--no-sparse", help="Also run the sparse runtime (dense vs sparse)."),
+    prefill_tokens: int = typer.Option(512, "--prefill-tokens", help="Prompt length for prefill throughput."),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Greedy decode steps per run (batch 1, KV cache)."),
+    repeats: int = typer.Option(5, "--repeats", help="Interleaved repetitions; medians are reported."),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="Measure resident memory in a fresh subprocess."),
+    out_file: Path = typer.Option(..., "--out", help="JSON file for the results (written atomically)."),
+) -> None:
+    """Size on disk, resident memory, prefill tokens/s and decode ms/token: dense vs sparse runtime."""
+    from rich.table import Table
+
+    from prunelab.runtime.bench import run_bench
+
+    res = run_bench(model, out_file, sparse=sparse, prefill_tokens=prefill_tokens, decode_tokens=decode_tokens,
+                    repeats=repeats, measure_rss=rss)
+    table = Table("measure", "dense", "sparse runtime", "unit", title=f"bench {model} ({res['threads']} threads)")
+    sp = res["speed"]
+
+    def fmt(v: object, spec: str = ",.1f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    has_s = "sparse" in sp
+    table.add_row("prefill", fmt(sp["dense"]["prefill_tokens_per_s"]),
+                  fmt(sp["sparse"]["prefill_tokens_per_s"]) if has_s else "-", "tokens/s")
+    table.add_row("decode", fmt(sp["dense"]["decode_ms_per_token"], ".2f"),
+                  fmt(sp["sparse"]["decode_ms_per_token"], ".2f") if has_s else "-", "ms/token")
+    size = res["size_on_disk"]
+    table.add_row("size on disk", fmt(size["dense_safetensors_bytes"], ","),
+                  fmt(size.get("sparse_format_bytes"), ","), "bytes")
+    mem = res["memory"]
+    table.add_row("RSS after load", fmt(mem.get("dense_rss_delta_bytes"), ","),
+                  fmt(mem.get("sparse_rss_delta_bytes"), ","), "bytes")
+    wb = mem.get("weights_bytes", {})
+    table.add_row("weights held", fmt(wb.get("dense"), ","), fmt(wb.get("sparse"), ","), "bytes")
+    out.print(table)
+    for note in res.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    out.print(f"results: {out_file}", highlight=False)
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model: str = typer.Argument(..., help="Model spec: zoo:<alias>, a local HF directory, a .gguf file or a hub id."),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (created atomically; replaced if it exists)."),
+    include_all: bool = typer.Option(False, "--all", help="Also embeddings, norms, biases and heads."),
+) -> None:
+    """Weight-magnitude statistics and plots, streamed from safetensors (the model is not loaded)."""
+    from rich.table import Table
+
+    from prunelab.analysis import analyze
+
+    stats = analyze(model, out_dir, include_all=include_all)
+    o, scan = stats["overall"], stats["scan"]
+    table = Table("group", "params", "zeros", *[f"|w|<{t}" for t in stats["thresholds"]], "median |w|",
+                  title=f"{stats['model']} ({stats['family']}, {stats['scope']} scope)")
+    rows = [("all", o)] + [(f"  {t}", g) for t, g in stats["by_module_type"].items()]
+    for name, g in rows:
+        table.add_row(name, f"{g['params']:,}", f"{g['zeros']:,}",
+                      *[f"{g['fraction_below'][t]:.2%}" for t in stats["thresholds"]], f"{g['quantiles']['50']:.3g}")
+    out.print(table)
+    out.print(f"scanned {scan['bytes'] / 1e9:.2f} GB in {scan['seconds']:.2f} s ({scan['gb_per_s']} GB/s); "
+              f"outputs: {Path(out_dir).resolve()}", highlight=False)
+
+
 def main() -> None:
     """Entry point: run the app, turning `PrunelabError` into a one-line message and exit 2."""
     try:
