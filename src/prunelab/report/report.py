@@ -71,12 +71,13 @@ def _first(d: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 
 
 def size_numbers(row: Row) -> dict[str, float | None]:
-    """dense / sparse / bound bytes of a size cell (keys from `storage.size_report` totals)."""
+    """Bytes on disk of a size cell: dense HF checkpoint, sparse format, entropy and bitmask bounds."""
     s = row.sizes or {}
     return {
-        "dense": _first(s, ("dense_bytes", "total_dense_bytes", "dense", "checkpoint_bytes")),
-        "sparse": _first(s, ("stored_bytes", "total_stored_bytes", "sparse_bytes", "file_bytes", "sparse_dir_bytes")),
-        "bound": _first(s, ("bound_bytes", "total_bound_bytes", "bound")),
+        "dense": _first(s, ("dense_bytes", "checkpoint_bytes")),
+        "sparse": _first(s, ("sparse_bytes", "sparse_dir_bytes")),
+        "bound": _first(s, ("entropy_bound_bytes",)),
+        "bitmask": _first(s, ("bitmask_bound_bytes",)),
     }
 
 
@@ -175,13 +176,15 @@ def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[S
                 dense_bytes = dense_bytes or n["dense"]
                 if n["sparse"] is not None:
                     series.setdefault(f"sparse format ({r.method_label})", []).append((r.sparsity, n["sparse"]))
-                if n["bound"] is not None:
-                    series.setdefault("bound", []).append((r.sparsity, n["bound"]))
-            if "bound" in series:  # one bound line (it depends on sparsity only): keep the lowest per x
-                best: dict[float, float] = {}
-                for x, y in series["bound"]:
-                    best[x] = min(y, best.get(x, y))
-                series["bound"] = sorted(best.items())
+                for key, name in (("bound", "entropy bound"), ("bitmask", "bitmask bound")):
+                    if n[key] is not None:
+                        series.setdefault(name, []).append((r.sparsity, n[key]))
+            for name in ("entropy bound", "bitmask bound"):  # depends on sparsity only: one value per x
+                if name in series:
+                    best: dict[float, float] = {}
+                    for x, y in series[name]:
+                        best[x] = min(y, best.get(x, y))
+                    series[name] = sorted(best.items())
             png = figures.size_vs_sparsity(series, title=f"{_short(model)}: size on disk vs sparsity",
                                            dense_bytes=dense_bytes)
             if png:

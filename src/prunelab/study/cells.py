@@ -84,6 +84,9 @@ class Cell:
     def hash(self) -> str:
         return sha256_of(self.to_dict())
 
+    def __hash__(self) -> int:  # dict fields: hash by configuration instead
+        return hash(self.hash)
+
     @property
     def point_hash(self) -> str:
         return sha256_of(self.point_dict())

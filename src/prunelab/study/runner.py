@@ -283,6 +283,7 @@ class _Progress:
 
     def stop(self) -> None:
         if self.enabled:
+            self.progress.update(self.current, visible=False)
             self.progress.stop()
 
 

@@ -291,12 +291,20 @@ def _run_size(cell: Cell, study_dir: Path) -> dict[str, Any]:
     report = size_report(out)
     sparse_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out, ignore_errors=True)  # the number is what the study keeps, not the copy
-    sizes = {"checkpoint_bytes": _dir_bytes(ckpt), "sparse_dir_bytes": sparse_bytes, "save_s": save_s}
-    totals = report.get("totals", report) if isinstance(report, dict) else {}
-    for key, value in (totals or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            sizes[key] = value
-    return {"metrics": {"size_report": report}, "sizes": sizes}
+    checkpoint = report.get("checkpoint", {}) if isinstance(report, dict) else {}
+    totals = (report.get("totals", {}) if isinstance(report, dict) else {}).get("all", {})
+    sizes = {
+        "dense_bytes": _dir_bytes(ckpt),  # the pruned HF checkpoint: dense tensors with zeros
+        "sparse_bytes": checkpoint.get("total_file_bytes", sparse_bytes),
+        "sparse_dir_bytes": sparse_bytes,
+        "entropy_bound_bytes": totals.get("entropy_bound_bytes"),
+        "bitmask_bound_bytes": totals.get("bitmask_bound_bytes"),
+        "tensor_dense_bytes": totals.get("dense_bytes"),
+        "tensor_stored_bytes": totals.get("stored_bytes"),
+        "save_s": save_s,
+    }
+    slim = {k: v for k, v in report.items() if k != "tensors"} if isinstance(report, dict) else {"report": report}
+    return {"metrics": {"size_report": slim}, "sizes": sizes}
 
 
 def _run_speed(cell: Cell, study_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,152 @@
+"""Report: every figure is produced from the store, embedded, and renders in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from prunelab.report import build_report
+from prunelab.report.report import size_numbers
+from prunelab.study import Cell, Store
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _fake_png(path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [0, 1])
+    ax.set_title(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def synthetic_study(out: Path) -> list[Cell]:
+    """A store with the rows a 2-model study writes, without running any model."""
+    models = {"zoo:dec": "ppl", "zoo:enc": "sst2"}
+    cells: list[Cell] = []
+    with Store(out) as store:
+        for model, bench in models.items():
+            a = Cell("analyze", model)
+            files = {}
+            for name in ("hist_abs_log.png", "cdf_abs.png", "cdf_by_block.png"):
+                rel = f"analysis/{model.replace(':', '_')}/{name}"
+                _fake_png(out / rel, name)
+                files[name] = rel
+            cells.append(a)
+            store.mark_running(a)
+            store.finish(a, {"status": "done", "metrics": {"files": files}, "wall_s": 1.0})
+            dense = Cell("bench", model, bench=bench)
+            cells.append(dense)
+            store.mark_running(dense)
+            store.finish(dense, {"status": "done", "metrics": {"value": 20.0 if bench == "ppl" else 0.9,
+                                                               "primary": "ppl" if bench == "ppl" else "accuracy",
+                                                               "higher_is_better": bench != "ppl", "status": "ok"}})
+            for method in ("magnitude", "wanda"):
+                for s in (0.5, 0.9):
+                    prune = Cell("prune", model, method=method, sparsity=s)
+                    b = Cell("bench", model, method=method, sparsity=s, bench=bench)
+                    size = Cell("size", model, method=method, sparsity=s)
+                    speed = Cell("speed", model, method=method, sparsity=s)
+                    value = (20 * (1 + 10 * s) if method == "magnitude" else 20 * (1 + 2 * s)) if bench == "ppl" \
+                        else 0.9 - 0.3 * s
+                    results = {
+                        prune: {"metrics": {"achieved_sparsity_prunable": s}},
+                        b: {"metrics": {"value": value, "primary": "ppl" if bench == "ppl" else "accuracy",
+                                        "higher_is_better": bench != "ppl", "status": "ok"}},
+                        size: {"sizes": {"dense_bytes": 1e8, "sparse_bytes": 1e8 * (1.1 - s),
+                                         "entropy_bound_bytes": 1e8 * (1 - s) * 0.9,
+                                         "bitmask_bound_bytes": 1e8 * (1 - s) + 3e6}},
+                        speed: {"metrics": {"dense": {"decode_ms_per_token": 10.0},
+                                            "sparse": {"decode_ms_per_token": 10.0 * (1.5 - s)}}},
+                    }
+                    for cell, res in results.items():
+                        cells.append(cell)
+                        store.mark_running(cell)
+                        store.finish(cell, {"status": "done", "wall_s": 0.5, **res})
+        failed = Cell("bench", "zoo:enc", method="wanda", sparsity=0.99, bench="sst2")
+        cells.append(failed)
+        store.mark_running(failed)
+        store.finish(failed, {"status": "failed", "error": "RuntimeError: boom"})
+        store.set_meta(config={"preset": "quick", "models": list(models)}, plan=[c.hash for c in cells],
+                       executor="local")
+    return cells
+
+
+def test_report_has_every_figure_embedded(tmp_path):
+    synthetic_study(tmp_path)
+    paths = build_report(tmp_path)
+    html = paths["html"].read_text()
+    md = paths["markdown"].read_text()
+    # per model: 3 analysis plots + 1 benchmark + size + speed
+    assert paths["figures"] == 2 * 6
+    uris = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
+    assert len(uris) == 12
+    assert all(base64.b64decode(u).startswith(PNG_MAGIC) for u in uris)
+    assert "src='http" not in html and "src=\"http" not in html  # self-contained
+    for fragment in ("CDF of |w| per block", "ppl vs sparsity", "size on disk", "decode latency", "Summary",
+                     "Configuration", "Library versions", "RuntimeError: boom", "preset"):
+        assert fragment in html, fragment
+    linked = re.findall(r"\]\((report_files/[^)]+)\)", md)
+    assert len(linked) == 12 and all((tmp_path / p).is_file() for p in linked)
+    # summary: one line per point; the dense reference first
+    table = [line for line in md.splitlines() if line.startswith("| zoo:dec |")]
+    assert table[0].split("|")[2].strip() == "dense" and len(table) == 5
+
+
+def test_size_numbers_pick_store_fields():
+    cell = Cell("size", "m", method="magnitude", sparsity=0.5)
+
+    class R:
+        sizes = {"dense_bytes": 10, "sparse_bytes": 6, "entropy_bound_bytes": 4.5, "bitmask_bound_bytes": 5.5}
+
+    assert cell.kind == "size"
+    assert size_numbers(R()) == {"dense": 10.0, "sparse": 6.0, "bound": 4.5, "bitmask": 5.5}
+
+
+def render_in_chromium(html_path: Path, tmp: Path) -> tuple[str, Path]:
+    """Load the page in headless Chromium; return the marker set by a script that waits for images."""
+    probe = tmp / "probe.html"
+    script = (
+        "<script>function chk(){var im=[].slice.call(document.images);"
+        "var ok=im.filter(function(i){return i.complete&&i.naturalWidth>0;}).length;"
+        "document.title='IMAGES '+ok+'/'+im.length;}"
+        "window.addEventListener('load',chk);</script>"
+    )
+    probe.write_text(html_path.read_text().replace("</body>", script + "</body>"))
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=10000"]
+    dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    match = re.search(r"<title>(IMAGES \d+/\d+)</title>", dom.stdout)
+    shot = tmp / "report.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,3000", probe.as_uri()],
+                   capture_output=True, text=True, timeout=120)
+    return (match.group(1) if match else f"no marker; stderr: {dom.stderr[-500:]}"), shot
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium) - cannot render")
+def test_report_html_renders_all_images_in_chromium(tmp_path):
+    synthetic_study(tmp_path / "study")
+    paths = build_report(tmp_path / "study")
+    marker, shot = render_in_chromium(paths["html"], tmp_path)
+    assert marker == "IMAGES 12/12", marker
+    assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 20_000
+
+
+def test_report_of_missing_study_is_a_user_error(tmp_path):
+    from prunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no results store"):
+        build_report(tmp_path / "nothing")
