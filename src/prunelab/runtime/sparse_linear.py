@@ -307,6 +307,7 @@ class SparseLinear(nn.Module):
             return self.plan[bucket]
         if len(self.backends) == 1:
             self.plan[bucket] = self.backends[0]
+            self._drop_unused()
             return self.backends[0]
         key = self.decision_key(bucket)
         path = decision_cache_path() if self.use_disk_cache else None

@@ -174,19 +174,10 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
 
 
 def load_for_inference(spec: str, **kwargs: Any) -> tuple[LoadedModel, SparsifySummary]:
-    """Load a pruned checkpoint (HF directory, or a `prunelab.storage` sparse directory) and sparsify it."""
-    from prunelab.errors import ModelLoadError
-    from prunelab.models import load_model, wrap_model
+    """Load a pruned checkpoint (model spec, HF directory or `prunelab.storage` sparse directory) and sparsify it."""
+    from prunelab.runtime.bench import load_any
 
-    try:
-        lm = load_model(spec)
-    except ModelLoadError:
-        try:
-            from prunelab.storage import load_sparse  # optional: the sparse checkpoint format
-        except ImportError:
-            raise
-        model = load_sparse(spec)
-        lm = wrap_model(model, name=str(spec))
+    lm = load_any(spec)
     return lm, sparsify_for_inference(lm, **kwargs)
 
 

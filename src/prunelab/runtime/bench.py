@@ -1,0 +1,351 @@
+"""`bench_model`: what a (pruned) model costs to store, to hold in memory and to run, dense vs sparse runtime.
+
+Measured, in one call:
+
+- **size on disk**: the model as a dense safetensors checkpoint (`save_pretrained`) and, when
+  `prunelab.storage` is present, as a sparse checkpoint (`save_sparse`), in bytes;
+- **resident memory after load**: RSS growth of a fresh subprocess that loads the dense
+  checkpoint (and then swaps in the sparse runtime), so that nothing this process already
+  holds pollutes the number; plus the exact bytes of parameters / sparse formats held;
+- **prefill throughput**: tokens/s of one forward pass over `prefill_tokens` tokens (batch 1,
+  KV cache built), clamped to the model's position limit;
+- **decode latency**: ms/token of `decode_tokens` greedy steps (batch 1, KV cache on, fixed
+  count, no early stop) after a short prompt.
+
+Dense and sparse runs are interleaved repeat by repeat (the machine is shared and noisy; a
+slow period hits both) and summarised by medians; every repetition is kept in the output.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from prunelab.errors import ConfigError
+from prunelab.models.types import LoadedModel
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def _dir_bytes(d: Path, suffix: str | None = None) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and (suffix is None or p.name.endswith(suffix)))
+
+
+def _max_positions(config: Any) -> int | None:
+    for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        v = getattr(config, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _vocab(config: Any) -> int:
+    return int(getattr(config, "vocab_size", 0) or 0) or 256
+
+
+def weights_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (tied tensors once) plus the sparse formats of `SparseLinear`s."""
+    from prunelab.runtime.sparse_linear import SparseLinear
+
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, SparseLinear):
+            total += m.resident_nbytes() - (0 if m.bias is None else m.bias.numel() * 4)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Timed runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _ids(n: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(5, vocab - 1), vocab, (1, n), generator=g)
+
+
+def _forward_kwargs(lm: LoadedModel, ids: torch.Tensor) -> dict[str, Any]:
+    if lm.family == "encoder-decoder":
+        start = getattr(lm.config, "decoder_start_token_id", None) or 0
+        return {"input_ids": ids, "decoder_input_ids": torch.full((1, 1), start, dtype=torch.long)}
+    return {"input_ids": ids}
+
+
+def time_prefill(model: torch.nn.Module, kwargs: dict[str, Any], use_cache: bool) -> float:
+    """Seconds for one forward pass."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(**kwargs, use_cache=use_cache) if use_cache else model(**kwargs)
+        return time.perf_counter() - t0
+
+
+def _cache_kw(model: torch.nn.Module) -> str:
+    """transformers >= 5.2x names the KV cache argument `cache` (older: `past_key_values`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], steps: int) -> tuple[float, list[int]]:
+    """Seconds per generated token for `steps` greedy steps with the KV cache, and the tokens."""
+    tokens: list[int] = []
+    kw = _cache_kw(model)
+    with torch.no_grad():
+        if family == "encoder-decoder":
+            enc = model.get_encoder()(input_ids=prompt["input_ids"])
+            out = model(encoder_outputs=enc, decoder_input_ids=prompt["decoder_input_ids"], use_cache=True)
+        else:
+            enc = None
+            out = model(input_ids=prompt["input_ids"], use_cache=True)
+        past = getattr(out, "cache", None) or out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tokens.append(int(nxt))
+            if enc is not None:
+                out = model(encoder_outputs=enc, decoder_input_ids=nxt, use_cache=True, **{kw: past})
+            else:
+                out = model(input_ids=nxt, use_cache=True, **{kw: past})
+            past = getattr(out, "cache", None) or out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+        return (time.perf_counter() - t0) / steps, tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory in a fresh process
+# ----------------------------------------------------------------------------------------------
+
+_RSS_SCRIPT = r"""
+import gc, json, sys, psutil, torch
+torch.set_num_threads(int(sys.argv[3]))
+proc = psutil.Process()
+import transformers, prunelab.runtime, prunelab.models  # imports are not the model's memory
+gc.collect(); r0 = proc.memory_info().rss
+from prunelab.models import load_model
+lm = load_model(sys.argv[1]); gc.collect(); r1 = proc.memory_info().rss
+out = {"dense_rss_delta_bytes": r1 - r0}
+if sys.argv[2] == "1":
+    from prunelab.runtime import sparsify_for_inference
+    s = sparsify_for_inference(lm, **json.loads(sys.argv[4]))
+    gc.collect(); r2 = proc.memory_info().rss
+    out["sparse_rss_delta_bytes"] = r2 - r0
+    out["swapped"] = s.swapped
+print("RSS_JSON" + json.dumps(out))
+"""
+
+
+def rss_after_load(checkpoint: Path, *, sparse: bool, sparsify_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """RSS growth of a fresh Python process loading `checkpoint` (then sparsifying it)."""
+    env = dict(os.environ)
+    cmd = [sys.executable, "-c", _RSS_SCRIPT, str(checkpoint), "1" if sparse else "0",
+           str(torch.get_num_threads()), json.dumps(sparsify_kwargs)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    for line in res.stdout.splitlines():
+        if line.startswith("RSS_JSON"):
+            return json.loads(line[len("RSS_JSON"):])
+    tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["no output"]
+    return {"error": f"memory subprocess failed: {tail[0]}"}
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------
+
+
+def _median(xs: list[float]) -> float | None:
+    return float(np.median(xs)) if xs else None
+
+
+def bench_model(
+    lm: LoadedModel,
+    *,
+    sparse: bool = True,
+    prefill_tokens: int = 512,
+    decode_tokens: int = 32,
+    prompt_tokens: int = 16,
+    repeats: int = 5,
+    measure_size: bool = True,
+    measure_rss: bool = True,
+    sparsify_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Benchmark `lm` (left unchanged) dense and, with `sparse`, with the sparse runtime; JSON-ready dict.
+
+    Speed numbers are medians over `repeats` interleaved repetitions (after one untimed warm-up
+    of each variant, which also compiles kernels and makes the runtime's per-shape decisions).
+    """
+    if lm.processor is not None:
+        raise ConfigError(f"{lm.name} is a speech model: `bench` measures text models (token prefill and decode)")
+    if repeats < 1 or decode_tokens < 1 or prefill_tokens < 1:
+        raise ConfigError("bench needs --repeats, --decode-tokens and --prefill-tokens >= 1")
+    sparsify_kwargs = dict(sparsify_kwargs or {})
+    cfg = lm.config
+    limit = _max_positions(cfg)
+    notes: list[str] = []
+    n_prefill = prefill_tokens
+    if limit is not None and lm.family != "encoder-decoder" and prefill_tokens > limit:
+        n_prefill = limit
+        notes.append(f"prefill clamped to the model's {limit} positions")
+    n_prompt = min(prompt_tokens, (limit or prompt_tokens + decode_tokens) - decode_tokens)
+    if n_prompt < 1:
+        raise ConfigError(f"--decode-tokens {decode_tokens} exceeds the model's {limit} positions")
+    result: dict[str, Any] = {
+        "model": lm.name, "family": lm.family, "threads": torch.get_num_threads(),
+        "units": {"size": "bytes", "rss": "bytes", "prefill": "tokens/s", "decode": "ms/token"},
+        "settings": {"prefill_tokens": n_prefill, "decode_tokens": decode_tokens, "prompt_tokens": n_prompt,
+                     "repeats": repeats, "seed": seed, "sparse": sparse},
+        "notes": notes,
+    }
+    step = 0
+    total_steps = 2 + repeats
+
+    def tick(msg: str) -> None:
+        nonlocal step
+        step += 1
+        if progress:
+            progress(msg, step, total_steps)
+
+    with tempfile.TemporaryDirectory(prefix="prunelab-bench-") as tmpd:
+        tmp = Path(tmpd)
+        dense_dir = tmp / "dense"
+        lm.model.save_pretrained(dense_dir, safe_serialization=True)
+        if lm.tokenizer is not None:
+            lm.tokenizer.save_pretrained(dense_dir)
+        size: dict[str, Any] = {"dense_safetensors_bytes": _dir_bytes(dense_dir, ".safetensors")}
+        if measure_size:
+            try:
+                from prunelab.storage import save_sparse
+            except ImportError:
+                size["sparse_format_bytes"] = None
+                notes.append("prunelab.storage not available: no sparse-format size")
+            else:
+                sparse_dir = save_sparse(lm, tmp / "sparse")
+                size["sparse_format_bytes"] = _dir_bytes(Path(sparse_dir), ".safetensors")
+                size["ratio_dense_over_sparse"] = size["dense_safetensors_bytes"] / max(1, size["sparse_format_bytes"])
+        result["size_on_disk"] = size
+        tick("size on disk")
+        if measure_rss:
+            result["memory"] = rss_after_load(dense_dir, sparse=sparse, sparsify_kwargs=sparsify_kwargs)
+        else:
+            result["memory"] = {}
+        tick("resident memory")
+
+    variants: dict[str, torch.nn.Module] = {"dense": lm.model}
+    summary = None
+    if sparse:
+        from prunelab.runtime.sparsify import sparsify_for_inference
+
+        model_s = copy.deepcopy(lm.model)
+        prunable = [p for p in lm.prunable]
+        summary = sparsify_for_inference(model_s, prunable, **sparsify_kwargs)
+        variants["sparse"] = model_s
+        result["runtime"] = {k: v for k, v in summary.to_dict().items() if k != "modules"}
+        result["runtime"]["plans"] = _plan_counts(summary)
+    result["memory"]["weights_bytes"] = {k: weights_nbytes(m) for k, m in variants.items()}
+
+    vocab = _vocab(cfg)
+    prefill_kw = _forward_kwargs(lm, _ids(n_prefill, vocab, seed))
+    prompt_kw = _forward_kwargs(lm, _ids(n_prompt, vocab, seed + 1))
+    decodes = lm.family != "encoder"
+    use_cache = lm.family != "encoder"
+    times: dict[str, dict[str, list[float]]] = {k: {"prefill_s": [], "decode_s_per_token": []} for k in variants}
+    tokens: dict[str, list[int]] = {}
+    for name, model in variants.items():  # warm-up: kernels, lazy decisions, allocator
+        time_prefill(model, prefill_kw, use_cache)
+        if decodes:
+            _, tokens[name] = time_decode(model, lm.family, prompt_kw, min(decode_tokens, 4))
+    for _r in range(repeats):
+        for name, model in variants.items():
+            gc.collect()
+            times[name]["prefill_s"].append(time_prefill(model, prefill_kw, use_cache))
+            if decodes:
+                dt, tokens[name] = time_decode(model, lm.family, prompt_kw, decode_tokens)
+                times[name]["decode_s_per_token"].append(dt)
+        tick("speed")
+    speed: dict[str, Any] = {}
+    for name, t in times.items():
+        pre = _median(t["prefill_s"])
+        dec = _median(t["decode_s_per_token"])
+        speed[name] = {
+            "prefill_tokens_per_s": n_prefill / pre if pre else None,
+            "decode_ms_per_token": dec * 1e3 if dec is not None else None,
+            "prefill_s_runs": t["prefill_s"],
+            "decode_s_per_token_runs": t["decode_s_per_token"],
+        }
+    if sparse:
+        d, s = speed["dense"], speed["sparse"]
+        speed["sparse_vs_dense"] = {
+            "prefill_speedup": (s["prefill_tokens_per_s"] / d["prefill_tokens_per_s"])
+            if d["prefill_tokens_per_s"] else None,
+            "decode_speedup": (d["decode_ms_per_token"] / s["decode_ms_per_token"])
+            if decodes and s["decode_ms_per_token"] else None,
+            "same_greedy_tokens": tokens.get("dense") == tokens.get("sparse") if decodes else None,
+        }
+    result["speed"] = speed
+    return result
+
+
+def _plan_counts(summary: Any) -> dict[str, int]:
+    """How many matrices use which backend per rows bucket (e.g. {"rows<=1:sell": 180})."""
+    counts: dict[str, int] = {}
+    for m in summary.modules:
+        if not m.swapped:
+            counts["not swapped"] = counts.get("not swapped", 0) + 1
+            continue
+        for b, backend in sorted(m.plan.items()):
+            key = f"rows<={b}:{backend}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def load_any(spec: str) -> LoadedModel:
+    """A model spec, or a `prunelab.storage` sparse checkpoint directory (decoded to dense)."""
+    from prunelab.models import load_model, wrap_model
+
+    path = Path(spec)
+    if path.is_dir():
+        try:
+            from prunelab.storage import is_sparse_checkpoint, load_sparse
+        except ImportError:
+            pass
+        else:
+            if is_sparse_checkpoint(path):
+                from transformers import AutoTokenizer
+
+                try:
+                    tok = AutoTokenizer.from_pretrained(str(path))
+                except Exception:  # a checkpoint without tokenizer still benchmarks on random ids
+                    tok = None
+                return wrap_model(load_sparse(path), tokenizer=tok, source=path, name=spec)
+    return load_model(spec)
+
+
+def run_bench(spec: str, out_file: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+    """Load `spec`, `bench_model` it, write the JSON atomically to `out_file`; return the result."""
+    from prunelab.io import write_json
+
+    t0 = time.perf_counter()
+    lm = load_any(spec)
+    result = bench_model(lm, **kwargs)
+    result["wall_time_s"] = time.perf_counter() - t0
+    write_json(out_file, result)
+    return result
