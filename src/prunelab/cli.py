@@ -325,15 +325,16 @@ def analyze_cmd(
 
     stats = analyze(model, out_dir, include_all=include_all)
     o, scan = stats["overall"], stats["scan"]
-    table = Table("group", "params", "zeros", *[f"|w|<{t}" for t in stats["thresholds"]], "median |w|",
-                  title=f"{stats['model']} ({stats['family']}, {stats['scope']} scope)")
-    rows = [("all", o)] + [(f"  {t}", g) for t, g in stats["by_module_type"].items()]
+    table = Table("group", "params", "zeros", *[f"<{t}" for t in stats["thresholds"]], "median",
+                  title=f"{stats['model']}: fraction of |w| below each threshold ({stats['family']}, "
+                        f"{stats['scope']} scope)")
+    rows = [("all", o)] + [(f" {t}", g) for t, g in stats["by_module_type"].items()]
     for name, g in rows:
-        table.add_row(name, f"{g['params']:,}", f"{g['zeros']:,}",
-                      *[f"{g['fraction_below'][t]:.2%}" for t in stats["thresholds"]], f"{g['quantiles']['50']:.3g}")
+        table.add_row(name, f"{g['params'] / 1e6:.2f}M", f"{g['zeros']:,}",
+                      *[f"{g['fraction_below'][t]:.1%}" for t in stats["thresholds"]], f"{g['quantiles']['50']:.3g}")
     out.print(table)
-    out.print(f"scanned {scan['bytes'] / 1e9:.2f} GB in {scan['seconds']:.2f} s ({scan['gb_per_s']} GB/s); "
-              f"outputs: {Path(out_dir).resolve()}", highlight=False)
+    out.print(f"scanned {scan['bytes'] / 1e9:.2f} GB of weights in {scan['seconds']:.2f} s "
+              f"({scan['gb_per_s']} GB/s); outputs: {Path(out_dir).resolve()}", highlight=False)
 
 
 def main() -> None:
