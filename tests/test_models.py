@@ -132,3 +132,23 @@ def test_zoo_smollm2_converts_once_and_reloads_fast():
     with torch.no_grad():
         loss = lm.model(**enc, labels=enc.input_ids).loss
     assert loss.item() < 4.0
+
+
+def test_load_model_reads_a_sparse_checkpoint(tmp_path, tiny_dirs):
+    """`load_model` treats a prunelab sparse checkpoint like any HF directory, bit-exactly."""
+    from prunelab.models.loader import SPARSE_INDEX_NAME
+    from prunelab.storage import save_sparse
+    from prunelab.storage.checkpoint import INDEX_NAME
+
+    assert SPARSE_INDEX_NAME == INDEX_NAME
+    dense = load_model(str(tiny_dirs["llama"]))
+    with torch.no_grad():
+        for m in dense.prunable:
+            w = m.weight(dense.model)
+            w[w.abs() < w.abs().median()] = 0.0
+    save_sparse(dense.model, tmp_path / "sparse", tokenizer=dense.tokenizer)
+    back = load_model(str(tmp_path / "sparse"))
+    assert back.family == "decoder" and len(back.prunable) == len(dense.prunable)
+    ref = dense.model.state_dict()
+    for k, v in back.model.state_dict().items():
+        assert torch.equal(v, ref[k]), k

@@ -56,6 +56,17 @@ def resolve_source(spec: str | ModelSpec) -> Path:
     return path
 
 
+SPARSE_INDEX_NAME = "sparse_index.json"  # == prunelab.storage.checkpoint.INDEX_NAME
+
+
+def _is_sparse_checkpoint(source: Path) -> bool:
+    """A prunelab sparse checkpoint is recognised by its index file (see prunelab.storage).
+
+    Checked by name here so that models/ does not import storage/ unless it must.
+    """
+    return (source / SPARSE_INDEX_NAME).is_file()
+
+
 def weight_files(source: Path) -> list[Path]:
     """The safetensors files of a checkpoint, or a clear error if it has none."""
     files = sorted(source.glob("*.safetensors"))
@@ -144,17 +155,24 @@ def load_model(
     """
     spec = parse_spec(spec)
     source = resolve_source(spec)
-    weight_files(source)
     config = read_config(source)
     family = detect_family(config)
-    cls = auto_class or auto_class_for(config, family, source)
-    try:
-        model = cls.from_pretrained(
-            str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot load {spec.raw} with {cls.__name__}: {first}") from exc
+    if _is_sparse_checkpoint(source):
+        # A prunelab sparse checkpoint (`prune --format sparse`): decoded exactly into a
+        # normal HF model, so every later stage treats it like any other checkpoint.
+        from prunelab.storage import load_sparse
+
+        model = load_sparse(source, dtype=dtype, auto_class=auto_class)
+    else:
+        weight_files(source)
+        cls = auto_class or auto_class_for(config, family, source)
+        try:
+            model = cls.from_pretrained(
+                str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelLoadError(f"cannot load {spec.raw} with {cls.__name__}: {first}") from exc
     model.eval()
     tokenizer, processor = _load_preprocessors(source, config, family)
     prunable = find_prunable(model, family, include_embeddings=include_embeddings)
