@@ -1,0 +1,259 @@
+"""`analyze`: weight-magnitude structure of a checkpoint, streamed from its safetensors files.
+
+The model is never instantiated with weights: its module tree is built on the meta device to
+name the tensors (naming.py), then every tensor in scope is read chunk by chunk from its
+memory-mapped file (reader.py) into mergeable summaries (stats.py). Peak memory is one chunk
+plus the interpreter, so a model larger than RAM can be analyzed. Everything is checked
+before the output directory is created, and outputs go through `atomic_dir`, so a bad input
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from prunelab.analysis.naming import TensorRole, build_meta_model, classify_keys, ordered_types
+from prunelab.analysis.reader import CHUNK_BYTES, TensorInfo, chunk_ranges, read_header, with_chunk
+from prunelab.analysis.stats import (
+    BINS_PER_DECADE,
+    EDGES_LOG10,
+    LOG10_HI,
+    LOG10_LO,
+    QUANTILES,
+    THRESHOLDS,
+    Summary,
+    merged,
+    warm_up,
+)
+from prunelab.errors import ModelLoadError
+from prunelab.io import atomic_dir, atomic_file
+from prunelab.models import detect_family, parse_spec, read_config, resolve_source, weight_files
+from prunelab.models.types import ModelSpec
+
+STACK_ORDER = {"encoder": 0, "decoder": 1}
+OUTPUT_FILES = ("stats.json", "stats.csv", "hist_abs_log.png", "cdf_abs.png", "cdf_by_block.png",
+                "heatmap_below_1e-2.png")
+
+DEFINITIONS = {
+    "params": "number of weights in the group",
+    "zeros": "number of weights exactly equal to 0 (zero_fraction = zeros / params)",
+    "nonfinite": "number of NaN/inf weights (excluded from histogram, quantiles, mean, std, max)",
+    "fraction_below": "fraction of the group's weights with |w| < threshold (exact count / params; zeros count)",
+    "quantiles": "quantiles of |w| in percent, read from the merged histogram (within one bin of exact)",
+    "mean": "mean of |w| (float64)",
+    "std": "population standard deviation of |w| (float64)",
+    "max": "max of |w|",
+    "hist": "counts over log10|w| bins: hist[0] is 0 < |w| < 10**log10_lo, hist[i] is "
+            "edges[i-1] <= log10|w| < edges[i], hist[-1] is |w| >= 10**log10_hi; exact zeros are in 'zeros'",
+}
+
+
+def plan(spec_or_path: str | Path | ModelSpec, *, include_all: bool = False) -> dict[str, Any]:
+    """Resolve the model and name every tensor in scope, reading only headers and config.
+
+    Raises a `PrunelabError` for every bad input (missing path, no weights, corrupt file,
+    not a transformer) before anything is written.
+    """
+    spec = parse_spec(str(spec_or_path) if isinstance(spec_or_path, Path) else spec_or_path)
+    source = resolve_source(spec)
+    files = weight_files(source)
+    tensors: list[TensorInfo] = []
+    for f in files:
+        tensors.extend(read_header(f))
+    config = read_config(source)
+    family = detect_family(config)
+    model = build_meta_model(source, config, family)
+    floats = [t for t in tensors if t.is_float]
+    roles, unmatched = classify_keys([t.name for t in floats], model, family, include_all=include_all)
+    if not any(r.prunable for r in roles.values()):
+        raise ModelLoadError(
+            f"{spec.raw}: no prunable matrices (linears inside numbered transformer blocks) among the "
+            f"{len(floats)} checkpoint tensors: is it a transformer checkpoint?"
+        )
+    selected = [t for t in floats if t.name in roles]
+    return {
+        "spec": spec, "source": source, "files": files, "family": family,
+        "model_type": getattr(config, "model_type", ""), "tensors": selected, "roles": roles,
+        "unmatched": unmatched, "skipped_nonfloat": [t.name for t in tensors if not t.is_float],
+    }
+
+
+def default_workers() -> int:
+    """Scan threads: the numba kernels release the GIL, so chunks of weights scan in parallel."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _scan_one(job: tuple[TensorInfo, int, int]) -> Summary:
+    info, off, length = job
+    s = Summary()
+    with_chunk(info, off, length, s.update)
+    return s
+
+
+def scan(tensors: list[TensorInfo], *, chunk_bytes: int = CHUNK_BYTES, workers: int | None = None,
+         progress: Callable[[int, int], None] | None = None) -> dict[str, Summary]:
+    """Summaries per tensor, streamed chunk by chunk in file order.
+
+    Chunks are independent jobs for a small thread pool; at most `workers` chunks are mapped
+    at once, so peak memory is `workers × chunk_bytes` whatever the model size. Partial
+    summaries are merged in chunk order, so results do not depend on thread timing.
+    """
+    ordered = sorted(tensors, key=lambda t: (str(t.file), t.start))
+    jobs = [(t, off, length) for t in ordered for off, length in chunk_ranges(t, chunk_bytes)]
+    total = sum(t.nbytes for t in ordered)
+    out: dict[str, Summary] = {t.name: Summary() for t in ordered}
+    workers = workers or default_workers()
+    done = 0
+    if workers == 1:
+        results = map(_scan_one, jobs)
+        for (t, _, length), part in zip(jobs, results, strict=True):
+            out[t.name].merge(part)
+            done += length
+            if progress is not None:
+                progress(done, total)
+        return out
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="prunelab-scan") as pool:
+        # A bounded window of in-flight jobs keeps the number of mapped chunks at `workers`-ish.
+        window = 2 * workers
+        futures = [pool.submit(_scan_one, job) for job in jobs[:window]]
+        for i, job in enumerate(jobs):
+            part = futures[i].result()
+            futures[i] = None  # type: ignore[call-overload]
+            if i + window < len(jobs):
+                futures.append(pool.submit(_scan_one, jobs[i + window]))
+            out[job[0].name].merge(part)
+            done += job[2]
+            if progress is not None:
+                progress(done, total)
+    return out
+
+
+def _block_sort_key(key: str) -> tuple[int, int]:
+    if key == "outside":
+        return (9, 0)
+    stack, block = key.split(".")
+    return (STACK_ORDER[stack], int(block))
+
+
+def build_stats(p: dict[str, Any], summaries: dict[str, Summary], *, include_all: bool,
+                seconds: float) -> dict[str, Any]:
+    """The stats.json document from per-tensor summaries (groups are exact merges)."""
+    roles: dict[str, TensorRole] = p["roles"]
+    infos = {t.name: t for t in p["tensors"]}
+    position = {t.name: i for i, t in enumerate(p["tensors"])}  # checkpoint order within files
+    order = sorted(position, key=lambda k: (_block_sort_key(roles[k].block_key), position[k]))
+    by_block: dict[str, list[Summary]] = {}
+    by_type: dict[str, list[Summary]] = {}
+    for k in order:
+        by_block.setdefault(roles[k].block_key, []).append(summaries[k])
+        by_type.setdefault(roles[k].module_type, []).append(summaries[k])
+    matrices: dict[str, Any] = {}
+    for k in order:
+        r, t = roles[k], infos[k]
+        matrices[k] = {
+            "module": r.module, "stack": r.stack, "block": r.block, "module_type": r.module_type,
+            "prunable": r.prunable, "shape": list(t.shape), "dtype": t.dtype, "file": t.file.name,
+            **summaries[k].to_dict(),
+        }
+    nbytes = sum(t.nbytes for t in p["tensors"])
+    return {
+        "model": p["spec"].raw,
+        "family": p["family"],
+        "model_type": p["model_type"],
+        "source": str(p["source"]),
+        "scope": "all" if include_all else "prunable",
+        "scope_note": ("all floating-point tensors: prunable matrices plus embeddings, norms, biases, heads"
+                       if include_all else "prunable matrices: linears inside transformer blocks"),
+        "overall": merged(summaries[k] for k in order).to_dict(),
+        "by_block": {b: merged(by_block[b]).to_dict() for b in sorted(by_block, key=_block_sort_key)},
+        "by_module_type": {m: merged(by_type[m]).to_dict() for m in ordered_types(list(by_type))},
+        "matrices": matrices,
+        "thresholds": list(THRESHOLDS),
+        "quantile_percents": list(QUANTILES),
+        "histogram": {"log10_lo": LOG10_LO, "log10_hi": LOG10_HI, "bins_per_decade": BINS_PER_DECADE,
+                      "edges_log10": [float(x) for x in EDGES_LOG10],
+                      "note": "nominal edges 10**(k/40) snapped to float32 values with 256 steps per octave"},
+        "definitions": DEFINITIONS,
+        "unmatched_checkpoint_keys": p["unmatched"],
+        "skipped_nonfloat_tensors": p["skipped_nonfloat"],
+        "scan": {"tensors": len(order), "bytes": nbytes, "seconds": round(seconds, 4),
+                 "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds > 0 else None,
+                 "how": "wall time of the streaming scan only (memory-mapped chunks of "
+                        f"{CHUNK_BYTES // 2**20} MiB), excluding naming and plotting",
+                 "machine": platform.machine()},
+    }
+
+
+CSV_COLUMNS = (["name", "module", "stack", "block", "module_type", "prunable", "shape", "dtype", "params", "zeros",
+                "nonfinite"] + [f"frac_below_{t}" for t in THRESHOLDS] + [f"q{q}_abs" for q in QUANTILES]
+               + ["mean_abs", "std_abs", "max_abs"])
+
+
+def write_csv(stats: dict[str, Any], path: Path) -> None:
+    """One row per matrix, for spreadsheet users (no histograms)."""
+    with atomic_file(path, "w") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        for name, m in stats["matrices"].items():
+            w.writerow([name, m["module"], m["stack"], "" if m["block"] is None else m["block"], m["module_type"],
+                        int(m["prunable"]), "x".join(map(str, m["shape"])), m["dtype"], m["params"], m["zeros"],
+                        m["nonfinite"]]
+                       + [repr(m["fraction_below"][t]) for t in THRESHOLDS]
+                       + [repr(m["quantiles"][q]) for q in QUANTILES]
+                       + [repr(m["mean"]), repr(m["std"]), repr(m["max"])])
+
+
+def write_stats_json(stats: dict[str, Any], path: Path) -> None:
+    """Indented JSON with number lists (histograms, edges) kept on one line each."""
+    with atomic_file(path, "w") as fh:
+        fh.write(_dumps(stats, 0))
+        fh.write("\n")
+
+
+def _dumps(obj: Any, level: int) -> str:
+    import json
+
+    pad = "  " * (level + 1)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{pad}{json.dumps(str(k))}: {_dumps(v, level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(obj, list | tuple) and obj and any(isinstance(v, dict | list) for v in obj):
+        return "[\n" + ",\n".join(pad + _dumps(v, level + 1) for v in obj) + "\n" + "  " * level + "]"
+    if isinstance(obj, Path):
+        obj = str(obj)
+    if isinstance(obj, float) and not math.isfinite(obj):
+        obj = None  # strict JSON has no NaN
+    return json.dumps(obj)
+
+
+def analyze(spec_or_path: str | Path | ModelSpec, out_dir: str | Path, *, include_all: bool = False,
+            plots: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Write stats.json, stats.csv and four plots about |w| of a model into `out_dir`.
+
+    Returns the stats.json content. Default scope: prunable matrices; `include_all` adds
+    embeddings, norms, biases and heads. `out_dir` appears only when everything succeeded.
+    """
+    p = plan(spec_or_path, include_all=include_all)
+    warm_up()
+    t0 = time.perf_counter()
+    summaries = scan(p["tensors"], progress=progress)
+    seconds = time.perf_counter() - t0
+    stats = build_stats(p, summaries, include_all=include_all, seconds=seconds)
+    with atomic_dir(out_dir) as tmp:
+        write_stats_json(stats, tmp / "stats.json")
+        write_csv(stats, tmp / "stats.csv")
+        if plots:
+            from prunelab.analysis.plots import make_plots
+
+            make_plots(stats, tmp)
+    return stats
