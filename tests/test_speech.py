@@ -36,7 +36,8 @@ def test_sentence_sets_fixed_clean_and_disjoint(data_dir):
 
 
 def test_normalize_transcript():
-    assert speech.normalize_transcript("  Hello, World! It's a well-known fact.") == "hello world it's a well known fact"
+    got = speech.normalize_transcript("  Hello, World! It's a well-known fact.")
+    assert got == "hello world it's a well known fact"
     assert speech.normalize_transcript("A/B   test") == "a b test"
 
 

@@ -80,7 +80,9 @@ def ct2_variables(model: torch.nn.Module, *, dtype: str = "float16") -> dict[str
             if stack == "decoder":
                 x = f"{h}.encoder_attn"
                 lin(f"{c}/attention/linear_0", f"{x}.q_proj")
-                out[f"{c}/attention/linear_1/weight"] = np.concatenate([sd[f"{x}.k_proj.weight"], sd[f"{x}.v_proj.weight"]])
+                out[f"{c}/attention/linear_1/weight"] = np.concatenate(
+                    [sd[f"{x}.k_proj.weight"], sd[f"{x}.v_proj.weight"]]
+                )
                 out[f"{c}/attention/linear_1/bias"] = np.concatenate([zeros, sd[f"{x}.v_proj.bias"]])
                 lin(f"{c}/attention/linear_2", f"{x}.out_proj")
                 norm(f"{c}/attention/layer_norm", f"{h}.encoder_attn_layer_norm")
