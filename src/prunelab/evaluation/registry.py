@@ -57,6 +57,7 @@ BENCHMARKS: dict[str, BenchSpec] = {
         "mrpc", "prunelab.evaluation.glue:evaluate_mrpc", set(ALL_FAMILIES),
         "GLUE MRPC accuracy and F1: frozen-feature logistic-regression probe, or mask-preserving fine-tuning",
     ),
+    "asr": BenchSpec("asr", "prunelab.evaluation.asr:evaluate_asr", {"encoder-decoder"}, "speech: WER, transcript ppl"),
 }
 
 
