@@ -36,7 +36,7 @@ from prunelab.analysis.stats import (
 from prunelab.errors import ModelLoadError
 from prunelab.io import atomic_dir, atomic_file
 from prunelab.models import detect_family, parse_spec, read_config, resolve_source, weight_files
-from prunelab.models.types import ModelSpec
+from prunelab.models.types import Family, ModelSpec
 
 STACK_ORDER = {"encoder": 0, "decoder": 1}
 OUTPUT_FILES = ("stats.json", "stats.csv", "hist_abs_log.png", "cdf_abs.png", "cdf_by_block.png",
@@ -69,7 +69,7 @@ def plan(spec_or_path: str | Path | ModelSpec, *, include_all: bool = False) -> 
     for f in files:
         tensors.extend(read_header(f))
     config = read_config(source)
-    family = detect_family(config)
+    family = _family(config)
     model = build_meta_model(source, config, family)
     floats = [t for t in tensors if t.is_float]
     roles, unmatched = classify_keys([t.name for t in floats], model, family, include_all=include_all)
@@ -96,6 +96,17 @@ def _scan_one(job: tuple[TensorInfo, int, int]) -> Summary:
     s = Summary()
     with_chunk(info, off, length, s.update)
     return s
+
+
+def _family(config: Any) -> Family:
+    """`detect_family`, with any internal failure on an unknown config turned into the one-line error."""
+    try:
+        return detect_family(config)
+    except (ImportError, AttributeError) as exc:  # e.g. a transformers API moved: still a one-line message
+        raise ModelLoadError(
+            f"cannot tell the family of model_type '{getattr(config, 'model_type', '')}': prunelab handles "
+            "encoder, decoder and encoder-decoder transformers"
+        ) from exc
 
 
 def scan(tensors: list[TensorInfo], *, chunk_bytes: int = CHUNK_BYTES, workers: int | None = None,

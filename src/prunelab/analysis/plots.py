@@ -213,8 +213,7 @@ def plot_heatmap(stats: dict[str, Any], path: Path, threshold: str = "1e-2") -> 
     rows, types, grid = block_type_grid(stats, threshold)
     height = min(max(4.2, 0.26 * len(rows) + 2.2), 24)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(types) + 3.2), height), dpi=120)
-    cmap = plt.get_cmap("magma").copy()
-    cmap.set_bad("0.85")
+    cmap = plt.get_cmap("magma").with_extremes(bad="0.85")
     finite = grid[np.isfinite(grid)]
     vmax = float(finite.max()) if finite.size else 1.0
     im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=max(vmax, 1e-6),
