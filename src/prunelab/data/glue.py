@@ -58,14 +58,31 @@ def glue_path(task: str, split: str, data: str | None = None) -> Path:
     return directory / f"{split}.tsv"
 
 
+_CACHE: dict[tuple[str, str, str, int, int], GlueSplit] = {}
+
+
 def read_glue(task: str, split: str, data: str | None = None) -> GlueSplit:
-    """Read `train` or `dev` of `task` ("sst2" or "mrpc"), failing with one line on a bad file."""
+    """Read `train` or `dev` of `task` ("sst2" or "mrpc"), failing with one line on a bad file.
+
+    Parsed splits are cached per (file, size, mtime): a study evaluates many models on the
+    same 67 k SST-2 training rows. Treat the returned split as read-only (`subset` copies).
+    """
     path = glue_path(task, split, data)
     if not path.is_file():
         raise DataError(
             f"{task} {split} file not found: {path}; put ../shared/data beside the repo, set $PRUNELAB_DATA, "
             "or pass --data DIR"
         )
+    stat = path.stat()
+    key = (task, split, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _CACHE:
+        if len(_CACHE) > 8:
+            _CACHE.clear()
+        _CACHE[key] = _parse(task, split, path)
+    return _CACHE[key]
+
+
+def _parse(task: str, split: str, path: Path) -> GlueSplit:
     _, col_a, col_b, col_label = TASKS[task]
     with open(path, encoding="utf-8-sig", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)

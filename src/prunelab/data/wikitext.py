@@ -95,7 +95,13 @@ _TOKEN_CACHE: dict[tuple[str, str, int], torch.Tensor] = {}
 
 
 def _tokenizer_key(tokenizer: Any) -> str:
-    """A cheap identity for a tokenizer: its class, name and vocabulary size."""
+    """Identity of a tokenizer's behaviour: the hash of its serialized fast tokenizer when it has one."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+        except Exception:  # pragma: no cover - exotic tokenizers
+            pass
     return f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}:{len(tokenizer)}"
 
 

@@ -5,7 +5,8 @@ sst2 and mrpc (all families, probe or mask-preserving fine-tuning).
 """
 
 from prunelab.evaluation.registry import BENCHMARKS, BenchSpec, default_benchmarks, get_bench
-from prunelab.evaluation.runner import evaluate
+from prunelab.evaluation.runner import evaluate, run_benchmarks
 from prunelab.evaluation.types import EvalOptions, EvalResult
 
-__all__ = ["BENCHMARKS", "BenchSpec", "EvalOptions", "EvalResult", "default_benchmarks", "evaluate", "get_bench"]
+__all__ = ["BENCHMARKS", "BenchSpec", "EvalOptions", "EvalResult", "default_benchmarks", "evaluate", "get_bench",
+           "run_benchmarks"]

@@ -161,7 +161,7 @@ def finetune_and_predict(
             apply_masks(masks)
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            losses.append(float(out.loss))
+            losses.append(out.loss.item())
             step += 1
             if on_step is not None:
                 on_step(step, losses[-1])

@@ -16,6 +16,8 @@ Train subsample: `--train-limit` (default 2000, 0 = all) rows drawn without repl
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from prunelab.data.glue import GlueSplit, read_glue
@@ -66,7 +68,9 @@ def probe_predict(lm: LoadedModel, train: GlueSplit, dev: GlueSplit, seed: int, 
     clf = make_pipeline(
         StandardScaler(), LogisticRegressionCV(Cs=list(PROBE_CS), cv=folds, max_iter=2000, random_state=seed)
     )
-    clf.fit(x_train, train.labels)
+    with warnings.catch_warnings():  # scikit-learn 1.8 announces LogisticRegressionCV default changes
+        warnings.simplefilter("ignore", FutureWarning)
+        clf.fit(x_train, train.labels)
     return clf.predict(x_dev)
 
 

@@ -40,3 +40,40 @@ def evaluate(lm: LoadedModel | str, bench: str, options: EvalOptions | None = No
     result.wall_time_s = time.perf_counter() - start
     result.model, result.family, result.bench, result.seed = lm.name, lm.family, bench, options.seed
     return result
+
+
+def run_benchmarks(
+    model: LoadedModel | str,
+    benches: list[str] | None = None,
+    options: EvalOptions | None = None,
+    *,
+    reference: str | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Load `model` once and run each bench (default: the family's defaults); the `prunelab eval` payload.
+
+    Bench names are checked before the model is loaded, so a typo fails in milliseconds.
+    `progress(bench, result)` is called after each benchmark.
+    """
+    from prunelab.evaluation.registry import default_benchmarks
+
+    options = options or EvalOptions()
+    for name in benches or []:
+        get_bench(name)
+    if isinstance(model, str):
+        from prunelab.models import load_model
+
+        model = load_model(model)
+    if reference is not None and options.reference is None:
+        from prunelab.models import load_model
+
+        options.reference = load_model(reference)
+    names = list(benches) if benches else default_benchmarks(model)
+    results = []
+    for name in names:
+        result = evaluate(model, name, options)
+        results.append(result)
+        if progress is not None:
+            progress(name, result)
+    return {"model": model.name, "family": model.family, "source": str(model.source),
+            "results": [r.to_dict() for r in results]}
