@@ -68,8 +68,8 @@ def synthetic_study(out: Path) -> list[Cell]:
                         size: {"sizes": {"dense_bytes": 1e8, "sparse_bytes": 1e8 * (1.1 - s),
                                          "entropy_bound_bytes": 1e8 * (1 - s) * 0.9,
                                          "bitmask_bound_bytes": 1e8 * (1 - s) + 3e6}},
-                        speed: {"metrics": {"dense": {"decode_ms_per_token": 10.0},
-                                            "sparse": {"decode_ms_per_token": 10.0 * (1.5 - s)}}},
+                        speed: {"metrics": {"speed": {"dense": {"decode_ms_per_token": 10.0},
+                                                      "sparse": {"decode_ms_per_token": 10.0 * (1.5 - s)}}}},
                     }
                     for cell, res in results.items():
                         cells.append(cell)
@@ -150,3 +150,31 @@ def test_report_of_missing_study_is_a_user_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no results store"):
         build_report(tmp_path / "nothing")
+
+
+def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
+    """The whole chain on tiny models: analyze, prune, ppl/sst2, size, speed → report with every figure."""
+    from prunelab.study import run_study
+
+    text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:12000]
+    small = tmp_path / "wiki.small.raw"
+    small.write_text(text, encoding="utf-8")
+    cfg = {
+        "models": [str(tiny_dirs["gpt2"]), str(tiny_dirs["bert"])],
+        "methods": ["magnitude", "wanda"],
+        "sparsities": [0.5, 0.9],
+        "benchmarks": {str(tiny_dirs["gpt2"]): ["ppl"], str(tiny_dirs["bert"]): ["embed"]},
+        "calibration": {"nsamples": 2, "seqlen": 64, "calib": str(small)},
+        "eval": {"ppl": {"seqlen": 64, "max_tokens": 512, "data": str(small)}, "embed": {"max_examples": 32}},
+        "size": {"methods": ["magnitude"]},
+        "speed": {"methods": ["magnitude"], "sparsities": [0.9], "prefill_tokens": 32, "decode_tokens": 4,
+                  "repeats": 1},
+    }
+    summary = run_study(cfg, tmp_path / "study", progress=False)
+    assert summary.failed == 0, summary.failures
+    paths = build_report(tmp_path / "study")
+    # per model: 3 analysis plots + 1 benchmark + size + speed
+    assert paths["figures"] == 12
+    html = paths["html"].read_text()
+    assert html.count("data:image/png;base64,") == 12
+    assert "prefill throughput" in html and "decode latency" in html  # encoder vs decoder speed metric

@@ -81,16 +81,19 @@ def size_numbers(row: Row) -> dict[str, float | None]:
     }
 
 
-def speed_numbers(row: Row) -> dict[str, float | None]:
-    """Dense and sparse decode latency (ms/token) of a speed cell, from `runtime.bench_model`."""
-    m = row.metrics or {}
-    out: dict[str, float | None] = {"dense": None, "sparse": None}
-    for side in ("dense", "sparse"):
-        sub = m.get(side)
-        if isinstance(sub, dict):
-            out[side] = _first(sub, ("decode_ms_per_token", "decode_ms_per_tok", "decode_ms", "ms_per_token"))
-        if out[side] is None:
-            out[side] = _first(m, (f"{side}_decode_ms_per_token", f"decode_ms_per_token_{side}", f"{side}_decode_ms"))
+def speed_numbers(row: Row) -> dict[str, Any]:
+    """Dense and sparse speed of a speed cell (from `runtime.bench_model`'s `speed` section).
+
+    Decoders: decode latency in ms/token (lower is better). Encoders do not decode: prefill
+    throughput in tokens/s (higher is better) instead.
+    """
+    speed = (row.metrics or {}).get("speed") or {}
+    out: dict[str, Any] = {"dense": None, "sparse": None, "metric": "decode_ms_per_token"}
+    dense, sparse = speed.get("dense") or {}, speed.get("sparse") or {}
+    if _num(dense.get("decode_ms_per_token")) is None:
+        out["metric"] = "prefill_tokens_per_s"
+    out["dense"] = _num(dense.get(out["metric"]))
+    out["sparse"] = _num(sparse.get(out["metric"]))
     return out
 
 
@@ -198,23 +201,33 @@ def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[S
         if prow:
             series = {}
             dense_vals = []
+            metric = "decode_ms_per_token"
             for r in prow:
                 n = speed_numbers(r)
+                metric = n["metric"]
                 if n["sparse"] is not None:
                     series.setdefault(f"sparse runtime ({r.method_label})", []).append((r.sparsity, n["sparse"]))
                 if n["dense"] is not None:
                     dense_vals.append(n["dense"])
             dense = sorted(dense_vals)[len(dense_vals) // 2] if dense_vals else None
-            png = figures.speed_vs_sparsity(series, title=f"{_short(model)}: decode latency vs sparsity",
-                                            ylabel="decode latency (ms/token, median)", dense=dense)
+            if metric == "decode_ms_per_token":
+                what, ylabel = "decode latency", "decode latency (ms/token, median; lower is better)"
+            else:
+                what, ylabel = "prefill throughput", "prefill throughput (tokens/s, median; higher is better)"
+            png = figures.speed_vs_sparsity(series, title=f"{_short(model)}: {what} vs sparsity", ylabel=ylabel,
+                                            dense=dense)
             if png:
-                sec.figures.append(Figure(f"{tag}-speed.png", f"{model}: decode latency vs sparsity "
+                extra = "" if metric == "decode_ms_per_token" else " (an encoder does not decode)"
+                sec.figures.append(Figure(f"{tag}-speed.png", f"{model}: {what} vs sparsity{extra} "
                                           "(sparse runtime; dense median as reference)", png=png))
             else:
-                sec.notes.append("speed: no decode latency in the speed results")
+                sec.notes.append("speed: no timing in the speed results")
         elif any(r.kind == "speed" for r in mrows):
             bad = next(r for r in mrows if r.kind == "speed")
             sec.notes.append(f"speed: no finished cell ({bad.error})")
+        elif arow is not None and (arow.metrics or {}).get("family") == "encoder-decoder" and srows:
+            sec.notes.append("speed: not measured — the runtime benchmark times text-token prefill/decode, "
+                             "and this is a speech model")
         sections.append(sec)
     return sections
 
@@ -224,7 +237,7 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
     benches_by_model = {m: sorted({r.bench for r in rows if r.model == m and r.kind == "bench"}) for m in models}
     all_benches = sorted({b for bs in benches_by_model.values() for b in bs})
     header = ["model", "method", "sparsity", "achieved", *all_benches, "size MB (sparse)", "size ratio",
-              "decode ms/tok (sparse/dense)"]
+              "speed (sparse / dense)"]
     points: dict[tuple[str, str, float], dict[str, Any]] = {}
     for r in rows:
         if r.kind == "analyze":
@@ -249,7 +262,8 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
         elif r.kind == "speed":
             n = speed_numbers(r)
             if n["sparse"] is not None and n["dense"] is not None:
-                p["speed"] = f"{n['sparse']:.3g} / {n['dense']:.3g}"
+                unit = "ms/tok" if n["metric"] == "decode_ms_per_token" else "tok/s prefill"
+                p["speed"] = f"{n['sparse']:.3g} / {n['dense']:.3g} {unit}"
     order = {m: i for i, m in enumerate(models)}
     body = []
     for (model, method, sparsity), p in sorted(points.items(), key=lambda kv: (order.get(kv[0][0], 99),

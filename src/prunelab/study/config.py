@@ -37,7 +37,7 @@ METHOD_OPTIONS = ("owl", "blocksize", "percdamp", "structured_target", "nsamples
 CALIBRATION_KEYS = ("nsamples", "seqlen", "calib", "calib_column")
 EVAL_KEYS = ("seqlen", "max_tokens", "max_examples", "train_limit", "mode", "batch_size", "data",
              "finetune_epochs", "finetune_lr")
-SPEED_KEYS = ("sparsities", "methods", "prefill_tokens", "decode_tokens", "repeats")
+SPEED_KEYS = ("sparsities", "methods", "prefill_tokens", "decode_tokens", "repeats", "measure_rss", "measure_size")
 SIZE_KEYS = ("sparsities", "methods")
 TOP_KEYS = ("models", "methods", "patterns", "sparsities", "benchmarks", "analyze", "size", "speed", "calibration",
             "eval", "seed", "resources", "preset", "allow_hub", "keep_checkpoints", "threads")
@@ -415,6 +415,9 @@ def _check_sub(value: Any, allowed: tuple[str, ...], where: str, methods: list[M
     for key in ("prefill_tokens", "decode_tokens", "repeats"):
         if key in d and (not isinstance(d[key], int) or d[key] < 1):
             raise ConfigError(f"study config: {where}.{key} must be a positive integer")
+    for key in ("measure_rss", "measure_size"):
+        if key in d:
+            _bool(d[key], f"{where}.{key}")
     return d
 
 
@@ -522,6 +525,7 @@ def plan(config: StudyConfig, *, families: dict[str, tuple[str, bool]] | None = 
                         cells.append(Cell("bench", bench=bench, options=opts, **base))
                     if _selected(config.size, method.name, sparsity):
                         cells.append(Cell("size", **base))
-                    if _selected(config.speed, method.name, sparsity):
+                    # The runtime benchmark times text prefill/decode; speech models have no such path.
+                    if _selected(config.speed, method.name, sparsity) and not is_speech:
                         cells.append(Cell("speed", options=speed_opts, **base))
     return cells

@@ -31,6 +31,7 @@ from typing import Any
 from prunelab.study.cells import Cell, canonical_json
 
 POINT_MARKER = "study_point.json"
+SPEED_KWARGS = ("prefill_tokens", "decode_tokens", "repeats", "measure_rss", "measure_size")
 _MODELS: dict[str, Any] = {}  # path -> LoadedModel (this process's cache)
 _MAX_CACHED = 2  # the pruned checkpoint and the dense reference
 _VERSIONS: dict[str, str] | None = None
@@ -313,7 +314,9 @@ def _run_speed(cell: Cell, study_dir: Path) -> dict[str, Any]:
 
     ckpt = ensure_checkpoint(cell, study_dir)
     lm = load_model(str(ckpt))  # fresh: the runtime may swap modules in place
-    kwargs = {k: v for k, v in cell.options.items() if k in ("prefill_tokens", "decode_tokens", "repeats")}
+    kwargs = {k: v for k, v in cell.options.items() if k in SPEED_KWARGS}
+    kwargs.setdefault("measure_size", False)  # the size cell measures the sparse format already
+    kwargs.setdefault("measure_rss", False)  # a subprocess per cell: opt in with speed.measure_rss
     result = bench_model(lm, **kwargs)
     del lm
     return {"metrics": result if isinstance(result, dict) else {"result": result}}
