@@ -29,7 +29,7 @@ class ModuleDecision:
     swapped: bool
     reason: str
     plan: dict[int, str] = field(default_factory=dict)  # rows bucket -> backend
-    seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # rows bucket -> backend -> median s
+    seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # rows bucket -> backend -> fastest run, s
     dense_bytes: int = 0
     sparse_bytes: int = 0
 
@@ -96,7 +96,7 @@ def sparsify_for_inference(
     force: str | None = None,
     use_disk_cache: bool = True,
     keep_dense: bool | None = None,
-    decision_repeats: int = 7,
+    decision_repeats: int = 5,
 ) -> SparsifySummary:
     """Replace pruned linears of `model` (in place) by `SparseLinear` where measured faster for decode.
 
