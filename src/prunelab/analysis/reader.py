@@ -41,7 +41,7 @@ DTYPES: dict[str, tuple[np.dtype, bool]] = {
 }
 _ITEMSIZE_OTHER = {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 MAX_HEADER = 100 * 1024 * 1024
-CHUNK_BYTES = 16 * 1024 * 1024
+CHUNK_BYTES = 2 * 1024 * 1024  # per mapped window: bounds peak memory (x threads), large enough to amortise
 T = TypeVar("T")
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 

@@ -22,6 +22,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,12 +157,13 @@ def _scan_f32(x, bits, shift_k, t, fine, below):
 
 
 @_njit
-def _fold(fine, fine_to_bin, counts):
-    """Add the fine histogram into the extended bins (last slot: NaN/inf)."""
-    for f in range(fine.shape[0]):
+def _fold(fine, fine_to_bin, counts, last):
+    """Move fine buckets 0..last into the extended bins (last slot: NaN/inf), leaving `fine` zeroed."""
+    for f in range(last + 1):
         c = fine[f]
         if c:
             counts[fine_to_bin[f]] += c
+            fine[f] = 0
 
 
 @_njit
@@ -262,10 +264,10 @@ class Summary:
         shift_k = float(head.mean()) if head.size else 0.0  # near the mean: no cancellation in M2
         if x.dtype == np.float32:
             bits = x.view(np.uint32)
-            fine = np.zeros(N_FINE, dtype=np.int64)
+            fine = _fine_scratch()
             ext = np.zeros(N_BINS + 3, dtype=np.int64)
             s1, s2, mxb, zeros = _scan_f32(x, bits, shift_k, _T_BITS, fine, self.below)
-            _fold(fine, FINE_TO_BIN, ext)
+            _fold(fine, FINE_TO_BIN, ext, int(mxb) >> FINE_SHIFT)  # no bucket above the max is touched
             nonfinite = int(ext[-1])
             ext[0] -= zeros  # zeros sit in fine bucket 0; they are reported apart
             self.counts += ext[:-1]
@@ -370,6 +372,17 @@ def merged(parts: Iterable[Summary]) -> Summary:
     for part in parts:
         total.merge(part)
     return total
+
+
+_SCRATCH = threading.local()
+
+
+def _fine_scratch() -> np.ndarray:
+    """A zeroed fine histogram per thread, reused across chunks (`_fold` zeroes what it used)."""
+    fine = getattr(_SCRATCH, "fine", None)
+    if fine is None:
+        fine = _SCRATCH.fine = np.zeros(N_FINE, dtype=np.int64)
+    return fine
 
 
 def _as_scannable(values: np.ndarray) -> np.ndarray:

@@ -1,0 +1,182 @@
+"""How fast does `prunelab analyze` stream weights, next to merely reading the same bytes?
+
+For one model (default zoo:smollm2, prunable scope) this measures, in a fresh child process:
+
+* **read**: `readinto` of exactly the bytes the scan visits (same files, same byte ranges,
+  same chunk size), into one reused buffer — the cost of touching the data at all (the goal's
+  reference); also `safe_open(...).get_tensor` of the same tensors, for comparison;
+* **scan**: `prunelab.analysis.scan` over those tensors (memory-mapped chunks → histograms,
+  threshold counts, moments), with 1 thread and with the default thread count;
+* **analyze**: the whole `analyze()` call (naming on the meta device, scan, stats.json/csv,
+  four plots), wall time;
+* **memory**: VmRSS just before the scan (interpreter + libraries + meta model = overhead),
+  and the peak (VmHWM, reset right before the scan via /proc/self/clear_refs) during it.
+
+Reads and scans alternate, after one warm-up pass, so both see the same (warm) page cache.
+Numbers are medians over `--repeats`; ratios are of medians from this one run.
+
+    .venv/bin/python benchmarks/analyze_speed.py [--model zoo:smollm2] [--all] [--repeats 5]
+        [--out benchmarks/results/analyze_speed.json]
+
+Goals (issue 2): scan throughput >= 0.5 x read throughput; peak RSS below 2 x the largest
+single tensor in scope plus the interpreter overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status memory field in bytes (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    from prunelab.analysis import analyze, plan, scan
+    from prunelab.analysis.core import default_workers
+    from prunelab.analysis.reader import CHUNK_BYTES, iter_read_chunks
+    from prunelab.analysis.stats import warm_up
+
+    p = plan(args.model, include_all=args.all)
+    warm_up()
+    tensors = p["tensors"]
+    nbytes = sum(t.nbytes for t in tensors)
+    largest = max(tensors, key=lambda t: t.nbytes)
+    buf = bytearray(CHUNK_BYTES)
+
+    def read_all() -> None:
+        for t in tensors:
+            for _ in iter_read_chunks(t, buf):
+                pass
+
+    def read_safetensors() -> None:
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for t in tensors:
+            by_file.setdefault(t.file, []).append(t.name)
+        for f, names in by_file.items():
+            with safe_open(str(f), "pt") as fh:
+                for name in names:
+                    fh.get_tensor(name)
+
+    workers = default_workers()
+    # Memory of the scan alone, measured first on a clean peak.
+    rss_before = _status("VmRSS")
+    reset_ok = _reset_peak()
+    scan(tensors, workers=workers)
+    peak_scan = _status("VmHWM")
+    read_all()  # warm-up pass, page cache now warm for both
+    times: dict[str, list[float]] = {"read": [], "safe_open_get_tensor": [], "scan_1_thread": [],
+                                     f"scan_{workers}_threads": []}
+    for _ in range(args.repeats):
+        for name in times:
+            t0 = time.perf_counter()
+            if name == "read":
+                read_all()
+            elif name == "safe_open_get_tensor":
+                read_safetensors()
+            elif name == "scan_1_thread":
+                scan(tensors, workers=1)
+            else:
+                scan(tensors, workers=workers)
+            times[name].append(time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        analyze(args.model, Path(tmp) / "out", include_all=args.all)
+        analyze_s = time.perf_counter() - t0
+    peak_process = _status("VmHWM")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "model": args.model, "scope": "all" if args.all else "prunable", "tensors": len(tensors),
+        "bytes": nbytes, "largest_tensor": largest.name, "largest_tensor_bytes": largest.nbytes,
+        "workers": workers, "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
+        "chunk_bytes": CHUNK_BYTES, "repeats": args.repeats,
+        "seconds": times, "median_s": med, "gb_per_s": {k: nbytes / v / 1e9 for k, v in med.items()},
+        "analyze_total_s": analyze_s,
+        "rss_before_scan_bytes": rss_before, "peak_rss_during_scan_bytes": peak_scan,
+        "peak_reset_ok": reset_ok, "peak_rss_process_bytes": peak_process,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="zoo:smollm2")
+    ap.add_argument("--all", action="store_true", help="include embeddings, norms, biases (analyze --all)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/analyze_speed.json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    cmd = [sys.executable, __file__, "--child", "--model", args.model, "--repeats", str(args.repeats)]
+    if args.all:
+        cmd.append("--all")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(proc.returncode)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    read_gbs = r["gb_per_s"]["read"]
+    scan_key = f"scan_{r['workers']}_threads"
+    overhead = r["rss_before_scan_bytes"]
+    scan_extra = r["peak_rss_during_scan_bytes"] - overhead
+    r["ratio_to_read"] = {k: v / read_gbs for k, v in r["gb_per_s"].items() if k != "read"}
+    r["scan_extra_rss_bytes"] = scan_extra
+    r["goals"] = {
+        "throughput_ratio_at_least_0.5": r["ratio_to_read"][scan_key] >= 0.5,
+        "peak_rss_below_2x_largest_plus_overhead": r["peak_rss_during_scan_bytes"]
+        < 2 * r["largest_tensor_bytes"] + overhead,
+    }
+    r["how"] = ("medians over repeats in one child process; read = readinto of the same byte ranges; "
+                "RSS from /proc/self/status (VmRSS before the scan; VmHWM reset before the scan)")
+    mb = 1024 * 1024
+    print(f"{r['model']} ({r['scope']} scope): {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB, "
+          f"{r['cpus']} CPUs, load avg {r['load_avg_1min']:.1f}")
+    print(f"{'measurement':<22}{'median s':>10}{'GB/s':>9}{'x read':>9}")
+    for k, v in r["median_s"].items():
+        ratio = r["gb_per_s"][k] / read_gbs
+        print(f"{k:<22}{v:>10.3f}{r['gb_per_s'][k]:>9.2f}{ratio:>9.2f}")
+    print(f"{'analyze() end to end':<22}{r['analyze_total_s']:>10.2f}   (naming + scan + stats + 4 plots)")
+    print(f"largest tensor in scope: {r['largest_tensor']} = {r['largest_tensor_bytes'] / mb:.1f} MiB")
+    print(f"RSS before scan (interpreter, torch, transformers, numba, meta model): {overhead / mb:.0f} MiB")
+    print(f"peak RSS during scan: {r['peak_rss_during_scan_bytes'] / mb:.0f} MiB "
+          f"(+{scan_extra / mb:.1f} MiB; budget 2 x largest = {2 * r['largest_tensor_bytes'] / mb:.1f} MiB)")
+    print(f"goals: {r['goals']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from prunelab.io import write_json
+
+    write_json(out, r)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()
