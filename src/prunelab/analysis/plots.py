@@ -159,6 +159,7 @@ def plot_cdf_by_block(stats: dict[str, Any], path: Path) -> None:
     """One CDF per transformer block, coloured by depth; one panel per stack (encoder, decoder)."""
     plt = _plt()
     from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     edges = _edges(stats)
     lo, hi = _xlim(stats, edges)
@@ -178,8 +179,11 @@ def plot_cdf_by_block(stats: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("fraction of the block's weights with |w| < x")
         ax.set_title(f"{stack} stack: {len(blocks)} blocks", fontsize=10)
         ax.grid(True, alpha=0.3)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         cb = fig.colorbar(sm, ax=ax, pad=0.01)
+        cb.locator = MaxNLocator(integer=True)
+        cb.update_ticks()
         cb.set_label(f"{stack} block index (0 = first block after the embeddings)")
     fig.suptitle(f"{stats['model']}: cumulative distribution of |w| per transformer block "
                  f"({_scope_text(stats)} in each block)", fontsize=11)
