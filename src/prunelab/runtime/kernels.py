@@ -38,7 +38,7 @@ U16_MAX_COLS = 65536
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _gemv_serial(ptr, lens, perm, values, indices, x, y):  # pragma: no cover - compiled
+def _gemv_serial(ptr, lens, perm, values, indices, x, bias, y):  # pragma: no cover - compiled
     acc = np.zeros(16, np.float32)
     for s in range(lens.shape[0]):
         acc[:] = 0.0
@@ -48,11 +48,12 @@ def _gemv_serial(ptr, lens, perm, values, indices, x, y):  # pragma: no cover - 
             for lane in range(16):
                 acc[lane] += values[o + lane] * x[indices[o + lane]]
         for lane in range(16):
-            y[perm[s * 16 + lane]] = acc[lane]
+            r = perm[s * 16 + lane]
+            y[r] = acc[lane] + bias[r]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _gemv_parallel(ptr, lens, perm, values, indices, x, y):  # pragma: no cover - compiled
+def _gemv_parallel(ptr, lens, perm, values, indices, x, bias, y):  # pragma: no cover - compiled
     for s in prange(lens.shape[0]):
         acc = np.zeros(16, np.float32)
         b = ptr[s]
@@ -61,7 +62,8 @@ def _gemv_parallel(ptr, lens, perm, values, indices, x, y):  # pragma: no cover 
             for lane in range(16):
                 acc[lane] += values[o + lane] * x[indices[o + lane]]
         for lane in range(16):
-            y[perm[s * 16 + lane]] = acc[lane]
+            r = perm[s * 16 + lane]
+            y[r] = acc[lane] + bias[r]
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -179,11 +181,20 @@ class SellMatrix:
                 out[self.perm[i], block_i[:k, lane]] = block_v[:k, lane]
         return torch.from_numpy(out[:rows].copy())
 
-    def gemv(self, x: np.ndarray, *, parallel: bool = False) -> np.ndarray:
-        """y = W x for a contiguous fp32 vector x of length in_features."""
+    def padded_bias(self, bias: np.ndarray | None) -> np.ndarray:
+        """A bias of length slices x 16 (zeros past out_features, or all zeros) for `gemv`."""
+        b = np.zeros(len(self.perm), dtype=np.float32)
+        if bias is not None:
+            b[: self.shape[0]] = bias
+        return b
+
+    def gemv(self, x: np.ndarray, *, parallel: bool = False, bias: np.ndarray | None = None) -> np.ndarray:
+        """y = W x (+ bias) for a contiguous fp32 vector x; `bias` must come from `padded_bias`."""
+        if bias is None:
+            bias = self.padded_bias(None)
         y = np.empty(len(self.perm), dtype=np.float32)
         fn = _gemv_parallel if parallel else _gemv_serial
-        fn(self.ptr, self.lens, self.perm, self.values, self.indices, x, y)
+        fn(self.ptr, self.lens, self.perm, self.values, self.indices, x, bias, y)
         return y[: self.shape[0]]
 
     def spmm_t(self, xt: np.ndarray, *, parallel: bool = False) -> np.ndarray:

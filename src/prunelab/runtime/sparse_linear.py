@@ -40,6 +40,10 @@ SPARSE_BACKENDS = BACKENDS[1:]
 ROW_BUCKETS = (1, 8, 64, 512, 4096)  # an input with r rows is timed as the smallest bucket >= r
 
 
+def shape_prefix(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(x.shape[:-1])
+
+
 def rows_bucket(rows: int) -> int:
     for b in ROW_BUCKETS:
         if rows <= b:
@@ -190,6 +194,7 @@ class SparseLinear(nn.Module):
         self.use_disk_cache = use_disk_cache
         self.decision_repeats = decision_repeats
         self.keep_dense = keep_dense
+        self._bias_pad = self.sell.padded_bias(None if self.bias is None else self.bias.detach().numpy())
         self.plan: dict[int, str] = {}
         self.timings: dict[int, dict[str, float]] = {}
         self._dense: torch.Tensor | None = w.contiguous().clone() if keep_dense is not False else None
@@ -293,6 +298,7 @@ class SparseLinear(nn.Module):
             par = backend == "sell_par"
             if rows == 1:
                 return torch.from_numpy(self.sell.gemv(x2[0].numpy(), parallel=par)).unsqueeze(0)
+
             xt = np.ascontiguousarray(x2.numpy().T)
             return torch.from_numpy(self.sell.spmm_t(xt, parallel=par)).t()
         if backend == "torch_csr":
@@ -349,7 +355,17 @@ class SparseLinear(nn.Module):
             self._dense = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"SparseLinear expects {self.in_features} input features, got {x.shape[-1]}")
+        rows = x.numel() // self.in_features
+        if rows == 1 and x.dtype == torch.float32:  # decode fast path: bias fused into the kernel
+            backend = self.plan.get(1) or self.decide(1)
+            if backend in ("sell", "sell_par"):
+                xd = x.detach()
+                if not xd.is_contiguous():
+                    xd = xd.contiguous()
+                y = self.sell.gemv(xd.view(-1).numpy(), parallel=backend == "sell_par", bias=self._bias_pad)
+                return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
         x2 = x.detach().reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.to(torch.float32)
@@ -359,7 +375,7 @@ class SparseLinear(nn.Module):
             y = self._run(backend, x2)
             if self.bias is not None:
                 y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*shape_prefix(x), self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         plan = ", ".join(f"rows<={b}:{n}" for b, n in sorted(self.plan.items()))
