@@ -133,15 +133,36 @@ def _matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 
 @lru_cache(maxsize=64)
 def _subset_tables(m: int, k: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(rank of each M-bit mask with popcount K, or -1; mask of each rank; bits per rank)."""
+    """(rank of each M-bit mask with popcount K, as uint16; kept positions of each rank, (C, K) int64; bits)."""
     ints = np.arange(1 << m, dtype=np.int64)
-    pop = ((ints[:, None] >> np.arange(m)) & 1).sum(1)
-    valid = pop == k
-    rank = np.where(valid, np.cumsum(valid) - 1, -1)
-    masks = np.flatnonzero(valid)
-    count = math.comb(m, k)
-    bits = (count - 1).bit_length()
-    return rank, masks, bits
+    onehot = (ints[:, None] >> np.arange(m)) & 1
+    valid = onehot.sum(1) == k
+    rank = np.where(valid, np.cumsum(valid) - 1, 0).astype(np.uint16)  # invalid masks are never looked up
+    positions = np.argsort(1 - onehot[valid], axis=1, kind="stable")[:, :k].astype(np.int64)
+    bits = (math.comb(m, k) - 1).bit_length()
+    return rank, positions, bits
+
+
+def _group_ints(sel: np.ndarray) -> np.ndarray:
+    """(G, M ≤ 16) bool → per-group bitmask integer (bit j = position j), uint8 or uint16."""
+    packed = np.packbits(sel, axis=1, bitorder="little")
+    return packed[:, 0] if sel.shape[1] <= 8 else np.ascontiguousarray(packed).view("<u2")[:, 0]
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """b-bit codes, MSB first, concatenated and packed into bytes (numpy.packbits, big bit order)."""
+    cb = np.empty((codes.size, bits), dtype=np.uint8)
+    for j in range(bits):  # one vectorised pass per bit of the code (≤ 14), never per element
+        cb[:, j] = (codes >> (bits - 1 - j)) & 1
+    return np.packbits(cb.reshape(-1))
+
+
+def _unpack_codes(packed: np.ndarray, groups: int, bits: int) -> np.ndarray:
+    u = np.unpackbits(packed, count=groups * bits).reshape(groups, bits)
+    codes = np.zeros(groups, dtype=np.uint16)
+    for j in range(bits):
+        codes |= u[:, j].astype(np.uint16) << np.uint16(bits - 1 - j)
+    return codes
 
 
 @dataclass
@@ -192,8 +213,7 @@ class EncodedTensor:
             self._fail(f"component '{comp}' has {t.numel()} elements, expected {numel}")
         return t
 
-    def validate(self) -> None:
-        """Check every structural invariant without decoding the values (cheap, vectorised)."""
+    def _validate_common(self) -> None:
         if self.encoding not in ENCODINGS:
             self._fail(f"unknown encoding {self.encoding!r}")
         if not 0 <= self.nnz <= self.numel:
@@ -201,6 +221,10 @@ class EncodedTensor:
         extra = set(self.components) - {"data", "mask", "values", "indptr", "indices", "groups"}
         if extra:
             self._fail(f"unexpected components {sorted(extra)}")
+
+    def validate(self) -> None:
+        """Check every structural invariant without decoding the values (cheap, vectorised)."""
+        self._validate_common()
         getattr(self, f"_validate_{self.encoding}")()
 
     def _validate_dense(self) -> None:
@@ -298,36 +322,33 @@ class EncodedTensor:
         bits = _subset_tables(m, k)[2]
         return axis, m, k, groups, bits
 
-    def _nm_select(self) -> np.ndarray:
-        """Validated (groups, M) bool array of kept positions, in stored-value order."""
+    def _nm_positions(self) -> torch.Tensor:
+        """Validated (groups, K) int64 kept positions within each group, in stored-value order."""
         axis, m, k, groups, bits = self._nm_geometry()
-        packed = self._expect("groups", torch.uint8, (groups * bits + 7) // 8)
+        packed = self._expect("groups", torch.uint8, (groups * bits + 7) // 8).numpy()
         self._expect("values", self.dtype, groups * k)
-        rank_tab, masks, _ = _subset_tables(m, k)
-        if bits == 0:
-            codes = np.zeros(groups, dtype=np.int64)
-        else:
-            unpacked = np.unpackbits(packed.numpy())
-            if unpacked[groups * bits:].any():
-                self._fail("nm group codes have pad bits set")
-            weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.int64)
-            codes = unpacked[: groups * bits].reshape(groups, bits).astype(np.int64) @ weights
-        if codes.size and codes.max() >= masks.size:
-            self._fail(f"nm group code {int(codes.max())} ≥ C({m},{k}) = {masks.size}")
-        ints = masks[codes]
-        return ((ints[:, None] >> np.arange(m)) & 1).astype(bool)
+        pad = (-(groups * bits)) % 8
+        if pad and int(packed[-1]) & ((1 << pad) - 1):
+            self._fail("nm group codes have pad bits set")
+        _, positions, _ = _subset_tables(m, k)
+        codes = _unpack_codes(packed, groups, bits)
+        if codes.size and int(codes.max()) >= positions.shape[0]:
+            self._fail(f"nm group code {int(codes.max())} ≥ C({m},{k}) = {positions.shape[0]}")
+        return torch.from_numpy(positions[codes.astype(np.intp)])
 
     def _validate_nm(self) -> None:
-        self._nm_select()
+        self._nm_positions()
 
     # -- decoding ----------------------------------------------------------------------------
     def to_dense(self, *, check_nnz: bool = True) -> torch.Tensor:
         """The original tensor, bit for bit. Validates first; raises CheckpointError naming the tensor."""
-        self.validate()
+        self._validate_common()  # the per-encoding checks run inside each decoder below
         enc = self.encoding
         if enc == "dense":
+            self._validate_dense()
             out = self.components["data"].reshape(self.shape)
         elif enc == "bitmask":
+            self._validate_bitmask()
             bits = np.unpackbits(self.components["mask"].numpy(), count=self.numel).view(bool)
             out = torch.zeros(self.numel, dtype=self.dtype)
             out[torch.from_numpy(bits)] = self.components["values"]
@@ -338,10 +359,11 @@ class EncodedTensor:
             out[torch.from_numpy(lin)] = self.components["values"]
             out = out.reshape(self.shape)
         else:
-            sel = self._nm_select()
-            axis = int(self.params["axis"])
-            grouped = torch.zeros(sel.shape, dtype=self.dtype)
-            grouped[torch.from_numpy(sel)] = self.components["values"]
+            pos = self._nm_positions()
+            axis, m = int(self.params["axis"]), int(self.params["m"])
+            grouped = torch.zeros(pos.shape[0], m, dtype=self.dtype)
+            if pos.shape[1]:
+                grouped.scatter_(1, pos, self.components["values"].view(pos.shape))
             if axis == -1:
                 out = grouped.reshape(self.shape)
             else:
@@ -530,19 +552,22 @@ def _encode_nm(t: torch.Tensor, mask: torch.Tensor, params: dict[str, Any], name
         raise CheckpointError(f"tensor {name}: last dimension is not a multiple of M={m}")
     vals = t.reshape(-1, m)
     keep = mask.reshape(-1, m).numpy()
-    count = keep.sum(1)
-    if count.size and count.max() > k:
+    ints = _group_ints(keep)
+    count = np.bitwise_count(ints)
+    if count.size and int(count.max()) > k:
         raise CheckpointError(f"tensor {name}: zeros do not follow a {n}:{m} pattern")
-    zeros = ~keep
-    sel = keep | (zeros & (np.cumsum(zeros, axis=1) <= (k - count)[:, None]))
-    rank_tab, _, bits = _subset_tables(m, k)
-    ints = sel.astype(np.int64) @ (1 << np.arange(m, dtype=np.int64))
+    short = np.flatnonzero(count < k)  # groups with fewer than K nonzeros: pad with their first zeros
+    if short.size:
+        sub = keep[short]
+        zeros = ~sub
+        sub_sel = sub | (zeros & (np.cumsum(zeros, axis=1) <= (k - count[short].astype(np.int64))[:, None]))
+        ints = ints.copy()
+        ints[short] = _group_ints(sub_sel)
+    rank_tab, positions, bits = _subset_tables(m, k)
     codes = rank_tab[ints]
-    if bits:
-        code_bits = ((codes[:, None] >> np.arange(bits - 1, -1, -1)) & 1).astype(np.uint8)
-        packed = np.packbits(code_bits.reshape(-1))
-    else:
-        packed = np.zeros(0, dtype=np.uint8)
-    sel_t = torch.from_numpy(sel)
-    values = vals[sel_t].masked_fill(~torch.from_numpy(keep)[sel_t], 0)  # padding stores +0.0, never -0.0
+    packed = _pack_codes(codes, bits)
+    pos = torch.from_numpy(positions[codes.astype(np.intp)])
+    values = vals.gather(1, pos).reshape(-1)
+    if short.size:  # padding stores +0.0, never a -0.0 that happened to sit there
+        values = values.masked_fill(~torch.from_numpy(keep).gather(1, pos).reshape(-1), 0)
     return {"values": values, "groups": torch.from_numpy(packed)}
