@@ -48,6 +48,7 @@ SELECTION_SEED = 1234  # fixed: the sentence sets must not change between runs
 EVAL_POOL = 48
 MIN_WORDS, MAX_WORDS = 6, 20
 MIN_WORD_COUNT = 3
+CALIB_DECODER_TOKENS = 12  # transcript tokens per calibration sample (91 of 157 pool sentences have ≥ 12)
 TRANSCRIPT_PREFIX = ("<|startoftranscript|>", "<|notimestamps|>")
 
 _ALLOWED = re.compile(r"^[A-Za-z ,.']+$")
@@ -123,9 +124,13 @@ def eval_sentences(n: int | None = None) -> list[str]:
     return pool if n is None else pool[: max(0, min(n, len(pool)))]
 
 
+def _calibration_pool() -> list[str]:
+    return list(_candidates(str(sentence_source_path()))[EVAL_POOL:])
+
+
 def calibration_sentences(n: int, seed: int = 0) -> list[str]:
     """`n` calibration sentences drawn with `seed` from the pool disjoint from the evaluation set."""
-    pool = list(_candidates(str(sentence_source_path()))[EVAL_POOL:])
+    pool = _calibration_pool()
     rng = random.Random(seed)
     if n <= len(pool):
         return rng.sample(pool, n)
@@ -229,24 +234,34 @@ def transcript_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(" " + text.strip(), add_special_tokens=False).input_ids)
 
 
-def speech_calibration_inputs(lm: Any, nsamples: int, seed: int) -> list[dict[str, Any]]:
+def speech_calibration_inputs(
+    lm: Any, nsamples: int, seed: int, *, decoder_tokens: int = CALIB_DECODER_TOKENS
+) -> list[dict[str, Any]]:
     """Calibration batches for a speech encoder-decoder: audio to the encoder, its transcript to the decoder.
 
     Each item is model-ready forward kwargs with batch 1: `input_features` (1, n_mels, 3000)
-    and `decoder_input_ids` = `<|startoftranscript|><|notimestamps|>` + transcript tokens.
-    Sentences come from the calibration pool, disjoint from the `asr` evaluation sentences.
+    and `decoder_input_ids` = `<|startoftranscript|><|notimestamps|>` + the first
+    `decoder_tokens` transcript tokens. Every item has the same decoder length, so the
+    sequential pruning runner can stack them into one batch without padding (padding tokens
+    would enter the Wanda/SparseGPT statistics); the decoder is causal, so a transcript prefix
+    is exactly what it sees mid-transcription. Only sentences with at least `decoder_tokens`
+    tokens are drawn, from the calibration pool, disjoint from the `asr` evaluation sentences.
     """
     import torch
 
     if lm.processor is None or lm.tokenizer is None:
         raise DataError(f"{lm.name} has no feature extractor/tokenizer: speech calibration needs both")
-    if nsamples < 1:
-        raise DataError("speech calibration needs nsamples ≥ 1")
-    clips = synthesize_clips(calibration_sentences(nsamples, seed))
+    if nsamples < 1 or decoder_tokens < 1:
+        raise DataError("speech calibration needs nsamples ≥ 1 and decoder_tokens ≥ 1")
+    pool = [t for t in _calibration_pool() if len(transcript_ids(lm.tokenizer, t)) >= decoder_tokens]
+    if not pool:
+        raise DataError(f"no calibration sentence has {decoder_tokens} tokens: lower decoder_tokens")
+    rng = random.Random(seed)
+    texts = rng.sample(pool, nsamples) if nsamples <= len(pool) else [rng.choice(pool) for _ in range(nsamples)]
     prefix = prefix_ids(lm.tokenizer)
     out: list[dict[str, Any]] = []
-    for clip in clips:
+    for clip in synthesize_clips(texts):
         feats = input_features(lm.processor, [clip])
-        ids = torch.tensor([prefix + transcript_ids(lm.tokenizer, clip.text)], dtype=torch.long)
-        out.append({"input_features": feats, "decoder_input_ids": ids})
+        ids = prefix + transcript_ids(lm.tokenizer, clip.text)[:decoder_tokens]
+        out.append({"input_features": feats, "decoder_input_ids": torch.tensor([ids], dtype=torch.long)})
     return out
