@@ -4,7 +4,7 @@ For one model (default zoo:smollm2, prunable scope) this measures, in a fresh ch
 
 * **read**: `readinto` of exactly the bytes the scan visits (same files, same byte ranges,
   same chunk size), into one reused buffer — the cost of touching the data at all (the goal's
-  reference); also `safe_open(...).get_tensor` of the same tensors, for comparison;
+  reference); also `safe_open(...).get_tensor(name).clone()` of the same tensors, for comparison;
 * **scan**: `prunelab.analysis.scan` over those tensors (memory-mapped chunks → histograms,
   threshold counts, moments), with 1 thread and with the default thread count;
 * **analyze**: the whole `analyze()` call (naming on the meta device, scan, stats.json/csv,
@@ -83,7 +83,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         for f, names in by_file.items():
             with safe_open(str(f), "pt") as fh:
                 for name in names:
-                    fh.get_tensor(name)
+                    fh.get_tensor(name).clone()  # get_tensor alone may return an untouched mmap view
 
     workers = default_workers()
     # Memory of the scan alone, measured first on a clean peak.
@@ -92,14 +92,14 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     scan(tensors, workers=workers)
     peak_scan = _status("VmHWM")
     read_all()  # warm-up pass, page cache now warm for both
-    times: dict[str, list[float]] = {"read": [], "safe_open_get_tensor": [], "scan_1_thread": [],
+    times: dict[str, list[float]] = {"read": [], "safe_open_clone": [], "scan_1_thread": [],
                                      f"scan_{workers}_threads": []}
     for _ in range(args.repeats):
         for name in times:
             t0 = time.perf_counter()
             if name == "read":
                 read_all()
-            elif name == "safe_open_get_tensor":
+            elif name == "safe_open_clone":
                 read_safetensors()
             elif name == "scan_1_thread":
                 scan(tensors, workers=1)

@@ -196,6 +196,23 @@ def test_bare_base_model_checkpoint_keys_are_matched(tmp_path):
     assert list(stats["by_block"]) == ["encoder.0", "encoder.1"]
 
 
+def test_legacy_gpt2_layout_prefixless_keys_and_buffers(tmp_path):
+    """Hub GPT-2 checkpoints: keys without `transformer.`, plus float `attn.bias` mask buffers (not weights)."""
+    src = save_tiny("gpt2", tmp_path / "legacy")
+    path = src / "model.safetensors"
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+    tensors["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 8, 8))
+    dropped = "h.1.mlp.c_proj.weight"
+    del tensors[dropped]
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    stats = analyze(str(src), tmp_path / "out", include_all=True, plots=False)
+    assert "h.0.attn.c_attn.weight" in stats["matrices"]
+    assert stats["matrices"]["h.0.attn.c_attn.weight"]["module_type"] == "qkv"
+    assert "h.0.attn.bias" not in stats["matrices"] and "h.0.attn.bias" in stats["unmatched_checkpoint_keys"]
+    assert stats["missing_prunable_matrices"] == ["transformer." + dropped]
+    assert sum(m["prunable"] for m in stats["matrices"].values()) == 7
+
+
 # ----- streaming mechanics ----------------------------------------------------------------------
 
 

@@ -72,7 +72,7 @@ def plan(spec_or_path: str | Path | ModelSpec, *, include_all: bool = False) -> 
     family = _family(config)
     model = build_meta_model(source, config, family)
     floats = [t for t in tensors if t.is_float]
-    roles, unmatched = classify_keys([t.name for t in floats], model, family, include_all=include_all)
+    roles, unmatched, missing = classify_keys([t.name for t in floats], model, family, include_all=include_all)
     if not any(r.prunable for r in roles.values()):
         raise ModelLoadError(
             f"{spec.raw}: no prunable matrices (linears inside numbered transformer blocks) among the "
@@ -82,7 +82,7 @@ def plan(spec_or_path: str | Path | ModelSpec, *, include_all: bool = False) -> 
     return {
         "spec": spec, "source": source, "files": files, "family": family,
         "model_type": getattr(config, "model_type", ""), "tensors": selected, "roles": roles,
-        "unmatched": unmatched, "skipped_nonfloat": [t.name for t in tensors if not t.is_float],
+        "unmatched": unmatched, "missing": missing, "skipped_nonfloat": [t.name for t in tensors if not t.is_float],
     }
 
 
@@ -194,6 +194,7 @@ def build_stats(p: dict[str, Any], summaries: dict[str, Summary], *, include_all
                       "note": "nominal edges 10**(k/40) snapped to float32 values with 256 steps per octave"},
         "definitions": DEFINITIONS,
         "unmatched_checkpoint_keys": p["unmatched"],
+        "missing_prunable_matrices": p["missing"],
         "skipped_nonfloat_tensors": p["skipped_nonfloat"],
         "scan": {"tensors": len(order), "bytes": nbytes, "seconds": round(seconds, 4),
                  "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds > 0 else None,

@@ -100,11 +100,13 @@ def _kind_of_other(param_name: str, module: Any) -> str:
 
 def classify_keys(
     keys: list[str], model: Any, family: Family, *, include_all: bool = False
-) -> tuple[dict[str, TensorRole], list[str]]:
-    """Roles of the checkpoint `keys` in scope, and the keys that matched no model parameter.
+) -> tuple[dict[str, TensorRole], list[str], list[str]]:
+    """Roles of the checkpoint `keys` in scope, the keys matching no model parameter, and the
+    prunable matrices of the model that no key provides.
 
     A key is matched as-is, with the model's `base_model_prefix` added, or with it removed.
-    Unmatched float tensors are typed by name (`other`) under `include_all`, else skipped.
+    Unmatched keys are never analyzed (old checkpoints carry float buffers such as GPT-2's
+    `attn.bias` causal mask, which are not weights); both lists go into stats.json.
     """
     from prunelab.models.discovery import find_prunable
 
@@ -113,17 +115,15 @@ def classify_keys(
     prefix = getattr(model, "base_model_prefix", "") or ""
     roles: dict[str, TensorRole] = {}
     unmatched: list[str] = []
+    found: set[str] = set()
     for key in keys:
         name = _match(key, params, prefix)
         if name is None:
             unmatched.append(key)
-            if include_all:
-                block = _BLOCK.search(key)
-                roles[key] = TensorRole(key, "", _stack_for(key, family),
-                                        int(block.group(1)) if block else None, "other", False)
             continue
         pm = prunable.get(name)
         if pm is not None:
+            found.add(name)
             roles[key] = TensorRole(key, pm.name, pm.stack, pm.block, pm.module_type, True)
         elif include_all:
             module_name = name.rsplit(".", 1)[0] if "." in name else ""
@@ -131,7 +131,8 @@ def classify_keys(
             block = _BLOCK.search(name)
             roles[key] = TensorRole(key, module_name, _stack_for(name, family),
                                     int(block.group(1)) if block else None, _kind_of_other(name, module), False)
-    return roles, unmatched
+    missing = [name for name in prunable if name not in found]
+    return roles, unmatched, missing
 
 
 def _match(key: str, params: set[str], prefix: str) -> str | None:
