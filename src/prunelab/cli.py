@@ -333,6 +333,10 @@ def analyze_cmd(
         table.add_row(name, f"{g['params'] / 1e6:.2f}M", f"{g['zeros']:,}",
                       *[f"{g['fraction_below'][t]:.1%}" for t in stats["thresholds"]], f"{g['quantiles']['50']:.3g}")
     out.print(table)
+    if stats["missing_prunable_matrices"]:
+        console.print(f"[yellow]warning:[/] {len(stats['missing_prunable_matrices'])} prunable matrices of the "
+                      "architecture have no tensor in the checkpoint (see missing_prunable_matrices in stats.json)",
+                      highlight=False)
     out.print(f"scanned {scan['bytes'] / 1e9:.2f} GB of weights in {scan['seconds']:.2f} s "
               f"({scan['gb_per_s']} GB/s); outputs: {Path(out_dir).resolve()}", highlight=False)
 
