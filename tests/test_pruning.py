@@ -177,7 +177,7 @@ def _naive_reference(lm, calib, method: str, sparsity: float, nm):
     masks = {}
     for m in lm.prunable:
         seen = []
-        h = m.module(model).register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
+        h = m.module(model).register_forward_pre_hook(lambda mod, args, seen=seen: seen.append(args[0].detach()))
         with torch.no_grad():
             model(**batch, **({"use_cache": False} if lm.family != "encoder" else {}))
         h.remove()

@@ -215,13 +215,13 @@ def prune(
         result = run_prune(lm, config, progress=progress)
     save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
     for w in result.warnings:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     rss = (result.peak_rss_bytes or 0) / 2**20
     out.print(
         f"{model}: {method} {pattern} → {result.sparsity_prunable:.2%} of prunable weights zero "
         f"({result.sparsity_total:.2%} of all), {len(result.matrices)} matrices, "
         f"{result.timings.get('total', 0):.1f} s, peak RSS {rss:.0f} MiB → {out_dir}",
-        highlight=False,
+        highlight=False, soft_wrap=True,
     )
 
 

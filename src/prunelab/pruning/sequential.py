@@ -130,6 +130,11 @@ def plan_chunks(lm: LoadedModel, calib: list[dict[str, torch.Tensor]], budget_by
 
 
 def _batches(calib: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, Any]]:
+    """Stack samples into batches of `size`; samples of unequal shapes are never padded (padding
+    would enter the statistics): they run one per batch instead."""
+    shapes = {k: {tuple(c[k].shape) for c in calib if torch.is_tensor(c.get(k))} for k in calib[0]}
+    if any(len(v) > 1 for v in shapes.values()):
+        size = 1
     out = []
     for i in range(0, len(calib), size):
         group = calib[i : i + size]

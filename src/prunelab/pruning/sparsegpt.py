@@ -30,6 +30,7 @@ class HessianStats:
     def __init__(self, in_features: int) -> None:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.n = 0
+        self.hinv_cache: dict[float, torch.Tensor] = {}  # q/k/v share one input, hence one H⁻¹
 
     def add(self, x: torch.Tensor) -> None:
         xf = x.float()
@@ -102,6 +103,7 @@ def sparsegpt_matrix(
     blocksize: int = 128,
     percdamp: float = 0.01,
     name: str = "matrix",
+    hinv_cache: dict[float, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one (out, in) weight given its input Hessian H = XᵀX/n; returns (new weight, keep-mask).
 
@@ -113,10 +115,13 @@ def sparsegpt_matrix(
     H = H.double().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0  # inputs never active: any value reconstructs them; keep the weights
+    cache = {} if hinv_cache is None else hinv_cache
     damp = percdamp
     for attempt in range(DAMP_RETRIES + 1):
         try:
-            U = _inverse_cholesky(H, damp).float()
+            U = cache.get(damp)
+            if U is None:
+                U = cache[damp] = _inverse_cholesky(H, damp).float()
             Q, mask = _sweep(W, U, sparsity, nm, blocksize)
             if not torch.isfinite(Q).all():
                 raise torch.linalg.LinAlgError("non-finite weights after the update")
@@ -151,7 +156,7 @@ def prune_sparsegpt(
         w = m.weight(lm.model)
         new, mask = sparsegpt_matrix(
             w, stats.hessian(), sparsity[(m.stack, m.block)], config.nm,
-            blocksize=config.blocksize, percdamp=config.percdamp, name=m.name,
+            blocksize=config.blocksize, percdamp=config.percdamp, name=m.name, hinv_cache=stats.hinv_cache,
         )
         w.copy_(new)
         w.masked_fill_(~mask, 0)
