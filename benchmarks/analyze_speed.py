@@ -13,7 +13,9 @@ For one model (default zoo:smollm2, prunable scope) this measures, in a fresh ch
   and the peak (VmHWM, reset right before the scan via /proc/self/clear_refs) during it.
 
 Reads and scans alternate, after one warm-up pass, so both see the same (warm) page cache.
-Numbers are medians over `--repeats`; ratios are of medians from this one run.
+Numbers are medians over `--repeats`; ratios are of medians from this one run. Wall time and
+process CPU time are both reported: on a shared machine the CPU-time ratio is the stabler one
+(with threads, CPU time adds up over threads, so only wall time shows the parallel gain).
 
     .venv/bin/python benchmarks/analyze_speed.py [--model zoo:smollm2] [--all] [--repeats 5]
         [--out benchmarks/results/analyze_speed.json]
@@ -92,32 +94,36 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     scan(tensors, workers=workers)
     peak_scan = _status("VmHWM")
     read_all()  # warm-up pass, page cache now warm for both
-    times: dict[str, list[float]] = {"read": [], "safe_open_clone": [], "scan_1_thread": [],
-                                     f"scan_{workers}_threads": []}
+    runs: dict[str, Any] = {
+        "read": read_all,
+        "safe_open_clone": read_safetensors,
+        "scan_1_thread": lambda: scan(tensors, workers=1),
+        "scan_1_thread_preadv": lambda: scan(tensors, workers=1, io="read"),
+        f"scan_{workers}_threads": lambda: scan(tensors, workers=workers),
+    }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    cpu: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.repeats):
-        for name in times:
-            t0 = time.perf_counter()
-            if name == "read":
-                read_all()
-            elif name == "safe_open_clone":
-                read_safetensors()
-            elif name == "scan_1_thread":
-                scan(tensors, workers=1)
-            else:
-                scan(tensors, workers=workers)
+        for name, fn in runs.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         analyze(args.model, Path(tmp) / "out", include_all=args.all)
         analyze_s = time.perf_counter() - t0
     peak_process = _status("VmHWM")
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "model": args.model, "scope": "all" if args.all else "prunable", "tensors": len(tensors),
         "bytes": nbytes, "largest_tensor": largest.name, "largest_tensor_bytes": largest.nbytes,
         "workers": workers, "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
         "chunk_bytes": CHUNK_BYTES, "repeats": args.repeats,
-        "seconds": times, "median_s": med, "gb_per_s": {k: nbytes / v / 1e9 for k, v in med.items()},
+        "seconds": times, "cpu_seconds": cpu, "median_s": med, "median_cpu_s": med_cpu,
+        "gb_per_s": {k: nbytes / v / 1e9 for k, v in med.items()},
+        "gb_per_cpu_s": {k: nbytes / v / 1e9 for k, v in med_cpu.items()},
         "analyze_total_s": analyze_s,
         "rss_before_scan_bytes": rss_before, "peak_rss_during_scan_bytes": peak_scan,
         "peak_reset_ok": reset_ok, "peak_rss_process_bytes": peak_process,
@@ -149,6 +155,8 @@ def main() -> None:
     overhead = r["rss_before_scan_bytes"]
     scan_extra = r["peak_rss_during_scan_bytes"] - overhead
     r["ratio_to_read"] = {k: v / read_gbs for k, v in r["gb_per_s"].items() if k != "read"}
+    r["ratio_to_read_cpu_time"] = {k: v / r["gb_per_cpu_s"]["read"] for k, v in r["gb_per_cpu_s"].items()
+                                   if k != "read"}
     r["scan_extra_rss_bytes"] = scan_extra
     r["goals"] = {
         "throughput_ratio_at_least_0.5": r["ratio_to_read"][scan_key] >= 0.5,
@@ -160,11 +168,12 @@ def main() -> None:
     mb = 1024 * 1024
     print(f"{r['model']} ({r['scope']} scope): {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB, "
           f"{r['cpus']} CPUs, load avg {r['load_avg_1min']:.1f}")
-    print(f"{'measurement':<22}{'median s':>10}{'GB/s':>9}{'x read':>9}")
+    read_cpu = r["gb_per_cpu_s"]["read"]
+    print(f"{'measurement':<24}{'wall s':>8}{'GB/s':>8}{'x read':>8}{'cpu s':>8}{'GB/cpu-s':>10}{'x read':>8}")
     for k, v in r["median_s"].items():
-        ratio = r["gb_per_s"][k] / read_gbs
-        print(f"{k:<22}{v:>10.3f}{r['gb_per_s'][k]:>9.2f}{ratio:>9.2f}")
-    print(f"{'analyze() end to end':<22}{r['analyze_total_s']:>10.2f}   (naming + scan + stats + 4 plots)")
+        g, gc, c = r["gb_per_s"][k], r["gb_per_cpu_s"][k], r["median_cpu_s"][k]
+        print(f"{k:<24}{v:>8.3f}{g:>8.2f}{g / read_gbs:>8.2f}{c:>8.3f}{gc:>10.2f}{gc / read_cpu:>8.2f}")
+    print(f"{'analyze() end to end':<24}{r['analyze_total_s']:>8.2f} s  (naming + scan + stats + 4 plots)")
     print(f"largest tensor in scope: {r['largest_tensor']} = {r['largest_tensor_bytes'] / mb:.1f} MiB")
     print(f"RSS before scan (interpreter, torch, transformers, numba, meta model): {overhead / mb:.0f} MiB")
     print(f"peak RSS during scan: {r['peak_rss_during_scan_bytes'] / mb:.0f} MiB "

@@ -220,11 +220,13 @@ def test_chunking_and_threads_do_not_change_results(tiny_dirs):
     p = plan(str(tiny_dirs["llama"]), include_all=True)
     whole = scan(p["tensors"], workers=1)
     tiny_chunks = scan(p["tensors"], chunk_bytes=4096, workers=3)
+    preadv = scan(p["tensors"], chunk_bytes=8192, workers=2, io="read")
     for k in whole:
-        a, b = whole[k], tiny_chunks[k]
-        assert (a.counts == b.counts).all() and (a.below == b.below).all()
-        assert (a.params, a.zeros, a.max) == (b.params, b.zeros, b.max)
-        assert math.isclose(a.mean, b.mean, rel_tol=1e-12) and math.isclose(a.std, b.std, rel_tol=1e-9)
+        a = whole[k]
+        for b in (tiny_chunks[k], preadv[k]):
+            assert (a.counts == b.counts).all() and (a.below == b.below).all()
+            assert (a.params, a.zeros, a.max) == (b.params, b.zeros, b.max)
+            assert math.isclose(a.mean, b.mean, rel_tol=1e-12) and math.isclose(a.std, b.std, rel_tol=1e-9)
 
 
 def test_summary_merge_equals_whole_and_handles_nonfinite():

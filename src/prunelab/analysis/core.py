@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.analysis.naming import TensorRole, build_meta_model, classify_keys, ordered_types
-from prunelab.analysis.reader import CHUNK_BYTES, TensorInfo, chunk_ranges, read_header, with_chunk
+from prunelab.analysis.reader import CHUNK_BYTES, IO_MODES, TensorInfo, chunk_ranges, read_header, with_chunk
 from prunelab.analysis.stats import (
     BINS_PER_DECADE,
     EDGES_LOG10,
@@ -91,10 +91,10 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _scan_one(job: tuple[TensorInfo, int, int]) -> Summary:
-    info, off, length = job
+def _scan_one(job: tuple[TensorInfo, int, int, str]) -> Summary:
+    info, off, length, io = job
     s = Summary()
-    with_chunk(info, off, length, s.update)
+    with_chunk(info, off, length, s.update, io=io)
     return s
 
 
@@ -110,22 +110,24 @@ def _family(config: Any) -> Family:
 
 
 def scan(tensors: list[TensorInfo], *, chunk_bytes: int = CHUNK_BYTES, workers: int | None = None,
-         progress: Callable[[int, int], None] | None = None) -> dict[str, Summary]:
+         io: str = "mmap", progress: Callable[[int, int], None] | None = None) -> dict[str, Summary]:
     """Summaries per tensor, streamed chunk by chunk in file order.
 
-    Chunks are independent jobs for a small thread pool; at most `workers` chunks are mapped
-    at once, so peak memory is `workers × chunk_bytes` whatever the model size. Partial
+    Chunks are independent jobs for a small thread pool; at most `workers` chunks are in
+    memory at once, so peak memory is `workers × chunk_bytes` whatever the model size. Partial
     summaries are merged in chunk order, so results do not depend on thread timing.
     """
     ordered = sorted(tensors, key=lambda t: (str(t.file), t.start))
-    jobs = [(t, off, length) for t in ordered for off, length in chunk_ranges(t, chunk_bytes)]
+    if io not in IO_MODES:
+        raise ValueError(f"io must be one of {IO_MODES}")
+    jobs = [(t, off, length, io) for t in ordered for off, length in chunk_ranges(t, chunk_bytes)]
     total = sum(t.nbytes for t in ordered)
     out: dict[str, Summary] = {t.name: Summary() for t in ordered}
     workers = workers or default_workers()
     done = 0
     if workers == 1:
         results = map(_scan_one, jobs)
-        for (t, _, length), part in zip(jobs, results, strict=True):
+        for (t, _, length, _), part in zip(jobs, results, strict=True):
             out[t.name].merge(part)
             done += length
             if progress is not None:
@@ -198,8 +200,8 @@ def build_stats(p: dict[str, Any], summaries: dict[str, Summary], *, include_all
         "skipped_nonfloat_tensors": p["skipped_nonfloat"],
         "scan": {"tensors": len(order), "bytes": nbytes, "seconds": round(seconds, 4),
                  "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds > 0 else None,
-                 "how": "wall time of the streaming scan only (memory-mapped chunks of "
-                        f"{CHUNK_BYTES // 2**20} MiB), excluding naming and plotting",
+                 "how": f"wall time of the streaming scan only (memory-mapped {CHUNK_BYTES // 2**20} MiB windows, "
+                        f"{default_workers()} threads), excluding naming and plotting",
                  "machine": platform.machine()},
     }
 

@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,12 +139,43 @@ def chunk_ranges(info: TensorInfo, chunk_bytes: int = CHUNK_BYTES) -> list[tuple
     return [(off, min(step, info.end - off)) for off in range(info.start, info.end, step)]
 
 
-def with_chunk(info: TensorInfo, off: int, length: int, consume: Callable[[np.ndarray], T]) -> T:
-    """Map bytes [off, off+length) of the tensor's file, call `consume(1-D view)`, unmap.
+IO_MODES = ("mmap", "read")
+_LOCAL = threading.local()
 
-    The view is only valid during the call: `consume` must not keep it (copy what it needs).
+
+def _buffer(nbytes: int) -> bytearray:
+    """This thread's reusable read buffer (grown on demand): small enough to stay in L2/L3."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _LOCAL.buf = bytearray(max(nbytes, CHUNK_BYTES))
+    return buf
+
+
+def with_chunk(info: TensorInfo, off: int, length: int, consume: Callable[[np.ndarray], T], *,
+               io: str = "mmap") -> T:
+    """Call `consume(1-D array)` on bytes [off, off+length) of the tensor's file.
+
+    `io="mmap"` (default) maps just this window (pre-faulted) and unmaps it afterwards;
+    `io="read"` `preadv`s the bytes into a per-thread reusable buffer instead. Both keep peak
+    memory at one chunk per thread and measured the same speed here (the scan kernel, not
+    the I/O, is the bottleneck; see benchmarks/analyze_speed.py).
+    The array is only valid during the call: `consume` must not keep it.
     """
     np_dtype = DTYPES[info.dtype][0]
+    count = length // np_dtype.itemsize
+    if io == "read":
+        buf = _buffer(length)
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [memoryview(buf)[:length]], off)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read '{info.name}' from {info.file}: {exc.strerror or exc}") from exc
+        if got != length:
+            raise CheckpointError(f"{info.file} ended early while reading '{info.name}' (truncated?)")
+        return consume(np.frombuffer(buf, dtype=np_dtype, count=count))
     gran = mmap.ALLOCATIONGRANULARITY
     aligned = off - off % gran
     try:
@@ -153,7 +185,7 @@ def with_chunk(info: TensorInfo, off: int, length: int, consume: Callable[[np.nd
     except OSError as exc:
         raise CheckpointError(f"cannot read '{info.name}' from {info.file}: {exc.strerror or exc}") from exc
     try:
-        view = np.frombuffer(mm, dtype=np_dtype, count=length // np_dtype.itemsize, offset=off - aligned)
+        view = np.frombuffer(mm, dtype=np_dtype, count=count, offset=off - aligned)
         result = consume(view)
         del view
         return result
@@ -161,10 +193,11 @@ def with_chunk(info: TensorInfo, off: int, length: int, consume: Callable[[np.nd
         mm.close()
 
 
-def scan_chunks(info: TensorInfo, consume: Callable[[np.ndarray], object], *, chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Call `consume(array)` on consecutive 1-D chunks of a tensor, each mapped only while in use."""
+def scan_chunks(info: TensorInfo, consume: Callable[[np.ndarray], object], *, chunk_bytes: int = CHUNK_BYTES,
+                io: str = "mmap") -> None:
+    """Call `consume(array)` on consecutive 1-D chunks of a tensor, one chunk in memory at a time."""
     for off, length in chunk_ranges(info, chunk_bytes):
-        with_chunk(info, off, length, consume)
+        with_chunk(info, off, length, consume, io=io)
 
 
 def iter_read_chunks(info: TensorInfo, buf: bytearray) -> Iterator[memoryview]:
