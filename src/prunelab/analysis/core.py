@@ -51,8 +51,10 @@ DEFINITIONS = {
     "mean": "mean of |w| (float64)",
     "std": "population standard deviation of |w| (float64)",
     "max": "max of |w|",
-    "hist": "counts over log10|w| bins: hist[0] is 0 < |w| < 10**log10_lo, hist[i] is "
-            "edges[i-1] <= log10|w| < edges[i], hist[-1] is |w| >= 10**log10_hi; exact zeros are in 'zeros'",
+    "hist": "counts over fixed log10|w| bins shared by all groups (they add up exactly): with "
+            "e = histogram.edges_log10, hist[0] counts 0 < |w| < 10**e[0], hist[i] counts e[i-1] <= log10|w| < e[i], "
+            "hist[-1] counts log10|w| >= e[-1]; exact zeros are in 'zeros', NaN/inf in 'nonfinite'",
+    "below": "exact counts behind fraction_below",
 }
 
 
