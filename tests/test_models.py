@@ -152,3 +152,12 @@ def test_load_model_reads_a_sparse_checkpoint(tmp_path, tiny_dirs):
     ref = dense.model.state_dict()
     for k, v in back.model.state_dict().items():
         assert torch.equal(v, ref[k]), k
+
+
+def test_unknown_family_is_a_one_line_error():
+    from transformers import ResNetConfig
+
+    from prunelab.models import detect_family
+
+    with pytest.raises(ModelLoadError, match="cannot tell the family"):
+        detect_family(ResNetConfig())

@@ -28,7 +28,7 @@ def detect_family(config: Any) -> Family:
         return "encoder"
     if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
         return "decoder"
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "decoder"
