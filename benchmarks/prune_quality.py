@@ -113,7 +113,11 @@ def main() -> None:
         row = json.loads(line[len("RESULT "):])
         row["child_wall_s"] = time.perf_counter() - t0
         rows.append(row)
-        print(f"  done {method} {pattern}: ppl {row['ppl']:.2f} ({row['child_wall_s']:.0f} s)", file=sys.stderr)
+        print(f"  done {method} {pattern}: ppl {row['ppl']:.2f} ({row['child_wall_s']:.0f} s)", file=sys.stderr,
+              flush=True)
+        from prunelab.io import write_json
+
+        write_json(args.out.with_suffix(".partial.json"), {"rows": rows})  # survives an interrupted run
 
     dense = next((r for r in rows if r["method"] == "dense" and "ppl" in r), {})
     fwd = dense.get("dense_forward_s")

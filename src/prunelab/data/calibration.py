@@ -14,7 +14,6 @@ dict of model-ready forward kwargs with batch size 1:
 from __future__ import annotations
 
 import hashlib
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,8 +150,6 @@ def calibration_set(lm: Any, config: Any) -> CalibrationSet:
             raise DataError(
                 "speech calibration needs prunelab.data.speech, which is not installed in this checkout"
             ) from exc
-        if config.calib is not None:
-            warnings.warn("--calib is ignored for speech models: calibration uses synthesized speech", stacklevel=2)
         inputs = speech_calibration_inputs(lm, config.nsamples, config.seed)
         if not inputs:
             raise DataError("speech calibration produced no samples")
@@ -162,7 +159,8 @@ def calibration_set(lm: Any, config: Any) -> CalibrationSet:
                 digest.update(s[k].detach().cpu().numpy().tobytes())
         info = {"source": "synthesized speech (prunelab.data.speech)", "kind": "speech", "nsamples": len(inputs),
                 "seed": config.seed, "samples_sha256": digest.hexdigest()}
-        return CalibrationSet(list(inputs), info)
+        notes = ["--calib is ignored for speech models: calibration uses synthesized speech"] if config.calib else []
+        return CalibrationSet(list(inputs), info, notes)
     source = read_text_source(config.calib, config.calib_column)
     return text_calibration(lm, source, config.nsamples, config.seqlen, config.seed)
 
