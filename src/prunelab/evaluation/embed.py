@@ -90,8 +90,11 @@ def evaluate_embed(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         raise ConfigError(f"embed reference {reference.name} is a {reference.family}: pass an encoder with --reference")
     max_length = text_max_length(lm)
     ours = pooled_features(lm, encode_texts(tokenizer, dev.texts_a, None, max_length), pooling="mean")
-    ref_tok = require_tokenizer(reference, "embed")
-    theirs = pooled_features(reference, encode_texts(ref_tok, dev.texts_a, None, max_length), pooling="mean")
+    if reference is lm:
+        theirs = ours
+    else:
+        ref_tok = require_tokenizer(reference, "embed")
+        theirs = pooled_features(reference, encode_texts(ref_tok, dev.texts_a, None, max_length), pooling="mean")
     if ours.shape[1] != theirs.shape[1]:
         raise ConfigError(f"embed: {lm.name} and reference {reference.name} have different widths "
                           f"({ours.shape[1]} vs {theirs.shape[1]}): pass the dense version with --reference")

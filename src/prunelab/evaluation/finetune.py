@@ -35,6 +35,7 @@ class MaskedParam:
     name: str
     param: torch.nn.Parameter
     mask: torch.Tensor  # bool, same layout as `param` (True = kept)
+    pruned: torch.Tensor  # ~mask, kept precomputed: masked_fill_ with it is the cheapest re-application
 
 
 def record_masks(model: torch.nn.Module, family: str) -> list[MaskedParam]:
@@ -42,7 +43,8 @@ def record_masks(model: torch.nn.Module, family: str) -> list[MaskedParam]:
     masks = []
     for m in find_prunable(model, family):  # type: ignore[arg-type]
         param = m.module(model).weight
-        masks.append(MaskedParam(m.name, param, param.detach() != 0))
+        mask = param.detach() != 0
+        masks.append(MaskedParam(m.name, param, mask, ~mask))
     return masks
 
 
@@ -50,13 +52,13 @@ def record_masks(model: torch.nn.Module, family: str) -> list[MaskedParam]:
 def mask_grads(masks: list[MaskedParam]) -> None:
     for mp in masks:
         if mp.param.grad is not None:
-            mp.param.grad.mul_(mp.mask)
+            mp.param.grad.masked_fill_(mp.pruned, 0.0)
 
 
 @torch.no_grad()
 def apply_masks(masks: list[MaskedParam]) -> None:
     for mp in masks:
-        mp.param.mul_(mp.mask)
+        mp.param.masked_fill_(mp.pruned, 0.0)
 
 
 @torch.no_grad()
@@ -71,7 +73,7 @@ def zero_counts(masks: list[MaskedParam]) -> tuple[int, int]:
 def check_masks(masks: list[MaskedParam], zeros_before: int) -> int:
     """Raise unless every pruned weight is still exactly zero and the zero count is unchanged."""
     for mp in masks:
-        leaked = int(((mp.param != 0) & ~mp.mask).sum())
+        leaked = int(((mp.param != 0) & mp.pruned).sum())
         if leaked:
             raise MaskViolationError(f"{leaked} pruned weights of {mp.name} became non-zero during fine-tuning")
     zeros_after, total = zero_counts(masks)
@@ -139,7 +141,8 @@ def finetune_and_predict(
     decay = [p for n, p in classifier.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in classifier.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=options.finetune_lr
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=options.finetune_lr,
+        foreach=True,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
     generator = torch.Generator().manual_seed(options.seed)
