@@ -498,3 +498,16 @@ def test_cli_size(saved: Path, tmp_path: Path, tiny_dirs: dict[str, Path]) -> No
     assert res.exit_code == 0 and "gate" in res.output
     res = runner.invoke(app, ["size", str(tiny_dirs["llama"])])
     assert res.exit_code != 0 and isinstance(res.exception, CheckpointError)
+
+
+def test_load_model_reads_sparse_checkpoint(tmp_path: Path) -> None:
+    """`load_model(dir)` (prunelab.models) recognises a sparse checkpoint and decodes it exactly."""
+    from prunelab.models import load_model
+
+    lm = _pruned_lm("t5", "u90")
+    out = save_sparse(lm, tmp_path / "ck")
+    back = load_model(str(out))
+    assert back.family == "encoder-decoder" and len(back.prunable) == len(lm.prunable)
+    assert back.tokenizer is not None
+    for name, t in lm.model.state_dict().items():
+        assert _same_bits(t, back.model.state_dict()[name]), name
