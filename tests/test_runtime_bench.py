@@ -72,3 +72,19 @@ def test_cli_bench_writes_json_and_rejects_bad_options(tiny_dirs, tmp_path):
     with pytest.raises(ConfigError, match="repeats"):
         run_bench(str(tiny_dirs["gpt2"]), tmp_path / "x.json", repeats=0)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_load_for_inference_from_sparse_checkpoint(tiny_dirs, tmp_path):
+    storage = pytest.importorskip("prunelab.storage")
+    from prunelab.runtime import load_for_inference, sparse_modules
+
+    lm = load_model(str(tiny_dirs["llama"]))
+    _prune(lm, 0.9)
+    storage.save_sparse(lm, tmp_path / "sp")
+    ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits
+    lm2, summary = load_for_inference(str(tmp_path / "sp"), force="sell", use_disk_cache=False)
+    assert summary.swapped == len(lm2.prunable) == len(sparse_modules(lm2.model))
+    with torch.no_grad():
+        torch.testing.assert_close(lm2.model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)

@@ -89,12 +89,22 @@ def _forward_kwargs(lm: LoadedModel, ids: torch.Tensor) -> dict[str, Any]:
     return {"input_ids": ids}
 
 
-def time_prefill(model: torch.nn.Module, kwargs: dict[str, Any], use_cache: bool) -> float:
-    """Seconds for one forward pass."""
+def time_prefill(model: torch.nn.Module, kwargs: dict[str, Any], use_cache: bool,
+                 cpu: list[float] | None = None) -> float:
+    """Wall seconds for one forward pass; with `cpu`, also appends this thread's CPU seconds.
+
+    CPU time of the calling thread is the cost without the time the OS gave to other
+    processes -- the better number on a shared machine, and complete when torch and numba
+    run single-threaded (all work then happens in this thread).
+    """
     with torch.no_grad():
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         model(**kwargs, use_cache=use_cache) if use_cache else model(**kwargs)
-        return time.perf_counter() - t0
+        wall = time.perf_counter() - t0
+        if cpu is not None:
+            cpu.append(time.thread_time() - c0)
+        return wall
 
 
 def _cache_kw(model: torch.nn.Module) -> str:
@@ -104,8 +114,12 @@ def _cache_kw(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], steps: int) -> tuple[float, list[int]]:
-    """Seconds per generated token for `steps` greedy steps with the KV cache, and the tokens."""
+def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], steps: int,
+                cpu: list[float] | None = None) -> tuple[float, list[int]]:
+    """Wall seconds per generated token for `steps` greedy steps with the KV cache, and the tokens.
+
+    With `cpu`, also appends this thread's CPU seconds per token (see `time_prefill`).
+    """
     tokens: list[int] = []
     kw = _cache_kw(model)
     with torch.no_grad():
@@ -117,6 +131,7 @@ def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], ste
             out = model(input_ids=prompt["input_ids"], use_cache=True)
         past = getattr(out, "cache", None) or out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         for _ in range(steps):
             tokens.append(int(nxt))
@@ -126,7 +141,10 @@ def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], ste
                 out = model(input_ids=nxt, use_cache=True, **{kw: past})
             past = getattr(out, "cache", None) or out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
-        return (time.perf_counter() - t0) / steps, tokens
+        wall = (time.perf_counter() - t0) / steps
+        if cpu is not None:
+            cpu.append((time.thread_time() - c0) / steps)
+        return wall, tokens
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,7 +285,9 @@ def bench_model(
     prompt_kw = _forward_kwargs(lm, _ids(n_prompt, vocab, seed + 1))
     decodes = lm.family != "encoder"
     use_cache = lm.family != "encoder"
-    times: dict[str, dict[str, list[float]]] = {k: {"prefill_s": [], "decode_s_per_token": []} for k in variants}
+    times: dict[str, dict[str, list[float]]] = {
+        k: {"prefill_s": [], "decode_s_per_token": [], "prefill_cpu_s": [], "decode_cpu_s_per_token": []}
+        for k in variants}
     tokens: dict[str, list[int]] = {}
     for name, model in variants.items():  # warm-up: kernels, lazy decisions, allocator
         time_prefill(model, prefill_kw, use_cache)
@@ -276,18 +296,24 @@ def bench_model(
     for _r in range(repeats):
         for name, model in variants.items():
             gc.collect()
-            times[name]["prefill_s"].append(time_prefill(model, prefill_kw, use_cache))
+            times[name]["prefill_s"].append(time_prefill(model, prefill_kw, use_cache,
+                                                         cpu=times[name]["prefill_cpu_s"]))
             if decodes:
-                dt, tokens[name] = time_decode(model, lm.family, prompt_kw, decode_tokens)
+                dt, tokens[name] = time_decode(model, lm.family, prompt_kw, decode_tokens,
+                                               cpu=times[name]["decode_cpu_s_per_token"])
                 times[name]["decode_s_per_token"].append(dt)
         tick("speed")
     speed: dict[str, Any] = {}
     for name, t in times.items():
         pre = _median(t["prefill_s"])
         dec = _median(t["decode_s_per_token"])
+        pre_cpu = _median(t["prefill_cpu_s"])
+        dec_cpu = _median(t["decode_cpu_s_per_token"])
         speed[name] = {
             "prefill_tokens_per_s": n_prefill / pre if pre else None,
             "decode_ms_per_token": dec * 1e3 if dec is not None else None,
+            "prefill_tokens_per_cpu_s": n_prefill / pre_cpu if pre_cpu else None,
+            "decode_cpu_ms_per_token": dec_cpu * 1e3 if dec_cpu is not None else None,
             "prefill_s_runs": t["prefill_s"],
             "decode_s_per_token_runs": t["decode_s_per_token"],
         }

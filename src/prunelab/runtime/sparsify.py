@@ -123,6 +123,8 @@ def sparsify_for_inference(
     warmup()
     summary = SparsifySummary(batch_rows=tuple(batch_rows), threads=threads)
     cand_backends = (force,) if force else tuple(backends)
+    if threads == 1 and force is None and "sell" in cand_backends:  # one thread: sell_par is sell plus overhead
+        cand_backends = tuple(b for b in cand_backends if b != "sell_par")
     buckets = sorted({rows_bucket(r) for r in batch_rows})
     for pm in prunable:
         module = model.get_submodule(pm.name)
