@@ -136,7 +136,7 @@ def report(out_dir: Path = typer.Argument(..., help="Study directory.")) -> None
 def demo(
     out_dir: Path = typer.Option(Path("prunelab-demo"), "--out", help="Where the study and report go."),
     preset: str = typer.Option("default", "--preset", help="Data sizes: quick or default."),
-    jobs: int = typer.Option(1, "--jobs", help="Cells at once."),
+    jobs: int = typer.Option(0, "--jobs", help="Cells at once (0 = one worker per core, at most 2)."),
 ) -> None:
     """The main job: the offline default study (3 zoo models), then its report."""
     import time as _time
@@ -145,6 +145,7 @@ def demo(
     from prunelab.study import run_study
 
     t0 = _time.perf_counter()
+    jobs = jobs or max(1, min(2, os.cpu_count() or 1))  # 2 single-thread workers beat 1 two-thread one
     summary = run_study(None, out_dir, preset=preset, jobs=jobs)
     _print_study_summary(summary)
     paths = build_report(out_dir)
