@@ -79,7 +79,7 @@ def test_probe_runs_for_every_family(tiny_dirs, arch, task):
     assert again.metrics == result.metrics  # seeded subsample, deterministic probe
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "bart"])
 def test_finetune_keeps_masks_exactly(tiny_dirs, arch):
     lm = load_model(str(tiny_dirs[arch]))
     zero_half(lm)

@@ -111,6 +111,12 @@ def build_classifier(lm: LoadedModel, num_labels: int, seed: int) -> tuple[torch
                         "unexpected_keys": list(unexpected)}
 
 
+def _end_with(seq: list[int], eos: int, max_length: int) -> list[int]:
+    if seq and seq[-1] == eos:
+        return seq
+    return [*seq[: max_length - 1], eos]
+
+
 def finetune_and_predict(
     lm: LoadedModel,
     train: GlueSplit,
@@ -130,6 +136,11 @@ def finetune_and_predict(
     pad = pad_id_of(tokenizer, lm.model)
     train_seqs = encode_texts(tokenizer, train.texts_a, train.texts_b, max_length)
     dev_seqs = encode_texts(tokenizer, dev.texts_a, dev.texts_b, max_length)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if family == "encoder-decoder" and eos is not None:
+        # BART/T5 classifiers read the hidden state at the (single) final </s>: make sure there is one.
+        train_seqs = [_end_with(s, eos, max_length) for s in train_seqs]
+        dev_seqs = [_end_with(s, eos, max_length) for s in dev_seqs]
     labels = torch.tensor(train.labels, dtype=torch.long)
 
     batch_size = max(1, options.batch_size)
