@@ -178,3 +178,25 @@ def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == 12
     assert "prefill throughput" in html and "decode latency" in html  # encoder vs decoder speed metric
+
+
+def test_results_and_report_commands(tmp_path):
+    import csv
+
+    from typer.testing import CliRunner
+
+    from prunelab.cli import app
+
+    cells = synthetic_study(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(app, ["results", str(tmp_path), "--csv", str(tmp_path / "rows.csv")])
+    assert res.exit_code == 0, res.output
+    with open(tmp_path / "rows.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(cells)
+    assert {r["hash"] for r in rows} == {c.hash for c in cells}
+    ppl = [r for r in rows if r["bench"] == "ppl" and r["method"] == "dense"]
+    assert float(ppl[0]["value"]) == 20.0
+    res = runner.invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "report.html").is_file() and "12 figures" in " ".join(res.output.split())
