@@ -65,14 +65,22 @@ def test_sliced_head_equals_full_logits(tiny_dirs):
     assert a == pytest.approx(b, rel=1e-5)
 
 
-def test_default_seqlen_is_model_context_and_prefix_is_a_subset(tiny_dirs):
+def test_default_seqlen_prefix_windows_and_batching(tiny_dirs):
     lm = load_model(str(tiny_dirs["gpt2"]))
     short = evaluate(lm, "ppl", EvalOptions(max_tokens=2 * 128))
     assert short.seqlen == 128  # tiny gpt2 has n_positions 128 < 2048
-    longer = evaluate(lm, "ppl", EvalOptions(max_tokens=4 * 128 + 50))
-    assert longer.n_examples == 4  # floor(max_tokens / seqlen) windows, same first two windows
-    first_two = short.metrics["nll_per_token"] * short.n_tokens
-    assert first_two < longer.metrics["nll_per_token"] * longer.n_tokens
+    assert short.n_examples == 2 and short.n_tokens == 2 * 127
+    longer = evaluate(lm, "ppl", EvalOptions(max_tokens=4 * 128 + 50, batch_size=8))
+    assert longer.n_examples == 4  # floor(max_tokens / seqlen) whole windows
+    one_by_one = evaluate(lm, "ppl", EvalOptions(max_tokens=4 * 128 + 50, batch_size=1))
+    assert one_by_one.value == pytest.approx(longer.value, rel=1e-6)
+    # The 4-window NLL is the 2-window NLL plus windows 3 and 4: a prefix is a subset of the stream.
+    from prunelab.data.wikitext import load_wikitext, token_stream
+
+    stream = token_stream(lm.tokenizer, load_wikitext())
+    tail, n = CausalScorer(lm.model).window_nll(stream[256:512].view(2, 128))
+    total_short = short.metrics["nll_per_token"] * short.n_tokens
+    assert longer.metrics["nll_per_token"] * longer.n_tokens == pytest.approx(total_short + tail, rel=1e-6)
 
 
 @pytest.mark.slow
