@@ -34,7 +34,7 @@ from prunelab.errors import ConfigError
 from prunelab.study.cells import Cell
 from prunelab.study.config import StudyConfig, load_config, plan
 from prunelab.study.store import Store
-from prunelab.study.worker import checkpoint_dir, execute_cell
+from prunelab.study.worker import checkpoint_dir, execute_cell, set_progress_hook
 
 EXECUTORS = ("local", "ray")
 
@@ -276,7 +276,14 @@ class _Progress:
         self._update_current()
 
     def _update_current(self) -> None:
-        self.progress.update(self.current, description=f"[cyan]running:[/] {self._names()}")
+        self.progress.update(self.current, description=f"[cyan]running:[/] {self._names()}", total=None,
+                             completed=0)
+
+    def cell_progress(self, message: str, done: int, total: int) -> None:
+        """Progress reported from inside the running cell (in-process executor only)."""
+        if self.enabled:
+            self.progress.update(self.current, description=f"[cyan]running:[/] {self._names()} [dim]{message}[/]",
+                                 total=max(total, 1), completed=done)
 
     def _names(self) -> str:
         return ", ".join(self.running.values()) or "-"
@@ -346,6 +353,8 @@ def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Stor
     point_cells: dict[str, Cell] = {c.point_hash: c for c in cells if c.kind == "prune"}
 
     bar = _Progress(show, len(cells), summary.skipped)
+    if isinstance(ex, InlineExecutor):
+        set_progress_hook(bar.cell_progress if show else None)
     inflight: dict[Any, Cell] = {}
 
     def record(cell: Cell, result: dict[str, Any]) -> None:
@@ -381,4 +390,5 @@ def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Stor
                             record(dep, {"status": "failed", "error": f"prune failed: {result.get('error')}",
                                          "started_at": time.time(), "finished_at": time.time(), "wall_s": 0.0})
     finally:
+        set_progress_hook(None)
         bar.stop()

@@ -35,6 +35,19 @@ SPEED_KWARGS = ("prefill_tokens", "decode_tokens", "repeats", "measure_rss", "me
 _MODELS: dict[str, Any] = {}  # path -> LoadedModel (this process's cache)
 _MAX_CACHED = 2  # the pruned checkpoint and the dense reference
 _VERSIONS: dict[str, str] | None = None
+_PROGRESS: list[Any] = [None]  # progress(message, done, total) of the running cell, in-process runs only
+
+
+def set_progress_hook(hook: Any) -> None:
+    """Let the in-process executor show the current cell's own progress (prune blocks, bench steps)."""
+    _PROGRESS[0] = hook
+
+
+def _progress(message: str, done: int, total: int) -> None:
+    hook = _PROGRESS[0]
+    if hook is not None:
+        with contextlib.suppress(Exception):
+            hook(message, done, total)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +203,7 @@ def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
         config = prune_config_for(cell)
         lm = load_model(cell.model)
         t0 = time.perf_counter()
-        result = prune(lm, config)
+        result = prune(lm, config, progress=_progress)
         prune_s = time.perf_counter() - t0
         with atomic_dir(ckpt) as tmp:
             save_pruned(lm, result, tmp)
@@ -317,7 +330,7 @@ def _run_speed(cell: Cell, study_dir: Path) -> dict[str, Any]:
     kwargs = {k: v for k, v in cell.options.items() if k in SPEED_KWARGS}
     kwargs.setdefault("measure_size", False)  # the size cell measures the sparse format already
     kwargs.setdefault("measure_rss", False)  # a subprocess per cell: opt in with speed.measure_rss
-    result = bench_model(lm, **kwargs)
+    result = bench_model(lm, progress=_progress, **kwargs)
     del lm
     return {"metrics": result if isinstance(result, dict) else {"result": result}}
 
