@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             "prune_s": prune_s,
             "eval_s": ev.wall_time_s,
             "calibration": result.calibration if result is not None else None,
+            "word_errors": ev.details.get("word_errors"),
             "examples": ev.details["examples"][:2],
         }
         rows.append(row)

@@ -117,6 +117,9 @@ def test_evaluate_asr_result_shape(tiny_lm, speech_cache):
 def test_wer_normalises_case_and_punctuation():
     assert asr.word_error_rate(["Hello, world."], ["hello world"]) == 0.0
     assert asr.word_error_rate(["a b c d"], ["a x c"]) == 0.5  # one substitution + one deletion
+    parts = asr.word_errors(["a b c d", "x y"], ["A x c.", "x y y y"])
+    assert (parts["substitutions"], parts["deletions"], parts["insertions"], parts["hits"]) == (1, 1, 2, 4)
+    assert parts["wer"] == pytest.approx(4 / 6) and parts["reference_words"] == 6
 
 
 def test_not_applicable_for_text_models(tiny_dirs):

@@ -6,7 +6,9 @@ Two numbers, because they fail differently under pruning:
   all clips. Reference and hypothesis are normalised the same way before scoring
   (`prunelab.data.speech.normalize_transcript`): lower-case, hyphens/slashes → spaces, every
   character other than a-z, 0-9, apostrophe and space removed, whitespace collapsed. So
-  casing and punctuation never count as errors; words do.
+  casing and punctuation never count as errors; words do. Decoding stops at `<|endoftext|>`
+  or after `MAX_NEW_TOKENS`; a pruned decoder that loops produces insertions, so WER can
+  exceed 1 (`details["word_errors"]` splits it into substitutions/deletions/insertions).
 * **Transcript perplexity**: teacher-forced, exp(mean NLL) over the transcript tokens only.
   The decoder reads `<|startoftranscript|><|notimestamps|> t1 … tn`; the prefix is masked
   (-100) so only t1 … tn are scored (end-of-text is not scored). Token-weighted over clips.
@@ -136,11 +138,22 @@ def transcript_perplexity(lm: Any, features: torch.Tensor, texts: list[str], *, 
 
 def word_error_rate(references: list[str], hypotheses: list[str]) -> float:
     """Corpus WER with jiwer after `normalize_transcript` on both sides."""
+    return float(word_errors(references, hypotheses)["wer"])
+
+
+def word_errors(references: list[str], hypotheses: list[str]) -> dict[str, float]:
+    """Corpus WER and its parts (substitutions, deletions, insertions, hits) after normalisation.
+
+    Insertions show runaway decoding (a pruned decoder repeating itself until the token cap),
+    which can push WER above 1 while teacher-forced perplexity stays low.
+    """
     import jiwer
 
     refs = [speech.normalize_transcript(r) for r in references]
     hyps = [speech.normalize_transcript(h) for h in hypotheses]
-    return float(jiwer.wer(refs, hyps))
+    out = jiwer.process_words(refs, hyps)
+    return {"wer": float(out.wer), "substitutions": out.substitutions, "deletions": out.deletions,
+            "insertions": out.insertions, "hits": out.hits, "reference_words": sum(len(r.split()) for r in refs)}
 
 
 def evaluate_asr(lm: Any, options: EvalOptions | None = None) -> EvalResult:
@@ -161,7 +174,8 @@ def evaluate_asr(lm: Any, options: EvalOptions | None = None) -> EvalResult:
         hyps += greedy_decode(lm, states)
         b_nll, b_n = teacher_forced_nll(lm, states, texts[start : start + bs])
         nll, n_tokens = nll + b_nll, n_tokens + b_n
-    wer = word_error_rate(texts, hyps)
+    errors = word_errors(texts, hyps)
+    wer = errors["wer"]
     ppl = math.exp(nll / max(1, n_tokens))
     src = speech.sentence_source_path()
     return EvalResult(
@@ -184,6 +198,8 @@ def evaluate_asr(lm: Any, options: EvalOptions | None = None) -> EvalResult:
         data_sha256=file_sha256(src),
         details={
             "audio_seconds": round(sum(c.seconds for c in clips), 2),
+            "word_errors": errors,
+            "max_new_tokens": MAX_NEW_TOKENS,
             "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(texts, hyps, strict=True))[:4]],
             "speech_version": speech.SPEECH_VERSION,
         },
