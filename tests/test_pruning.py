@@ -336,3 +336,29 @@ def test_bad_input(tiny_dirs):
     lm.prunable = []
     with pytest.raises(PrunelabError, match="no prunable matrices"):
         prune(lm, PruneConfig(method="magnitude"))
+
+
+def test_mixed_attention_layer_types_get_their_own_masks(tmp_path):
+    """Sliding-window and full-attention layers receive different masks; the runner must replay each."""
+    import transformers
+
+    from prunelab.data.calibration import calibration_inputs
+    from prunelab.models import byte_tokenizer
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=269, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1, layer_types=["full_attention", "sliding_attention"], architectures=["Qwen2ForCausalLM"],
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / "q")
+    byte_tokenizer().save_pretrained(tmp_path / "q")
+    config = PruneConfig(method="wanda", sparsity=0.5, nsamples=3, seqlen=24)
+    lm = load_model(str(tmp_path / "q"))
+    ref_lm = load_model(str(tmp_path / "q"))
+    calib = calibration_inputs(lm, config)
+    result = prune(lm, config)
+    ref_masks = _naive_reference(ref_lm, calib, "wanda", 0.5, None)
+    for m in lm.prunable:
+        assert torch.equal(result.masks[m.name], ref_masks[m.name]), m.name

@@ -202,6 +202,35 @@ def capture_inputs(runner: Callable[[], Any], block: nn.Module) -> BlockInput:
     return seen[0]
 
 
+def _mixed_layer_types(config: Any) -> bool:
+    """Models whose blocks get different attention masks (sliding-window vs full layers)."""
+    types = getattr(config, "layer_types", None) or []
+    return len(set(types)) > 1
+
+
+def capture_block_kwargs(runner: Callable[[], Any], blocks: list[BlockRef]) -> list[dict[str, Any]]:
+    """Keyword arguments of every block (for models whose blocks get different masks).
+
+    For block i, blocks 0..i-1 are temporarily replaced by the identity, so the capture costs
+    an embedding pass, not i blocks; only the keywords are kept (hidden states come from the
+    sequential chain). Used only for models whose blocks return plain tensors.
+    """
+    out = []
+    for i, block in enumerate(blocks):
+        saved = [b.module.__dict__.get("forward") for b in blocks[:i]]  # instance-level overrides, if any
+        try:
+            for b in blocks[:i]:
+                b.module.forward = lambda hidden_states, *a, **k: hidden_states  # type: ignore[method-assign]
+            out.append(capture_inputs(runner, block.module).kwargs)
+        finally:
+            for b, fwd in zip(blocks[:i], saved, strict=True):
+                if fwd is None:
+                    del b.module.forward  # back to the class's forward
+                else:
+                    b.module.forward = fwd  # type: ignore[method-assign]
+    return out
+
+
 def _call_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
     """Run one block; keep T5's shared position biases (returned by block 0) for later blocks."""
     out = block(inp.hidden, **inp.kwargs)
@@ -276,8 +305,15 @@ def _process_stack(
     progress: ProgressFn | None,
     done: int,
     total: int,
+    runners: list[Callable[[], Any]] | None = None,
 ) -> list[BlockInput]:
-    for block in blocks:
+    per_block: list[list[dict[str, Any]]] | None = None
+    if runners is not None and _mixed_layer_types(lm.config):
+        per_block = [capture_block_kwargs(r, blocks) for r in runners]  # [chunk][block]
+    for bi, block in enumerate(blocks):
+        if per_block is not None:
+            for ci, inp in enumerate(inputs):
+                inp.kwargs = per_block[ci][bi]
         hooks = _Hooks(lm, block, make_stats, prune_one)
         try:
             if len(inputs) == 1 or prune_one is None:
@@ -347,25 +383,29 @@ def run_sequential(
             enc_batches = [{k: v for k, v in b.items() if not k.startswith("decoder_")} for b in batches]
             done = 0
             if enc_blocks:
-                inputs = [capture_inputs(lambda b=b: encoder(**b), enc_blocks[0].module) for b in enc_batches]
-                _process_stack(lm, enc_blocks, inputs, make_stats, prune_one, after_block, progress, 0, total)
+                runners = [lambda b=b: encoder(**b) for b in enc_batches]
+                inputs = [capture_inputs(r, enc_blocks[0].module) for r in runners]
+                _process_stack(lm, enc_blocks, inputs, make_stats, prune_one, after_block, progress, 0, total, runners)
                 done = len(enc_blocks)
             if dec_blocks:
                 from transformers.modeling_outputs import BaseModelOutput
 
-                inputs = []
+                runners = []
                 for b, eb in zip(batches, enc_batches, strict=True):
                     enc_out = encoder(**eb).last_hidden_state  # the pruned encoder, final norm included
                     kw = dict(b, encoder_outputs=BaseModelOutput(last_hidden_state=enc_out), use_cache=False)
                     for k in ("input_ids", "input_features", "inputs_embeds"):
                         kw.pop(k, None)
-                    inputs.append(capture_inputs(lambda kw=kw: model(**kw), dec_blocks[0].module))
-                _process_stack(lm, dec_blocks, inputs, make_stats, prune_one, after_block, progress, done, total)
+                    runners.append(lambda kw=kw: model(**kw))
+                inputs = [capture_inputs(r, dec_blocks[0].module) for r in runners]
+                _process_stack(lm, dec_blocks, inputs, make_stats, prune_one, after_block, progress, done, total,
+                               runners)
         else:
             stack: Stack = "encoder" if lm.family == "encoder" else "decoder"
             blocks = stack_blocks(lm, stack)
             if not blocks:
                 raise PruningError("no transformer blocks with prunable matrices")
             kw_extra = {"use_cache": False} if lm.family == "decoder" else {}
-            inputs = [capture_inputs(lambda b=b: model(**b, **kw_extra), blocks[0].module) for b in batches]
-            _process_stack(lm, blocks, inputs, make_stats, prune_one, after_block, progress, 0, len(blocks))
+            runners = [lambda b=b: model(**b, **kw_extra) for b in batches]
+            inputs = [capture_inputs(r, blocks[0].module) for r in runners]
+            _process_stack(lm, blocks, inputs, make_stats, prune_one, after_block, progress, 0, len(blocks), runners)
