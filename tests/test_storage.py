@@ -511,3 +511,22 @@ def test_load_model_reads_sparse_checkpoint(tmp_path: Path) -> None:
     assert back.tokenizer is not None
     for name, t in lm.model.state_dict().items():
         assert _same_bits(t, back.model.state_dict()[name]), name
+
+
+def test_sharded_checkpoint_round_trip(tmp_path: Path) -> None:
+    lm = _pruned_lm("bart", "u90")
+    out = save_sparse(lm, tmp_path / "ck", max_shard_bytes=20_000)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(files) > 3 and files[0].startswith("model.sparse-00001-of-")
+    loaded = load_sparse(out)
+    for name, t in lm.model.state_dict().items():
+        assert _same_bits(t, loaded.state_dict()[name]), name
+    assert size_report(out)["checkpoint"]["weights_file_bytes"] == sum((out / f).stat().st_size for f in files)
+
+
+def test_tensor_missing_from_index(ck: Path) -> None:
+    index = _index(ck)
+    del index["tensors"]["model.norm.weight"]
+    _write_index(ck, index)
+    with pytest.raises(CheckpointError, match="tensor model.norm.weight is missing"):
+        load_sparse(ck)
