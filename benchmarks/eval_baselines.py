@@ -114,7 +114,7 @@ def main() -> None:
         table.add_row(r["model"], r["bench"] + (f" ({r['mode']})" if r["mode"] else ""), metrics,
                       str(r["n_tokens"] or r["n_examples"]), str(r["seqlen"]), f"{r['wall_time_s']:.1f}",
                       f"{r['model_load_s']:.1f}")
-    console = Console()
+    console = Console(width=160)
     console.print(table)
     if check:
         console.print(f"smollm2 ppl cross-check: plain loop {check['plain_loop_ppl']:.4f} "
