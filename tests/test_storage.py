@@ -496,8 +496,26 @@ def test_cli_size(saved: Path, tmp_path: Path, tiny_dirs: dict[str, Path]) -> No
     assert json.loads((tmp_path / "size.json").read_text())["totals"]["pruned"]["count"] == 14
     res = runner.invoke(app, ["size", str(saved), "--by-type"])
     assert res.exit_code == 0 and "gate" in res.output
-    res = runner.invoke(app, ["size", str(tiny_dirs["llama"])])
+    res = runner.invoke(app, ["size", str(tiny_dirs["llama"])])  # a dense HF checkpoint: estimated sizes
+    assert res.exit_code == 0 and "estimated" in res.output
+    res = runner.invoke(app, ["size", str(tmp_path)])
     assert res.exit_code != 0 and isinstance(res.exception, CheckpointError)
+
+
+def test_size_report_estimates_hf_checkpoint(tmp_path: Path) -> None:
+    """For a dense-format checkpoint the report predicts exactly what save_sparse stores."""
+    lm = _pruned_lm("llama", "u90")
+    lm.model.save_pretrained(tmp_path / "hf")
+    est = size_report(tmp_path / "hf")
+    real = size_report(save_sparse(lm, tmp_path / "sp"))
+    assert est["estimated"] and not real["estimated"]
+
+    def key(rep: dict) -> dict:
+        return {r["name"]: (r["encoding"], r["nnz"], r["stored_bytes"], r["prunable"]) for r in rep["tensors"]}
+
+    assert key(est) == key(real)
+    assert est["totals"]["pruned"] == real["totals"]["pruned"]
+    assert est["checkpoint"]["ratio"] < 0.6
 
 
 def test_load_model_reads_sparse_checkpoint(tmp_path: Path) -> None:

@@ -158,7 +158,8 @@ def demo(
 
 @app.command()
 def size(
-    directory: Path = typer.Argument(..., help="A sparse checkpoint directory (from --format sparse / save_sparse)."),
+    directory: Path = typer.Argument(..., help="A sparse checkpoint (--format sparse), or an HF checkpoint "
+                                     "(then sizes are what --format sparse would store)."),
     by_type: bool = typer.Option(False, "--by-type", help="One row per module type instead of per tensor."),
     json_out: Path | None = typer.Option(None, "--json", help="Also write the full report as JSON here."),
 ) -> None:

@@ -17,13 +17,18 @@ tensor is decoded, so `prunelab size` is instant even for large checkpoints.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from prunelab.storage.checkpoint import INDEX_NAME, _read_index, checkpoint_file_bytes
+import numpy as np
+import torch
+
+from prunelab.storage.checkpoint import INDEX_NAME, _read_index, checkpoint_file_bytes, is_sparse_checkpoint
 from prunelab.storage.encodings import DTYPES
 
 
@@ -43,8 +48,6 @@ def bounds_bytes(numel: int, nnz: int, bits: int) -> tuple[float, float]:
 
 
 def _bits(dtype: str) -> int:
-    import torch
-
     return torch.empty((), dtype=DTYPES[dtype]).element_size() * 8
 
 
@@ -71,72 +74,134 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Per-tensor and total sizes of a sparse checkpoint against dense and the two bounds.
+def _row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """One report row from an index entry (encoding, params, shape, dtype, nnz, byte counts, flags)."""
+    enc, params = entry["encoding"], entry.get("params", {})
+    numel = math.prod(entry["shape"])
+    bits = _bits(entry["dtype"])
+    nnz = entry["nnz"]
+    bm, ent = bounds_bytes(numel, nnz, bits)
+    label = enc + (f"({params.get('index')})" if enc == "csr" else
+                   f"({params['n']}:{params['m']})" if enc == "nm" else "")
+    row: dict[str, Any] = {
+        "name": name,
+        "encoding": label,
+        "shape": entry["shape"],
+        "dtype": entry["dtype"],
+        "numel": numel,
+        "nnz": nnz,
+        "sparsity": 1 - nnz / numel if numel else 0.0,
+        "prunable": bool(entry.get("prunable")),
+        "module_type": entry.get("module_type"),
+        "dense_bytes": entry["dense_bytes"],
+        "stored_bytes": entry["stored_bytes"],
+        "ratio": entry["stored_bytes"] / entry["dense_bytes"] if entry["dense_bytes"] else 1.0,
+        "bitmask_bound_bytes": bm,
+        "entropy_bound_bytes": ent,
+        "stored_vs_bitmask_bound": entry["stored_bytes"] / bm if bm else 1.0,
+    }
+    if enc == "nm":
+        m, k = params["m"], params["m"] - params["n"]
+        row["pattern_bound_bytes"] = ((numel // m) * math.log2(math.comb(m, k)) + nnz * bits) / 8
+    return row
 
-    Returns {"dir", "format", "version", "model_class", "dtype", "tensors": [...],
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
+
+
+def _planned_entries(directory: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Index-like entries for a plain HF safetensors checkpoint: the encoding save_sparse would pick.
+
+    Tensors are streamed one at a time; "prunable" is guessed from names (a 2-D `.weight` inside
+    a numbered block whose leaf name is a known linear role), since no model is instantiated.
+    """
+    from safetensors import safe_open
+
+    from prunelab.models.discovery import module_type_of
+    from prunelab.models.loader import weight_files
+    from prunelab.storage.encodings import dtype_name, nonzero_mask, plan_encoding
+
+    entries: dict[str, dict[str, Any]] = {}
+    files = weight_files(directory)
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                eligible = t.numel() > 0 and t.dtype != torch.bool and not t.is_complex()
+                mask = nonzero_mask(t) if eligible else None
+                enc, params, cost = plan_encoding(t, mask)
+                nnz = int(np.count_nonzero(mask.numpy())) if mask is not None else t.numel()
+                module = name.removesuffix(".weight")
+                mtype = module_type_of(module) if name.endswith(".weight") and t.dim() == 2 else "other"
+                prunable = bool(_BLOCK.search(name)) and mtype != "other"
+                entries[name] = {
+                    "encoding": enc, "params": params, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
+                    "nnz": nnz, "dense_bytes": t.numel() * t.element_size(), "stored_bytes": cost,
+                    "prunable": prunable, **({"module_type": mtype} if prunable else {}),
+                }
+    return entries, [f.name for f in files]
+
+
+def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-tensor and total sizes of a checkpoint against dense and the two bounds.
+
+    For a sparse checkpoint the numbers are read from its index (nothing is decoded). For a
+    plain HF safetensors checkpoint (e.g. `prune --format hf`) every tensor is planned as
+    `save_sparse` would encode it, so the report says what the sparse format *would* store
+    (`"estimated": true`). Returns {"dir", "format", "estimated", "tensors": [...],
     "totals": {"pruned": ..., "all": ...}, "checkpoint": {...}}. "pruned" covers the
-    matrices prunelab prunes (flagged at save time); when none is flagged, every 2-D tensor
-    with zeros. Ratios are stored / dense; `stored_vs_*_bound` are stored / bound.
+    matrices prunelab prunes; when none is flagged, every 2-D tensor with zeros. Ratios are
+    stored / dense; `stored_vs_*_bound` are stored / bound.
     """
     directory = Path(directory)
-    index = _read_index(directory)
-    rows = []
-    for name, e in index["tensors"].items():
-        if "alias_of" in e:
-            continue
-        numel = math.prod(e["shape"])
-        bits = _bits(e["dtype"])
-        bm, ent = bounds_bytes(numel, e["nnz"], bits)
-        row: dict[str, Any] = {
-            "name": name,
-            "encoding": e["encoding"] + (f"({e['params'].get('index')})" if e["encoding"] == "csr" else
-                                         f"({e['params']['n']}:{e['params']['m']})" if e["encoding"] == "nm" else ""),
-            "shape": e["shape"],
-            "dtype": e["dtype"],
-            "numel": numel,
-            "nnz": e["nnz"],
-            "sparsity": 1 - e["nnz"] / numel if numel else 0.0,
-            "prunable": bool(e.get("prunable")),
-            "module_type": e.get("module_type"),
-            "dense_bytes": e["dense_bytes"],
-            "stored_bytes": e["stored_bytes"],
-            "ratio": e["stored_bytes"] / e["dense_bytes"] if e["dense_bytes"] else 1.0,
-            "bitmask_bound_bytes": bm,
-            "entropy_bound_bytes": ent,
-            "stored_vs_bitmask_bound": e["stored_bytes"] / bm if bm else 1.0,
-        }
-        if e["encoding"] == "nm":
-            m, k = e["params"]["m"], e["params"]["m"] - e["params"]["n"]
-            groups = numel // m
-            row["pattern_bound_bytes"] = (groups * math.log2(math.comb(m, k)) + e["nnz"] * bits) / 8
-        rows.append(row)
+    estimated = not is_sparse_checkpoint(directory) and (directory / "config.json").is_file()
+    if estimated:
+        entries, weight_names = _planned_entries(directory)
+        index: dict[str, Any] = {"format": "hf-safetensors", "version": None, "files": weight_names}
+        try:
+            index["model_class"] = (json.loads((directory / "config.json").read_text()).get("architectures")
+                                    or [None])[0]
+        except (json.JSONDecodeError, OSError):
+            index["model_class"] = None
+        dtypes = [e["dtype"] for e in entries.values() if e["dtype"].startswith(("float", "bfloat"))]
+        index["dtype"] = dtypes[0] if dtypes else None
+    else:
+        index = _read_index(directory)
+        entries = index["tensors"]
+    rows = [_row(name, e) for name, e in entries.items() if "alias_of" not in e]
     pruned = [r for r in rows if r["prunable"]]
     if not pruned:
         pruned = [r for r in rows if len(r["shape"]) == 2 and r["nnz"] < r["numel"]]
     files = checkpoint_file_bytes(directory)
     weights = sum(files.get(f, 0) for f in index["files"])
     dense_tensors = sum(r["dense_bytes"] for r in rows)
-    others = sum(v for k, v in files.items() if k not in index["files"] and k != INDEX_NAME)
+    stored_tensors = sum(r["stored_bytes"] for r in rows)
+    others = sum(v for k, v in files.items() if k not in index["files"] and k != INDEX_NAME
+                 and not k.endswith(".safetensors.index.json"))
     total = sum(files.values())
+    checkpoint: dict[str, Any] = {
+        "weights_file_bytes": weights,
+        "index_file_bytes": files.get(INDEX_NAME, 0),
+        "other_file_bytes": others,
+        "total_file_bytes": total,
+        "dense_tensor_bytes": dense_tensors,
+        "dense_equivalent_bytes": dense_tensors + others,
+        "ratio": total / (dense_tensors + others) if dense_tensors + others else 1.0,
+    }
+    if estimated:  # what --format sparse would write: tensor data + others (+ small headers/index)
+        checkpoint["estimated_sparse_bytes"] = stored_tensors + others
+        checkpoint["ratio"] = (stored_tensors + others) / total if total else 1.0
     return {
         "dir": str(directory),
         "format": index["format"],
         "version": index["version"],
+        "estimated": estimated,
         "model_class": index.get("model_class"),
         "dtype": index.get("dtype"),
         "units": "bytes of raw tensor data unless named *_file_bytes; bounds may be fractional",
         "tensors": rows,
         "totals": {"pruned": _totals(pruned), "all": _totals(rows)},
-        "checkpoint": {
-            "weights_file_bytes": weights,
-            "index_file_bytes": files.get(INDEX_NAME, 0),
-            "other_file_bytes": others,
-            "total_file_bytes": total,
-            "dense_tensor_bytes": dense_tensors,
-            "dense_equivalent_bytes": dense_tensors + others,
-            "ratio": total / (dense_tensors + others) if dense_tensors + others else 1.0,
-        },
+        "checkpoint": checkpoint,
     }
 
 
@@ -158,19 +223,21 @@ def size_tables(report: dict[str, Any], *, by_type: bool = False) -> list[Any]:
                 human_bytes(r["bitmask_bound_bytes"]), human_bytes(r["entropy_bound_bytes"]),
                 f"{r['stored_vs_bitmask_bound']:.3f}"]
 
+    what = ("dense HF checkpoint, sizes as --format sparse would store them (estimated):"
+            if report.get("estimated") else "sparse checkpoint")
     if by_type:
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in report["tensors"]:
             key = r["module_type"] or ("other (pruned)" if r["prunable"] else "not pruned")
             groups.setdefault(key, []).append(r)
         main = Table("module type", "tensors", "sparsity", "encodings", *cols,
-                     title=f"sparse checkpoint {report['dir']} by module type")
+                     title=f"{what} {report['dir']} by module type")
         for key, rs in groups.items():
             t = _totals(rs)
             enc = ", ".join(f"{k}×{v}" for k, v in t["encodings"].items())
             main.add_row(key, str(t["count"]), f"{t['sparsity']:.1%}", enc, *cells(t))
     else:
-        main = Table("tensor", "encoding", "shape", "sparsity", *cols, title=f"sparse checkpoint {report['dir']}")
+        main = Table("tensor", "encoding", "shape", "sparsity", *cols, title=f"{what} {report['dir']}")
         for r in report["tensors"]:
             main.add_row(r["name"], r["encoding"], "×".join(map(str, r["shape"])), f"{r['sparsity']:.1%}", *cells(r))
     totals = Table("totals", "tensors", "sparsity", *cols, title="totals (bytes of tensor data)")
@@ -180,6 +247,12 @@ def size_tables(report: dict[str, Any], *, by_type: bool = False) -> list[Any]:
     ck = report["checkpoint"]
     files = Table("checkpoint on disk", "bytes", title="files")
     files.add_row("weights files", human_bytes(ck["weights_file_bytes"]))
+    if report.get("estimated"):
+        files.add_row("config, tokenizer, other", human_bytes(ck["other_file_bytes"]))
+        files.add_row("total (dense HF checkpoint)", human_bytes(ck["total_file_bytes"]))
+        files.add_row("with --format sparse (estimated)", human_bytes(ck["estimated_sparse_bytes"]))
+        files.add_row("sparse / dense", f"{ck['ratio']:.3f}")
+        return [main, totals, files]
     files.add_row("index", human_bytes(ck["index_file_bytes"]))
     files.add_row("config, tokenizer, other", human_bytes(ck["other_file_bytes"]))
     files.add_row("total", human_bytes(ck["total_file_bytes"]))
