@@ -62,15 +62,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "sparsities": [0.5, 0.9],
-        "calibration": {"nsamples": 4, "seqlen": 128},
+        "calibration": {"nsamples": 4, "seqlen": 64},
         "eval": {
-            "ppl": {"max_tokens": 1024, "seqlen": 256},
-            "seq2seq-ppl": {"max_examples": 16},
-            "pppl": {"max_tokens": 512},
-            "sst2": {"train_limit": 200, "max_examples": 200},
-            "mrpc": {"train_limit": 200, "max_examples": 200},
-            "embed": {"max_examples": 100},
-            "asr": {"max_examples": 4},
+            "ppl": {"max_tokens": 512, "seqlen": 256},
+            "seq2seq-ppl": {"max_examples": 8},
+            "pppl": {"max_tokens": 256},
+            "sst2": {"train_limit": 32, "max_examples": 32},
+            "mrpc": {"train_limit": 32, "max_examples": 32},
+            "embed": {"max_examples": 32},
+            "asr": {"max_examples": 3},
         },
         "size": True,
         "speed": {"sparsities": [0.9], "methods": ["magnitude"], "prefill_tokens": 64, "decode_tokens": 8,
@@ -95,7 +95,8 @@ PRESET_NOTES = {
     ),
     "quick": (
         "A smoke test of the whole pipeline in a few minutes: sparsities 0.5 and 0.9 only, calibration "
-        "4 x 128 tokens, perplexity on 1024 tokens, probes on 200 examples, 4 speech clips, speed at 0.9 only. "
+        "4 x 64 tokens, perplexity on 512 tokens, probes trained and scored on 32 examples, 3 speech clips, "
+        "speed at 0.9 only. "
         "Use it to check a setup, not to draw conclusions."
     ),
 }
