@@ -207,9 +207,10 @@ def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[S
                 metric = n["metric"]
                 if n["sparse"] is not None:
                     series.setdefault(f"sparse runtime ({r.method_label})", []).append((r.sparsity, n["sparse"]))
-                if n["dense"] is not None:
+                if n["dense"] is not None:  # timed interleaved with the sparse run: same machine load
+                    series.setdefault("dense (timed alongside)", []).append((r.sparsity, n["dense"]))
                     dense_vals.append(n["dense"])
-            dense = sorted(dense_vals)[len(dense_vals) // 2] if dense_vals else None
+            dense = None  # the per-cell dense line is the reference; a global median would mix load levels
             if metric == "decode_ms_per_token":
                 what, ylabel = "decode latency", "decode latency (ms/token, median; lower is better)"
             else:
@@ -219,7 +220,7 @@ def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[S
             if png:
                 extra = "" if metric == "decode_ms_per_token" else " (an encoder does not decode)"
                 sec.figures.append(Figure(f"{tag}-speed.png", f"{model}: {what} vs sparsity{extra} "
-                                          "(sparse runtime; dense median as reference)", png=png))
+                                          "(sparse runtime vs the dense model timed in the same cell)", png=png))
             else:
                 sec.notes.append("speed: no timing in the speed results")
         elif any(r.kind == "speed" for r in mrows):
@@ -246,7 +247,7 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
         p = points.setdefault(key, {})
         if r.status != "done":
             if r.kind == "bench":
-                p[r.bench] = "failed"
+                p[r.bench] = r.status
             continue
         if r.kind == "prune":
             p["achieved"] = _num((r.metrics or {}).get("achieved_sparsity_prunable"))
@@ -311,6 +312,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     versions = next((r.versions for r in rows if r.versions), {})
     counts = {s: sum(1 for r in rows if r.status == s) for s in ("done", "failed", "running")}
     compute = sum(r.wall_s or 0.0 for r in rows)
+    cpu = sum(r.cpu_s or 0.0 for r in rows)
     by_kind: dict[str, float] = {}
     for r in rows:
         by_kind[r.kind] = by_kind.get(r.kind, 0.0) + (r.wall_s or 0.0)
@@ -323,7 +325,7 @@ def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
         f"Cells: {len(rows)} planned, {counts['done']} done, {counts['failed']} failed, "
         f"{counts['running']} interrupted; executor `{meta.get('executor')}`, preset `{preset}`.",
         f"Compute time summed over cells: {compute / 60:.1f} min ("
-        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(by_kind.items())) + ").",
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(by_kind.items())) + f"); CPU time {cpu / 60:.1f} min.",
         "Sparsity on the x axes is the requested fraction of prunable weights (attention and MLP matrices "
         "inside transformer blocks) set to zero; the summary table gives the achieved value.",
     ]
