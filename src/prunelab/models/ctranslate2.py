@@ -221,8 +221,12 @@ def _count_layers(model: CT2Model, stack: str) -> int:
     return len(idx)
 
 
-def whisper_config_from_ct2(model: CT2Model, package_config: dict[str, Any]) -> Any:
-    """A `WhisperConfig` with sizes read from the variables and token ids from the package config."""
+def whisper_config_from_ct2(
+    model: CT2Model, package_config: dict[str, Any], *, eot_id: int = 50256, sot_id: int = 50257
+) -> Any:
+    """A `WhisperConfig` with sizes read from the variables, special ids from the tokenizer
+    (`<|endoftext|>` is bos/eos/pad, `<|startoftranscript|>` starts decoding; 50256/50257 in
+    the English-only GPT-2 vocabulary) and suppressed tokens from the package config."""
     from transformers import WhisperConfig
 
     if not model.spec.startswith("WhisperSpec"):
@@ -250,13 +254,12 @@ def whisper_config_from_ct2(model: CT2Model, package_config: dict[str, Any]) -> 
         activation_function=_ACTIVATIONS[act_id],
         max_source_positions=model.get("encoder/position_encodings/encodings").shape[0],
         max_target_positions=model.get("decoder/position_encodings/encodings").shape[0],
-        # GPT-2 vocabulary: <|endoftext|> = 50256 is bos/eos/pad, <|startoftranscript|> starts decoding.
-        bos_token_id=50256,
-        eos_token_id=50256,
-        pad_token_id=50256,
-        decoder_start_token_id=50257,
+        bos_token_id=eot_id,
+        eos_token_id=eot_id,
+        pad_token_id=eot_id,
+        decoder_start_token_id=sot_id,
         suppress_tokens=list(package_config.get("suppress_ids", [])),
-        begin_suppress_tokens=list(package_config.get("suppress_ids_begin", [220, 50256])),
+        begin_suppress_tokens=list(package_config.get("suppress_ids_begin", [220, eot_id])),
         tie_word_embeddings=True,
     )
 
@@ -448,7 +451,11 @@ def convert_ct2_whisper(model_dir: str | Path) -> Path:
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{model_dir / 'config.json'} is not valid JSON: {exc}") from exc
     ct2 = read_ct2_model(bin_path)
-    config = whisper_config_from_ct2(ct2, package_config)
+    tokenizer = _tokenizer(model_dir)
+    eot, sot = tokenizer.convert_tokens_to_ids(_EOT), tokenizer.convert_tokens_to_ids(_SOT)
+    if not (isinstance(eot, int) and isinstance(sot, int) and sot != eot):
+        raise CheckpointError(f"{model_dir / 'tokenizer.json'} lacks Whisper's {_EOT}/{_SOT} tokens")
+    config = whisper_config_from_ct2(ct2, package_config, eot_id=eot, sot_id=sot)
     state, used = ct2_whisper_state_dict(ct2, config)
     with torch.device("meta"):
         hf_model = WhisperForConditionalGeneration(config)
@@ -459,7 +466,6 @@ def convert_ct2_whisper(model_dir: str | Path) -> Path:
     hf_model.proj_out.weight = hf_model.model.decoder.embed_tokens.weight
     if hf_model.proj_out.weight.data_ptr() != hf_model.model.decoder.embed_tokens.weight.data_ptr():
         raise CheckpointError("converter bug: output projection is not tied to the token embedding")
-    tokenizer = _tokenizer(model_dir)
     hf_model.generation_config = _generation_config(config, tokenizer, package_config)
     features = WhisperFeatureExtractor(feature_size=config.num_mel_bins)
     with atomic_dir(target) as tmp:
