@@ -152,6 +152,7 @@ def test_report_of_missing_study_is_a_user_error(tmp_path):
         build_report(tmp_path / "nothing")
 
 
+@pytest.mark.slow  # the speed cells compile the runtime's numba kernels (~30 s of CPU on first use)
 def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     """The whole chain on tiny models: analyze, prune, ppl/sst2, size, speed → report with every figure."""
     from prunelab.study import run_study
