@@ -1,4 +1,15 @@
-"""Sparse CPU inference: sparse linear modules, their kernels, and `bench` (latency, throughput, memory)."""
+"""Sparse CPU inference: sparse linear modules, their kernels, and `bench` (latency, throughput, memory).
+
+    lm = load_model("pruned-dir")                      # any pruned checkpoint (HF or prunelab sparse format)
+    summary = sparsify_for_inference(lm)               # in place; measured per shape/sparsity/rows bucket
+    ...                                                # lm.model.generate(...) as usual, on CPU, fp32
+    restore_dense(lm)                                  # undo, bit-identical weights
+
+- `kernels.py`: the SELL-16 format (fp32 values + uint16 columns) and numba kernels.
+- `sparse_linear.py`: `SparseLinear` and the measured, cached backend decision.
+- `sparsify.py`: swapping modules in and out; `load_for_inference(spec)`.
+- `bench.py`: `bench_model(lm)` / `run_bench(spec, out)` behind `prunelab bench`.
+"""
 
 from prunelab.runtime.kernels import SellMatrix, warmup
 from prunelab.runtime.sparse_linear import BACKENDS, SparseLinear, clear_decisions

@@ -266,6 +266,18 @@ class SparseLinear(nn.Module):
         """Bytes read per product by the SELL kernels (values + indices + metadata)."""
         return self.sell.nbytes
 
+    def read_nbytes(self, backend: str) -> int:
+        """Weight bytes one product with `backend` reads (its own format; dense = 4 per element)."""
+        if backend in ("sell", "sell_par"):
+            return self.sell.nbytes
+        if backend == "scipy":
+            m = self._get_scipy()
+            return int(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes)
+        if backend == "torch_csr":
+            t = self._get_torch_csr()
+            return int(sum(x.numel() * x.element_size() for x in (t.crow_indices(), t.col_indices(), t.values())))
+        return self.dense_nbytes
+
     @property
     def dense_nbytes(self) -> int:
         return self.out_features * self.in_features * 4
@@ -394,11 +406,16 @@ class SparseLinear(nn.Module):
         rows = x.numel() // self.in_features
         if rows == 1 and x.dtype == torch.float32:  # decode fast path: bias fused into the kernel
             backend = self.plan.get(1) or self.decide(1)
-            if backend in ("sell", "sell_par"):
+            if backend in ("sell", "sell_par", "scipy"):
                 xd = x.detach()
                 if not xd.is_contiguous():
                     xd = xd.contiguous()
-                y = self.sell.gemv(xd.view(-1).numpy(), parallel=backend == "sell_par", bias=self._bias_pad)
+                if backend == "scipy":
+                    y = self._get_scipy() @ xd.view(-1).numpy()
+                    if self.bias is not None:
+                        y += self._bias_pad[: self.out_features]
+                else:
+                    y = self.sell.gemv(xd.view(-1).numpy(), parallel=backend == "sell_par", bias=self._bias_pad)
                 return torch.from_numpy(y).view(*x.shape[:-1], self.out_features)
         x2 = x.detach().reshape(-1, self.in_features)
         if x2.dtype != torch.float32:

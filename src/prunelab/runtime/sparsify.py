@@ -31,7 +31,7 @@ class ModuleDecision:
     plan: dict[int, str] = field(default_factory=dict)  # rows bucket -> backend
     seconds: dict[int, dict[str, float]] = field(default_factory=dict)  # rows bucket -> backend -> fastest run, s
     dense_bytes: int = 0
-    sparse_bytes: int = 0
+    sparse_bytes: int = 0  # bytes read per product by the backend chosen for the smallest rows bucket
 
 
 @dataclass
@@ -148,8 +148,8 @@ def sparsify_for_inference(
             sl.decide(b)
         dec.plan = dict(sl.plan)
         dec.seconds = dict(sl.timings)
-        dec.sparse_bytes = sl.sparse_nbytes
         first = sl.plan[buckets[0]]
+        dec.sparse_bytes = sl.read_nbytes(first)  # what decode reads with the chosen backend
         if first == "dense" and force is None:
             dec.reason = f"dense is faster at {buckets[0]} row(s)"
             continue
