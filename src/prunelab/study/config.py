@@ -51,8 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "ppl": {"max_tokens": 1024, "seqlen": 512},
             "seq2seq-ppl": {"max_examples": 32},
             "pppl": {"max_tokens": 1024},
-            "sst2": {"train_limit": 64, "max_examples": 64},
-            "mrpc": {"train_limit": 64, "max_examples": 64},
+            "sst2": {"train_limit": 128, "max_examples": 128},
+            "mrpc": {"train_limit": 128, "max_examples": 128},
             "embed": {"max_examples": 128},
             "asr": {"max_examples": 6},
         },
@@ -82,16 +82,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 PRESET_NOTES = {
     "default": (
         "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 198 cells, "
-        "2 worker processes) fits 20 minutes on 2 CPU cores. Measured cost on that class of machine: SmolLM2-135M "
-        "costs ~8 CPU-ms per token forward, so each SmolLM2 point's benchmarks dominate. Cut versus the papers' "
-        "protocol and versus the first plan (16x256 calibration, 8x512 ppl tokens, 1000-example probes, 12 clips): "
-        "calibration 8 x 128 tokens of MRPC text (papers: 128 x 2048 of C4); WikiText-2 perplexity on the first "
-        "1024 tokens in two 512-token windows (papers: the whole test set, 2048-token windows); SST-2 and MRPC "
-        "linear probes trained on 64 examples and scored on the first 64 dev examples (accuracy resolution "
-        "1/64, noise of several points); embedding fidelity on 128 SST-2 sentences; speech benchmark on 6 clips; "
-        "decode speed only for magnitude pruning at 0.5/0.9/0.99 (speed depends on the sparsity pattern, not "
-        "on how the mask was chosen), 16 decoded tokens x 3 repeats. Numbers are therefore noisier than "
-        "published ones and comparable only within this report; raise them in a study YAML for real work."
+        "2 single-thread worker processes) fits 20 minutes on 2 CPU cores. Measured CPU cost per cell: SmolLM2 "
+        "~6 s for 1024 perplexity tokens, ~0.14 s per probe sentence, 6 s magnitude pruning; MiniLM 2-4 s per "
+        "benchmark. Cut versus the papers' protocol and versus the first plan (16x256 calibration, 8x512 ppl "
+        "tokens, 1000-example probes, 12 clips): calibration 8 x 128 tokens of MRPC text (papers: 128 x 2048 "
+        "of C4); WikiText-2 perplexity on the first 1024 tokens in two 512-token windows (papers: the whole "
+        "test set in 2048-token windows); SST-2 and MRPC linear probes trained on 128 examples and scored on the "
+        "first 128 dev examples (64 was tried: the SmolLM2 probe then stays at chance even dense); embedding "
+        "fidelity on 128 SST-2 sentences; speech benchmark on 6 clips; decode speed only for magnitude pruning "
+        "at 0.5/0.9/0.99 (speed depends on the sparsity pattern, not on how the mask was chosen), 16 decoded "
+        "tokens x 3 repeats. Numbers are therefore noisier than published ones and comparable only within this "
+        "report; raise them in a study YAML for real work."
     ),
     "quick": (
         "A smoke test of the whole pipeline in a few minutes: sparsities 0.5 and 0.9 only, calibration "
