@@ -111,6 +111,8 @@ def test_evaluate_asr_result_shape(tiny_lm, speech_cache):
     assert res.metrics["wer"] >= 0 and math.isfinite(res.metrics["transcript_ppl"])
     assert res.data_sha256 and len(res.data_sha256) == 64
     assert len(res.details["examples"]) == 2 and res.details["examples"][0]["reference"]
+    assert set(res.details["lexicon_sha256"]) == {"glue-sst2/train.tsv", "glue-mrpc/train.tsv"}
+    assert res.details["word_errors"]["reference_words"] > 0
     assert res.to_dict()["value"] == res.metrics["wer"]
 
 

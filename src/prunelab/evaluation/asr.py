@@ -202,5 +202,7 @@ def evaluate_asr(lm: Any, options: EvalOptions | None = None) -> EvalResult:
             "max_new_tokens": MAX_NEW_TOKENS,
             "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(texts, hyps, strict=True))[:4]],
             "speech_version": speech.SPEECH_VERSION,
+            # The sentence filter also reads these files (which words count as common English).
+            "lexicon_sha256": {f"{p.parent.name}/{p.name}": file_sha256(p) for p in speech.lexicon_paths()},
         },
     )
