@@ -81,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Why the presets use the data sizes they do (printed in the report).
 PRESET_NOTES = {
     "default": (
-        "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 198 cells, "
+        "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 195 cells, "
         "2 single-thread worker processes) fits 20 minutes on 2 CPU cores. Measured CPU cost per cell: SmolLM2 "
         "~6 s for 1024 perplexity tokens, ~0.14 s per probe sentence, 6 s magnitude pruning; MiniLM 2-4 s per "
         "benchmark. Cut versus the papers' protocol and versus the first plan (16x256 calibration, 8x512 ppl "
