@@ -82,6 +82,8 @@ def bench_values(out: Path) -> dict[str, tuple[str, float | None, float | None]]
         ({"sparsity": [0.5]}, "unknown key 'sparsity'"),
         ({"eval": {"ppl": {"max_tokenz": 5}}}, "eval.ppl has unknown key 'max_tokenz'"),
         ({"speed": {"sparsities": [1.5]}}, "speed.sparsities[0] 1.5"),
+        ({"model_overrides": {"zoo:minilm": {"calibration": {"nsamples": 2}}}}, "entry for 'zoo:minilm'"),
+        ({"model_overrides": {"{gpt2}": {"calibration": {"n": 2}}}}, "calibration has unknown key 'n'"),
     ],
 )
 def test_bad_config_entries_are_named(tiny_dirs, override, fragment):
@@ -89,6 +91,8 @@ def test_bad_config_entries_are_named(tiny_dirs, override, fragment):
     for key, value in override.items():
         if key == "models":
             value = [str(tiny_dirs["gpt2"]) if v == "{gpt2}" else v for v in value]
+        if key == "model_overrides":
+            value = {str(tiny_dirs["gpt2"]) if k == "{gpt2}" else k: v for k, v in value.items()}
         cfg[key] = value
     with pytest.raises(ConfigError) as info:
         load_config(cfg)
@@ -172,6 +176,22 @@ def test_plan_expands_grid(tiny_dirs, small_text):
     assert "nsamples" not in mag.prune
     wanda = next(c for c in cells if c.kind == "prune" and c.method == "wanda")
     assert wanda.prune["nsamples"] == 4
+
+
+def test_model_overrides_change_only_that_models_cells(tiny_dirs, small_text):
+    base = plan(load_config(tiny_grid(tiny_dirs, small_text)))
+    over = plan(load_config(tiny_grid(tiny_dirs, small_text, model_overrides={
+        str(tiny_dirs["llama"]): {"calibration": {"nsamples": 2}, "eval": {"ppl": {"max_tokens": 256}}}})))
+    changed = {c.hash for c in base} ^ {c.hash for c in over}
+    gpt2 = str(tiny_dirs["gpt2"])
+    assert {c.hash for c in base if c.model == gpt2} == {c.hash for c in over if c.model == gpt2}
+    llama_over = [c for c in over if c.model != gpt2]
+    assert changed and all(c.prune.get("nsamples", 2) == 2 for c in llama_over)
+    assert all(c.options["max_tokens"] == 256 for c in llama_over if c.kind == "bench")
+    # the default preset calibrates the speech model on 2 clips (1500 encoder frames each)
+    default = load_config(None)
+    assert default.calibration_for("zoo:whisper-tiny-en")["nsamples"] == 2
+    assert default.calibration_for("zoo:smollm2")["nsamples"] == 8
 
 
 def test_nm_pattern_is_one_point_per_method(tiny_dirs, small_text):
