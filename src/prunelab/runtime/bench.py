@@ -5,8 +5,10 @@ Measured, in one call:
 - **size on disk**: the model as a dense safetensors checkpoint (`save_pretrained`) and, when
   `prunelab.storage` is present, as a sparse checkpoint (`save_sparse`), in bytes;
 - **resident memory after load**: RSS growth of a fresh subprocess that loads the dense
-  checkpoint (and then swaps in the sparse runtime), so that nothing this process already
-  holds pollutes the number; plus the exact bytes of parameters / sparse formats held;
+  checkpoint and runs one short forward (so lazily mapped weights count), then swaps in the
+  sparse runtime (RSS again after `malloc_trim`), so that nothing this process already holds
+  pollutes the number; plus the exact bytes of parameters / sparse formats held (the
+  reliable figure: RSS also keeps whatever the allocator does not give back);
 - **prefill throughput**: tokens/s of one forward pass over `prefill_tokens` tokens (batch 1,
   KV cache built), clamped to the model's position limit;
 - **decode latency**: ms/token of `decode_tokens` greedy steps (batch 1, KV cache on, fixed
@@ -152,18 +154,33 @@ def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], ste
 # ----------------------------------------------------------------------------------------------
 
 _RSS_SCRIPT = r"""
-import gc, json, sys, psutil, torch
+import ctypes, gc, json, sys, psutil, torch
 torch.set_num_threads(int(sys.argv[3]))
 proc = psutil.Process()
 import transformers, prunelab.runtime, prunelab.models  # imports are not the model's memory
-gc.collect(); r0 = proc.memory_info().rss
+prunelab.runtime.warmup()  # nor is numba's compiled code
+try:
+    _trim = ctypes.CDLL("libc.so.6").malloc_trim
+except OSError:
+    _trim = lambda _n: None
+def rss():
+    gc.collect(); _trim(0)  # hand freed heap back to the OS so RSS shows what is still held
+    return proc.memory_info().rss
+def touch(model):  # one short forward: every weight page is read (safetensors may be mapped lazily)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    kw = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kw["decoder_input_ids"] = ids[:, :1]
+    with torch.no_grad():
+        model(**kw)
+r0 = rss()
 from prunelab.models import load_model
-lm = load_model(sys.argv[1]); gc.collect(); r1 = proc.memory_info().rss
+lm = load_model(sys.argv[1]); touch(lm.model); r1 = rss()
 out = {"dense_rss_delta_bytes": r1 - r0}
 if sys.argv[2] == "1":
     from prunelab.runtime import sparsify_for_inference
     s = sparsify_for_inference(lm, **json.loads(sys.argv[4]))
-    gc.collect(); r2 = proc.memory_info().rss
+    touch(lm.model); r2 = rss()
     out["sparse_rss_delta_bytes"] = r2 - r0
     out["swapped"] = s.swapped
 print("RSS_JSON" + json.dumps(out))
