@@ -53,14 +53,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "ppl": {"max_tokens": 1024, "seqlen": 512},
             "seq2seq-ppl": {"max_examples": 32},
             "pppl": {"max_tokens": 1024},
-            "sst2": {"train_limit": 128, "max_examples": 128},
-            "mrpc": {"train_limit": 128, "max_examples": 128},
+            "sst2": {"train_limit": 128, "max_examples": 64},
+            "mrpc": {"train_limit": 128, "max_examples": 64},
             "embed": {"max_examples": 128},
             "asr": {"max_examples": 6},
         },
         "size": True,
-        "speed": {"sparsities": [0.5, 0.9, 0.99], "methods": ["magnitude"], "prefill_tokens": 128,
-                  "decode_tokens": 16, "repeats": 3},
+        "speed": {"sparsities": [0.5, 0.9, 0.99], "methods": ["magnitude"], "prefill_tokens": 64,
+                  "decode_tokens": 8, "repeats": 2},
         "model_overrides": SPEECH_CALIBRATION,
     },
     "quick": {
@@ -87,17 +87,18 @@ PRESET_NOTES = {
     "default": (
         "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 195 cells, "
         "2 single-thread worker processes) fits 20 minutes on 2 CPU cores. Measured CPU cost per cell: SmolLM2 "
-        "~6 s for 1024 perplexity tokens, ~0.14 s per probe sentence, 6 s magnitude pruning; MiniLM 2-4 s per "
-        "benchmark. Cut versus the papers' protocol and versus the first plan (16x256 calibration, 8x512 ppl "
-        "tokens, 1000-example probes, 12 clips): calibration 8 x 128 tokens of MRPC text (papers: 128 x 2048 "
-        "of C4; Whisper: 2 synthesized clips, i.e. 3000 encoder positions); WikiText-2 perplexity on the "
-        "first 1024 tokens in two 512-token windows (papers: the whole test set in 2048-token windows); "
-        "SST-2 and MRPC linear probes trained on 128 examples and scored on the "
-        "first 128 dev examples (64 was tried: the SmolLM2 probe then stays at chance even dense); embedding "
-        "fidelity on 128 SST-2 sentences; speech benchmark on 6 clips; decode speed only for magnitude pruning "
-        "at 0.5/0.9/0.99 (speed depends on the sparsity pattern, not on how the mask was chosen), 16 decoded "
-        "tokens x 3 repeats. Numbers are therefore noisier than published ones and comparable only within this "
-        "report; raise them in a study YAML for real work."
+        "~6 s for 1024 perplexity tokens, ~0.16 s per probe sentence, 6 s magnitude / ~35 s Wanda pruning, "
+        "~80 s per speed cell (dense + sparse runtime); MiniLM 2-6 s per benchmark; about 1900 CPU-s in all. "
+        "Cut versus the papers' protocol and versus the first plan (16x256 calibration, 8x512 ppl tokens, "
+        "1000-example probes, 12 clips): calibration 8 x 128 tokens of MRPC text (papers: 128 x 2048 of C4; "
+        "Whisper: 2 synthesized clips, i.e. 3000 encoder positions); WikiText-2 perplexity on the first 1024 "
+        "tokens in two 512-token windows (papers: the whole test set in 2048-token windows); SST-2 and MRPC "
+        "linear probes trained on 128 examples and scored on the first 64 dev examples (training on 64 was "
+        "tried: the SmolLM2 probe then stays at chance even dense); embedding fidelity on 128 SST-2 sentences; "
+        "speech benchmark on 6 clips; decode speed only for magnitude pruning at 0.5/0.9/0.99 (speed depends "
+        "on the sparsity pattern, not on how the mask was chosen), 64 prefill and 8 decoded tokens x 2 "
+        "repeats. Numbers are therefore noisier than published ones and comparable only within this report; "
+        "raise them in a study YAML for real work."
     ),
     "quick": (
         "A smoke test of the whole pipeline in a few minutes: sparsities 0.5 and 0.9 only, calibration "
