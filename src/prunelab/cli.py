@@ -189,6 +189,8 @@ def prune(
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window (capped at the model context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     owl: bool = typer.Option(False, "--owl", help="Outlier-weighted per-block sparsities (wanda, sparsegpt)."),
+    structured_target: str = typer.Option("mlp", "--structured-target",
+                                          help="structured: remove MLP neurons (mlp), KV-head groups (heads) or both."),
     fmt: str = typer.Option("hf", "--format", help="hf (save_pretrained, safetensors) or sparse (compressed)."),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
 ) -> None:
@@ -204,7 +206,7 @@ def prune(
     if fmt not in ("hf", "sparse"):
         fail(f"unknown --format '{fmt}': use hf or sparse")
     config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_column=calib_column,
-                         nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl)
+                         nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl, structured_target=structured_target)
     t0 = _time.perf_counter()
     lm = load_model(model)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -215,10 +217,17 @@ def prune(
             bar.update(task, description=f"{method}: {message}", completed=done, total=total)
 
         result = run_prune(lm, config, progress=progress)
-    save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
+    shrunk = getattr(lm, "structured_report", None)
+    extra = {"wall_time_s": _time.perf_counter() - t0, **({"structured": shrunk} if shrunk else {})}
+    save_pruned(lm, result, out_dir, format=fmt, extra=extra)
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     rss = (result.peak_rss_bytes or 0) / 2**20
+    if shrunk:  # structured pruning removes weights instead of zeroing them
+        out.print(f"{model}: structured {shrunk['target']} → parameters {shrunk['params_before']:,} → "
+                  f"{shrunk['params_after']:,} (−{shrunk['params_removed']:,}) → {out_dir}",
+                  highlight=False, soft_wrap=True)
+        return
     out.print(
         f"{model}: {method} {pattern} → {result.sparsity_prunable:.2%} of prunable weights zero "
         f"({result.sparsity_total:.2%} of all), {len(result.matrices)} matrices, "

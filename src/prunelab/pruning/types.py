@@ -62,6 +62,8 @@ class PruneConfig:
         nm = parse_pattern(self.pattern)
         if nm is not None:
             self.sparsity = nm[0] / nm[1]
+        if self.structured_target not in ("mlp", "heads", "both"):
+            raise ConfigError(f"unknown structured target '{self.structured_target}': use mlp, heads or both")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("calibration needs --nsamples ≥ 1 and --seqlen ≥ 2")
 
