@@ -178,6 +178,15 @@ def test_plan_expands_grid(tiny_dirs, small_text):
     assert wanda.prune["nsamples"] == 4
 
 
+def test_preset_speed_filter_follows_the_studys_methods(tiny_dirs, small_text):
+    cfg = tiny_grid(tiny_dirs, small_text, methods=["wanda"])
+    cfg.pop("speed")  # inherit the preset's speed (magnitude only): falls back to the study's method
+    speed = [c for c in plan(load_config(cfg)) if c.kind == "speed"]
+    assert speed and {c.method for c in speed} == {"wanda"}
+    with pytest.raises(ConfigError, match="speed.methods\\[0\\] 'magnitude'"):
+        load_config(tiny_grid(tiny_dirs, small_text, methods=["wanda"], speed={"methods": ["magnitude"]}))
+
+
 def test_model_overrides_change_only_that_models_cells(tiny_dirs, small_text):
     base = plan(load_config(tiny_grid(tiny_dirs, small_text)))
     over = plan(load_config(tiny_grid(tiny_dirs, small_text, model_overrides={

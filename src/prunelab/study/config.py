@@ -261,8 +261,8 @@ def load_config(
     seed = merged["seed"]
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"study config: seed {seed!r} must be an integer")
-    size = _check_sub(merged.get("size"), SIZE_KEYS, "size", methods)
-    speed = _check_sub(merged.get("speed"), SPEED_KEYS, "speed", methods)
+    size = _check_sub(merged.get("size"), SIZE_KEYS, "size", methods, raw.get("size"))
+    speed = _check_sub(merged.get("speed"), SPEED_KEYS, "speed", methods, raw.get("speed"))
     resources = _check_resources(merged.get("resources") or {})
     overrides = _check_overrides(merged.get("model_overrides") or {}, raw.get("model_overrides") or {}, models)
     threads = merged.get("threads")
@@ -419,8 +419,13 @@ def _check_eval(value: Any) -> dict[str, dict[str, Any]]:
     return {bench: _check_keys(opts or {}, EVAL_KEYS, f"eval.{bench}") for bench, opts in value.items()}
 
 
-def _check_sub(value: Any, allowed: tuple[str, ...], where: str, methods: list[MethodEntry]) -> dict[str, Any] | None:
-    """`size:` / `speed:` — false, true (every pruned point) or a mapping narrowing it."""
+def _check_sub(value: Any, allowed: tuple[str, ...], where: str, methods: list[MethodEntry],
+               user: Any = None) -> dict[str, Any] | None:
+    """`size:` / `speed:` — false, true (every pruned point) or a mapping narrowing it.
+
+    A method filter the user wrote must name the study's methods; one inherited from the preset
+    (speed on magnitude only) is intersected with them, falling back to the study's first method.
+    """
     if value is None or value is False:
         return None
     if value is True:
@@ -429,10 +434,15 @@ def _check_sub(value: Any, allowed: tuple[str, ...], where: str, methods: list[M
     if d.get("sparsities", "all") != "all":
         d["sparsities"] = _check_sparsities(d["sparsities"], f"{where}.sparsities")
     if d.get("methods", "all") != "all":
-        names = {m.name for m in methods}
-        for i, m in enumerate(_as_list(d["methods"], f"{where}.methods")):
-            if m not in names:
-                raise ConfigError(f"study config: {where}.methods[{i}] '{m}' is not one of the study's methods")
+        names = [m.name for m in methods]
+        user_methods = isinstance(user, dict) and "methods" in user
+        wanted = _as_list(d["methods"], f"{where}.methods")
+        if user_methods:
+            for i, m in enumerate(wanted):
+                if m not in names:
+                    raise ConfigError(f"study config: {where}.methods[{i}] '{m}' is not one of the study's methods")
+        else:
+            d["methods"] = [m for m in wanted if m in names] or names[:1]
     for key in ("prefill_tokens", "decode_tokens", "repeats"):
         if key in d and (not isinstance(d[key], int) or d[key] < 1):
             raise ConfigError(f"study config: {where}.{key} must be a positive integer")
