@@ -36,3 +36,15 @@ def data_dir() -> Path:
     if not (d / "wikitext-2-raw" / "wiki.test.raw").is_file():
         pytest.fail(f"offline data not found at {d}: CI must have ../shared beside the repo")
     return d
+
+
+@pytest.fixture
+def one_thread_unless_slow(request: pytest.FixtureRequest):
+    """Tiny models gain nothing from threads, and on a busy shared box OpenMP barriers cost seconds."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

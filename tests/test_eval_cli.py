@@ -6,7 +6,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from prunelab.evaluation import BENCHMARKS, default_benchmarks
 from prunelab.models import load_model
@@ -15,16 +14,7 @@ REQUIRED = {"model", "family", "bench", "metrics", "primary", "value", "n_tokens
             "wall_time_s", "data_sha256", "status", "note"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models gain nothing from threads, and on a busy shared box OpenMP barriers cost seconds."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:

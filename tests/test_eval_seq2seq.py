@@ -21,17 +21,7 @@ from prunelab.evaluation.seq2seq_ppl import (
 )
 from prunelab.models import load_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models gain nothing from threads, and on a busy shared box OpenMP barriers cost seconds."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
 
 @pytest.fixture(scope="module", params=["bart", "t5"])

@@ -7,6 +7,7 @@ expects a result.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -78,3 +79,12 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file as stored, so a result names exactly the data it was computed on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from prunelab.data.wikitext import file_sha256
 from prunelab.errors import DataError
+from prunelab.io import file_sha256
 from prunelab.paths import shared_data_dir
 
 TASKS = {

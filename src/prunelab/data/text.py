@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunelab.errors import DataError
+from prunelab.io import file_sha256
 from prunelab.paths import shared_data_dir
 
 TEXT_SUFFIXES = {".txt", ".raw", ".text", ".md"}
@@ -38,12 +39,6 @@ class TextSource:
         return sum(len(t) for t in self.texts) + max(0, len(self.texts) - 1)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _nonempty(texts: list[str], where: str) -> list[str]:

@@ -16,17 +16,8 @@ from typing import Any
 import torch
 
 from prunelab.errors import DataError
+from prunelab.io import file_sha256
 from prunelab.paths import shared_data_dir
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file as stored, so a result names exactly the data it was computed on."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 HF_NAMES = {"wikitext", "wikitext-2-raw-v1", "wikitext/wikitext-2-raw-v1", "Salesforce/wikitext"}
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
+
+from prunelab.io import file_sha256  # noqa: F401  (re-exported: results carry data hashes)
 
 Status = Literal["ok", "not_applicable"]
 
@@ -62,12 +63,3 @@ class EvalResult:
         d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**d)
 
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -7,22 +7,12 @@ take a fraction of a second and gives every stage a safetensors checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from prunelab.errors import ModelLoadError
-from prunelab.io import atomic_dir
+from prunelab.io import atomic_dir, file_sha256
 from prunelab.paths import cache_dir
-
-
-def file_fingerprint(path: Path) -> str:
-    """sha256 of the file's bytes: the cache key, so a changed file is converted again."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def convert_gguf(path: str | Path) -> Path:
@@ -33,7 +23,7 @@ def convert_gguf(path: str | Path) -> Path:
     with open(path, "rb") as fh:
         if fh.read(4) != b"GGUF":
             raise ModelLoadError(f"{path} is not a GGUF file (bad magic): pass a .gguf model file")
-    key = file_fingerprint(path)[:16]
+    key = file_sha256(path)[:16]  # the cache key: a changed file is converted again
     target = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
