@@ -330,3 +330,24 @@ def test_failed_run_keeps_previous_output(tiny_dirs, tmp_path):
     with pytest.raises(Exception):  # noqa: B017 - any PrunelabError
         analyze(str(tmp_path / "missing"), out, plots=False)
     assert (out / "stats.json").read_bytes() == before
+
+
+def test_sparse_checkpoint_is_analyzed_like_its_dense_twin(tiny_dirs, tmp_path):
+    """A `--format sparse` checkpoint gives the same statistics as the same weights saved densely."""
+    from prunelab.analysis import analyze
+    from prunelab.models import load_model
+    from prunelab.storage import save_sparse
+
+    lm = load_model(str(tiny_dirs["gpt2"]))
+    with torch.no_grad():
+        for m in lm.prunable:
+            w = m.weight(lm.model)
+            w.masked_fill_(w.abs() < w.abs().quantile(0.7), 0.0)
+    lm.model.save_pretrained(tmp_path / "dense")
+    save_sparse(lm.model, tmp_path / "sparse")
+    a = analyze(tmp_path / "dense", tmp_path / "a_dense", plots=False)
+    b = analyze(tmp_path / "sparse", tmp_path / "a_sparse", plots=False)
+    assert a["overall"]["zeros"] == b["overall"]["zeros"] > 0
+    assert a["overall"]["fraction_below"] == b["overall"]["fraction_below"]
+    assert a["by_block"].keys() == b["by_block"].keys()
+    assert {k: v["params"] for k, v in a["matrices"].items()} == {k: v["params"] for k, v in b["matrices"].items()}

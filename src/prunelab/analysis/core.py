@@ -10,12 +10,15 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import platform
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from prunelab.analysis.stats import (
 from prunelab.errors import ModelLoadError
 from prunelab.io import atomic_dir, atomic_file
 from prunelab.models import detect_family, parse_spec, read_config, resolve_source, weight_files
+from prunelab.models.loader import is_sparse_checkpoint
 from prunelab.models.types import Family, ModelSpec
 
 STACK_ORDER = {"encoder": 0, "decoder": 1}
@@ -252,6 +256,29 @@ def _dumps(obj: Any, level: int) -> str:
     return json.dumps(obj)
 
 
+@contextlib.contextmanager
+def _dense_view(source: Path) -> Iterator[Path]:
+    """A prunelab sparse checkpoint decoded into plain safetensors, one tensor per file.
+
+    The streaming reader works on dense safetensors; decoding one tensor at a time into a
+    temporary directory keeps peak memory at the compressed model plus one dense tensor.
+    """
+    from safetensors.torch import save_file
+
+    from prunelab.storage import read_sparse_tensors
+
+    encoded = read_sparse_tensors(source)
+    with tempfile.TemporaryDirectory(prefix="prunelab-analyze-") as tmp:
+        shutil.copy(source / "config.json", tmp)
+        seen: set[int] = set()
+        for i, (name, enc) in enumerate(encoded.items()):
+            if id(enc) in seen:  # tied weights are stored once and aliased
+                continue
+            seen.add(id(enc))
+            save_file({name: enc.to_dense().contiguous()}, str(Path(tmp) / f"part-{i:05d}.safetensors"))
+        yield Path(tmp)
+
+
 def analyze(spec_or_path: str | Path | ModelSpec, out_dir: str | Path, *, include_all: bool = False,
             plots: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Write stats.json, stats.csv and four plots about |w| of a model into `out_dir`.
@@ -259,11 +286,18 @@ def analyze(spec_or_path: str | Path | ModelSpec, out_dir: str | Path, *, includ
     Returns the stats.json content. Default scope: prunable matrices; `include_all` adds
     embeddings, norms, biases and heads. `out_dir` appears only when everything succeeded.
     """
-    p = plan(spec_or_path, include_all=include_all)
-    warm_up()
-    t0 = time.perf_counter()
-    summaries = scan(p["tensors"], progress=progress)
-    seconds = time.perf_counter() - t0
+    spec = parse_spec(str(spec_or_path) if isinstance(spec_or_path, Path) else spec_or_path)
+    source = resolve_source(spec)
+    with contextlib.ExitStack() as stack:
+        target: str | ModelSpec = spec
+        if is_sparse_checkpoint(source):
+            target = str(stack.enter_context(_dense_view(source)))
+        p = plan(target, include_all=include_all)
+        p["spec"], p["source"] = spec, source
+        warm_up()
+        t0 = time.perf_counter()
+        summaries = scan(p["tensors"], progress=progress)
+        seconds = time.perf_counter() - t0
     stats = build_stats(p, summaries, include_all=include_all, seconds=seconds)
     with atomic_dir(out_dir) as tmp:
         write_stats_json(stats, tmp / "stats.json")

@@ -59,7 +59,7 @@ def resolve_source(spec: str | ModelSpec) -> Path:
 SPARSE_INDEX_NAME = "sparse_index.json"  # == prunelab.storage.checkpoint.INDEX_NAME
 
 
-def _is_sparse_checkpoint(source: Path) -> bool:
+def is_sparse_checkpoint(source: Path) -> bool:
     """A prunelab sparse checkpoint is recognised by its index file (see prunelab.storage).
 
     Checked by name here so that models/ does not import storage/ unless it must.
@@ -157,7 +157,7 @@ def load_model(
     source = resolve_source(spec)
     config = read_config(source)
     family = detect_family(config)
-    if _is_sparse_checkpoint(source):
+    if is_sparse_checkpoint(source):
         # A prunelab sparse checkpoint (`prune --format sparse`): decoded exactly into a
         # normal HF model, so every later stage treats it like any other checkpoint.
         from prunelab.storage import load_sparse
