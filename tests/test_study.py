@@ -348,3 +348,14 @@ def test_failing_cell_is_recorded_not_fatal(tmp_path, tiny_dirs, small_text):
         failed = [r for r in store.rows() if r.status == "failed"]
     assert all(r.kind == "bench" and r.error for r in failed)
     assert all("Traceback" in Path(r.log_path).read_text() for r in failed)
+
+
+def test_example_full_study_config_is_valid():
+    """The example config shipped in examples/ must stay loadable as the schema evolves."""
+    from pathlib import Path
+
+    from prunelab.study.config import load_config
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "study-full.yaml"
+    config = load_config(str(path))
+    assert config is not None
