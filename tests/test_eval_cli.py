@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
+from cli_helpers import run_cli
 from prunelab.evaluation import BENCHMARKS, default_benchmarks
 from prunelab.models import load_model
 
@@ -16,18 +16,6 @@ REQUIRED = {"model", "family", "bench", "metrics", "primary", "value", "n_tokens
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    from prunelab.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["prunelab", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 def test_registry_targets_import_and_cover_the_contract():

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from prunelab.cli import main
-
-
-def _run(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
-    monkeypatch.setattr(sys, "argv", ["prunelab", *argv])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+from cli_helpers import run_cli
 
 
 def test_prune_writes_checkpoint_and_report(tiny_dirs, tmp_path, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "pruned"
-    code, text = _run(monkeypatch, capsys, "prune", str(tiny_dirs["gpt2"]), "--method", "wanda", "--sparsity", "0.9",
+    code, text = run_cli(monkeypatch, capsys, "prune", str(tiny_dirs["gpt2"]), "--method", "wanda", "--sparsity", "0.9",
                       "--nsamples", "4", "--seqlen", "32", "--seed", "7", "--out", str(out))
     assert code == 0, text
     assert "90.00% of prunable weights zero" in text
@@ -61,7 +49,7 @@ def test_prune_bad_input(tiny_dirs, tmp_path, monkeypatch, capsys, extra, fragme
     short.write_text("ab", encoding="utf-8")
     extra = [str(short) if e == "SHORT" else e for e in extra]
     out = tmp_path / "out"
-    code, text = _run(monkeypatch, capsys, "prune", str(tiny_dirs["llama"]), "--method", "sparsegpt",
+    code, text = run_cli(monkeypatch, capsys, "prune", str(tiny_dirs["llama"]), "--method", "sparsegpt",
                       "--nsamples", "2", "--seqlen", "16", *extra, "--out", str(out))
     assert code != 0
     flat = " ".join(text.split())  # rich wraps long lines at the terminal width
@@ -79,7 +67,7 @@ def test_prune_no_prunable_matrices(tmp_path, monkeypatch, capsys):
                      architectures=["GPT2LMHeadModel"])
     torch.manual_seed(0)
     GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "empty")
-    code, text = _run(monkeypatch, capsys, "prune", str(tmp_path / "empty"), "--method", "magnitude",
+    code, text = run_cli(monkeypatch, capsys, "prune", str(tmp_path / "empty"), "--method", "magnitude",
                       "--out", str(tmp_path / "out"))
     assert code == 2 and "no prunable matrices" in text
     assert not (tmp_path / "out").exists()
