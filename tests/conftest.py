@@ -48,3 +48,12 @@ def one_thread_unless_slow(request: pytest.FixtureRequest):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """The first ~12 kB of WikiText-2 test: enough for 64-token windows, fast to tokenize."""
+    text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:12000]
+    path = tmp_path_factory.mktemp("text") / "wiki.small.raw"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -28,14 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory, data_dir) -> Path:
-    """The first ~12 kB of WikiText-2 test: enough for 64-token windows, fast to tokenize."""
-    text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:12000]
-    path = tmp_path_factory.mktemp("text") / "wiki.small.raw"
-    path.write_text(text, encoding="utf-8")
-    return path
-
 
 def tiny_grid(tiny_dirs, small_text, **over) -> dict:
     """2 tiny decoders × magnitude/wanda × 2 sparsities × ppl (+ size), as a study config dict."""

@@ -14,14 +14,6 @@ import pytest
 from prunelab.study import Store, run_study
 
 
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory, data_dir) -> Path:
-    text = (data_dir / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")[:12000]
-    path = tmp_path_factory.mktemp("text") / "wiki.small.raw"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def small_grid(tiny_dirs, small_text) -> dict:
     """1 tiny decoder × magnitude/wanda × 2 sparsities × ppl, plus size: 11 cells."""
     return {
