@@ -220,13 +220,59 @@ def test_chunking_and_threads_do_not_change_results(tiny_dirs):
     p = plan(str(tiny_dirs["llama"]), include_all=True)
     whole = scan(p["tensors"], workers=1)
     tiny_chunks = scan(p["tensors"], chunk_bytes=4096, workers=3)
+    mapped = scan(p["tensors"], chunk_bytes=4096, workers=3, io="mmap")
     preadv = scan(p["tensors"], chunk_bytes=8192, workers=2, io="read")
     for k in whole:
         a = whole[k]
-        for b in (tiny_chunks[k], preadv[k]):
+        for b in (tiny_chunks[k], mapped[k], preadv[k]):
             assert (a.counts == b.counts).all() and (a.below == b.below).all()
             assert (a.params, a.zeros, a.max) == (b.params, b.zeros, b.max)
             assert math.isclose(a.mean, b.mean, rel_tol=1e-12) and math.isclose(a.std, b.std, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_reader_across_pieces_with_nonfinite(tmp_path, dtype):
+    """The pread loop (256 KiB pieces) against the Python reader and numpy, on tensors of several
+    pieces with a ragged tail, NaN/inf only in a later piece, and jobs split mid-tensor."""
+    from prunelab.analysis.reader import read_header
+
+    gen = torch.Generator().manual_seed(3)
+    big = torch.randn(300_007, generator=gen) * 0.02
+    big[:50_000] = 0.0
+    big[200_001], big[200_002], big[299_999] = float("nan"), float("inf"), float("-inf")
+    small = torch.randn(1001, generator=gen) * 10.0 ** torch.empty(1001).uniform_(-12, 5, generator=gen)
+    path = tmp_path / "w.safetensors"
+    save_file({"a.weight": big.to(dtype), "b.weight": small.to(dtype)}, str(path))
+    tensors = read_header(path)
+    fast = scan(tensors, workers=2)
+    split = scan(tensors, chunk_bytes=100_000, workers=2)
+    python = scan(tensors, workers=1, io="mmap")
+    ref = load_file(str(path))
+    for name, s in python.items():
+        a = np.abs(ref[name].to(torch.float64).numpy())
+        finite = a[np.isfinite(a)]
+        assert s.nonfinite == a.size - finite.size and s.zeros == int((a == 0).sum())
+        assert s.max == finite.max() and math.isclose(s.mean, math.fsum(finite) / finite.size, rel_tol=1e-9)
+        for key, t in THRESHOLDS.items():
+            assert s.below_count(key) == int((a < t).sum())
+        for other in (fast[name], split[name]):
+            assert (other.counts == s.counts).all() and (other.below == s.below).all()
+            assert (other.params, other.zeros, other.nonfinite, other.max) == (s.params, s.zeros, s.nonfinite, s.max)
+            assert math.isclose(other.mean, s.mean, rel_tol=1e-12) and math.isclose(other.std, s.std, rel_tol=1e-9)
+
+
+def test_file_truncated_after_planning_is_a_checkpoint_error(tmp_path):
+    from prunelab.analysis.reader import read_header
+    from prunelab.errors import CheckpointError
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a.weight": torch.ones(100_000)}, str(path))
+    tensors = read_header(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 1000)
+    for io in ("pread", "mmap", "read"):
+        with pytest.raises(CheckpointError, match="a.weight"):
+            scan(tensors, workers=2, io=io)
 
 
 def test_summary_merge_equals_whole_and_handles_nonfinite():

@@ -182,6 +182,8 @@ def with_chunk(info: TensorInfo, off: int, length: int, consume: Callable[[np.nd
         with open(info.file, "rb") as fh:
             mm = mmap.mmap(fh.fileno(), off - aligned + length, flags=_MAP_FLAGS, prot=mmap.PROT_READ,
                            offset=aligned)
+    except ValueError as exc:  # the window reaches past the end: the file shrank since its header was read
+        raise CheckpointError(f"{info.file} ended early while reading '{info.name}' (truncated?)") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read '{info.name}' from {info.file}: {exc.strerror or exc}") from exc
     try:
