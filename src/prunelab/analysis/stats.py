@@ -17,6 +17,9 @@ Why it is built this way:
   ``abs(w.astype(float64)) < t`` exactly. These counts, sums and the max vectorise (SIMD).
 * **Accurate moments.** Mean and std of |w| use float64 shifted sums per chunk, merged with
   Chan's parallel formula, so neither large counts nor a large mean lose precision.
+* **Reading inside the kernel.** For files, `summarize_file_range` `pread`s 256 KiB pieces from
+  compiled code and runs both passes while the piece is in L2: memory stays at one piece per
+  thread, and threads scale because no Python runs between pieces.
 """
 
 from __future__ import annotations
