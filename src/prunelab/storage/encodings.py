@@ -389,7 +389,7 @@ class EncodedTensor:
             values = self.components["values"]
             return torch.sparse_csr_tensor(
                 torch.from_numpy(indptr), torch.from_numpy(lin - np.repeat(np.arange(rows) * cols, np.diff(indptr))),
-                values, size=(rows, cols),
+                values, size=(rows, cols), check_invariants=False,  # validate() above checked them
             )
         flat = self.to_dense().reshape(-1)
         lin = np.flatnonzero(nonzero_mask(flat).numpy())
@@ -397,7 +397,8 @@ class EncodedTensor:
         indptr = np.zeros(rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(row, minlength=rows), out=indptr[1:])
         return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(lin - row * cols),
-                                       flat[torch.from_numpy(lin)], size=(rows, cols))
+                                       flat[torch.from_numpy(lin)], size=(rows, cols),
+                                       check_invariants=False)  # built here from sorted positions
 
 
 # -- encoding ------------------------------------------------------------------------------------
