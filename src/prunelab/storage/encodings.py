@@ -49,6 +49,7 @@ rather than an IndexError or a silently wrong weight.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -386,19 +387,22 @@ class EncodedTensor:
         if self.encoding == "csr":
             _, _, indptr = self._csr_rows()
             lin = self._csr_lin()
-            values = self.components["values"]
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(indptr), torch.from_numpy(lin - np.repeat(np.arange(rows) * cols, np.diff(indptr))),
-                values, size=(rows, cols), check_invariants=False,  # validate() above checked them
-            )
+            cols_of = lin - np.repeat(np.arange(rows) * cols, np.diff(indptr))
+            return _csr_tensor(indptr, cols_of, self.components["values"], rows, cols)
         flat = self.to_dense().reshape(-1)
         lin = np.flatnonzero(nonzero_mask(flat).numpy())
         row = lin // cols if cols else lin
         indptr = np.zeros(rows + 1, dtype=np.int64)
         np.cumsum(np.bincount(row, minlength=rows), out=indptr[1:])
-        return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(lin - row * cols),
-                                       flat[torch.from_numpy(lin)], size=(rows, cols),
-                                       check_invariants=False)  # built here from sorted positions
+        return _csr_tensor(indptr, lin - row * cols, flat[torch.from_numpy(lin)], rows, cols)
+
+
+def _csr_tensor(indptr: np.ndarray, col: np.ndarray, values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """torch CSR from arrays whose invariants were already checked (validate() or built sorted here)."""
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": noise for our users
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(col), values,
+                                       size=(rows, cols), check_invariants=False)
 
 
 # -- encoding ------------------------------------------------------------------------------------
