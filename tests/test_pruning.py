@@ -14,7 +14,15 @@ import torch
 
 from prunelab.models import load_model
 from prunelab.pruning import PruneConfig, PruningError, prune, save_pruned
-from prunelab.pruning.patterns import check_nm, lowest_k_mask, nm_mask, rowwise_mask, select_mask, target_count
+from prunelab.pruning.patterns import (
+    check_nm,
+    lowest_k_magnitude_masks,
+    lowest_k_mask,
+    nm_mask,
+    rowwise_mask,
+    select_mask,
+    target_count,
+)
 from prunelab.pruning.sparsegpt import HessianStats, sparsegpt_matrix
 from prunelab.pruning.wanda import NormStats
 
@@ -43,6 +51,26 @@ def test_lowest_k_exact_with_ties():
     assert keep.tolist() == [True, False, False, True, True, True]  # ties: lower index pruned first
     assert (~lowest_k_mask(torch.zeros(100), 37)).sum() == 37
     assert lowest_k_mask(scores, 0).all() and not lowest_k_mask(scores, 6).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streaming_global_selection_equals_concatenated_lowest_k(dtype):
+    """The radix select over several tensors == lowest_k_mask on the concatenation, ties included."""
+    g = torch.Generator().manual_seed(0)
+    levels = torch.tensor([0.0, 1e-3, -1e-3, 0.02, -0.5, 3.0])  # heavy ties, signs, zeros
+    tensors = [
+        (torch.randn(37, 11, generator=g) * 0.05).to(dtype),
+        levels[torch.randint(0, 6, (400,), generator=g)].to(dtype),
+        (torch.randn(5, 3, 7, generator=g) * 10.0 ** torch.randint(-30, 3, (5, 3, 7), generator=g)).to(dtype),
+    ]
+    tensors[0].view(-1)[::5] = levels[torch.randint(0, 6, (tensors[0].numel() // 5 + 1,), generator=g)].to(dtype)
+    flat = torch.cat([t.reshape(-1).float().abs() for t in tensors])  # ties now span tensors too
+    n = flat.numel()
+    for k in {0, 1, 2, n // 3, n // 2, int((flat == 0).sum()), int((flat <= 1e-3).sum()), n - 1, n}:
+        ref = lowest_k_mask(flat, k)
+        got = torch.cat([m.reshape(-1) for m in lowest_k_magnitude_masks(tensors, k)])
+        assert torch.equal(got, ref), k
+        assert (~got).sum() == k
 
 
 def test_rowwise_exact_and_balanced():

@@ -4,7 +4,8 @@ Global magnitude is the classic recipe (`torch.nn.utils.prune.global_unstructure
 `L1Unstructured`): every prunable weight competes with every other one, so layers with small
 weights lose most. The selection here is the same ranking (prune the `round(s · n)` smallest
 |w| over the concatenation of all matrices, in `lm.prunable` order) with a deterministic
-tie-break by position, computed without autograd reparametrisation or extra buffers.
+tie-break by position, computed without autograd reparametrisation, and without ever
+concatenating the model (a radix select over |w| bit patterns, see patterns.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from prunelab.models.types import LoadedModel
-from prunelab.pruning.patterns import apply_mask, lowest_k_mask, nm_mask, select_mask, target_count
+from prunelab.pruning.patterns import apply_mask, lowest_k_magnitude_masks, nm_mask, select_mask, target_count
 from prunelab.pruning.registry import PruneWarning
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import PruneConfig
@@ -36,15 +37,11 @@ def prune_global(
                 if progress:
                     progress(m.name, i + 1, len(lm.prunable))
             return masks
-        scores = torch.cat([m.weight(model).detach().abs().reshape(-1).float() for m in lm.prunable])
-        keep = lowest_k_mask(scores, target_count(config.sparsity, scores.numel()))
-        del scores
-        offset = 0
-        for i, m in enumerate(lm.prunable):
-            w = m.weight(model)
-            masks[m.name] = keep[offset : offset + w.numel()].reshape(w.shape).clone()
-            offset += w.numel()
-            apply_mask(w, masks[m.name])
+        weights = [m.weight(model) for m in lm.prunable]
+        keeps = lowest_k_magnitude_masks(weights, target_count(config.sparsity, sum(w.numel() for w in weights)))
+        for i, (m, w, keep) in enumerate(zip(lm.prunable, weights, keeps, strict=True)):
+            masks[m.name] = keep
+            apply_mask(w, keep)
             if progress:
                 progress(m.name, i + 1, len(lm.prunable))
     return masks
