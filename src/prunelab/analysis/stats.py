@@ -285,27 +285,27 @@ def _scan_fd(fd, start, nbytes, kind, buf32, buf16, t, fine, acc, sums):
 
 
 @_njit
+def _move_bucket(fine, fine_to_bin, counts, f):
+    c = np.int64(fine[0, f]) + fine[1, f] + fine[2, f] + fine[3, f]
+    if c:
+        counts[fine_to_bin[f]] += c
+        fine[0, f] = 0
+        fine[1, f] = 0
+        fine[2, f] = 0
+        fine[3, f] = 0
+
+
+@_njit
 def _fold(fine, fine_to_bin, counts, first, last):
     """Move fine buckets 0 and first..last of all copies into the extended bins (last slot: NaN/inf), zeroing them.
 
     Only buckets the chunk can have touched are visited (~5k of 64k for a typical matrix): the
     whole table costs ~50 µs, as much as scanning 200 KB.
     """
-    for f in range(1 if first > 0 else 0):
-        c = np.int64(fine[0, f]) + fine[1, f] + fine[2, f] + fine[3, f]
-        counts[fine_to_bin[f]] += c
-        fine[0, f] = 0
-        fine[1, f] = 0
-        fine[2, f] = 0
-        fine[3, f] = 0
+    if first > 0:  # bucket 0 holds the exact zeros even when no non-zero value is that small
+        _move_bucket(fine, fine_to_bin, counts, 0)
     for f in range(first, last + 1):
-        c = np.int64(fine[0, f]) + fine[1, f] + fine[2, f] + fine[3, f]
-        if c:
-            counts[fine_to_bin[f]] += c
-            fine[0, f] = 0
-            fine[1, f] = 0
-            fine[2, f] = 0
-            fine[3, f] = 0
+        _move_bucket(fine, fine_to_bin, counts, f)
 
 
 @_njit
