@@ -230,7 +230,17 @@ def test_chunking_and_threads_do_not_change_results(tiny_dirs):
             assert math.isclose(a.mean, b.mean, rel_tol=1e-12) and math.isclose(a.std, b.std, rel_tol=1e-9)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float16_widening_is_exact_for_every_bit_pattern():
+    from prunelab.analysis.stats import _half_abs_bits
+
+    h = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ref = np.abs(h.view(np.float16).astype(np.float32))
+    got = np.array([_half_abs_bits(v) for v in h], dtype=np.uint32).view(np.float32)
+    nan = np.isnan(ref)
+    assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32)) and np.isnan(got[nan]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_reader_across_pieces_with_nonfinite(tmp_path, dtype):
     """The pread loop (256 KiB pieces) against the Python reader and numpy, on tensors of several
     pieces with a ragged tail, NaN/inf only in a later piece, and jobs split mid-tensor."""

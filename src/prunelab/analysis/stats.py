@@ -232,7 +232,7 @@ else:  # pragma: no cover - no pread (Windows) or no numba: callers use the Pyth
     _pread = None
 
 #: Kinds of weights `_scan_fd` reads itself.
-FD_KINDS = {"F32": 0, "BF16": 1}
+FD_KINDS = {"F32": 0, "BF16": 1, "F16": 2}
 
 
 @_njit
@@ -250,8 +250,25 @@ def _read_exact(fd, ptr, nbytes, off):
 
 
 @_njit
+def _half_abs_bits(h):
+    """float32 bit pattern of |h| for float16 bits h, exactly (every statistic here uses |w| only)."""
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    if e == 0x1F:  # inf / NaN keep their payload
+        return np.uint32(0x7F800000) | (np.uint32(m) << np.uint32(13))
+    if e == 0:  # zero or subnormal m * 2**-24: a normal float32 with m's top bit p as the exponent
+        if m == 0:
+            return np.uint32(0)
+        p = 9
+        while (m >> p) == 0:
+            p -= 1
+        return (np.uint32(p + 103) << np.uint32(23)) | ((np.uint32(m) << np.uint32(23 - p)) & np.uint32(0x7FFFFF))
+    return (np.uint32(e + 112) << np.uint32(23)) | (np.uint32(m) << np.uint32(13))
+
+
+@_njit
 def _scan_fd(fd, start, nbytes, kind, buf32, buf16, t, fine, acc, sums):
-    """Scan bytes [start, start+nbytes) of a file of float32 (kind 0) or bfloat16 (kind 1) weights.
+    """Scan bytes [start, start+nbytes) of a file of float32 (kind 0), bfloat16 (1) or float16 (2) weights.
 
     The whole loop — `pread` of one L2-sized piece, both passes, next piece — runs without the
     GIL and without a Python call per piece, which is what lets two threads scale (the Python
@@ -272,8 +289,12 @@ def _scan_fd(fd, start, nbytes, kind, buf32, buf16, t, fine, acc, sums):
         else:
             status = _read_exact(fd, buf16.ctypes.data, want, off)
             wide = buf32.view(np.uint32)
-            for i in range(n):  # bfloat16 is the top half of a float32: exact
-                wide[i] = np.uint32(buf16[i]) << np.uint32(16)
+            if kind == 1:
+                for i in range(n):  # bfloat16 is the top half of a float32: exact
+                    wide[i] = np.uint32(buf16[i]) << np.uint32(16)
+            else:
+                for i in range(n):
+                    wide[i] = _half_abs_bits(buf16[i])
             x = buf32[:n]
         if status != 0:
             return status, shift_k
@@ -540,7 +561,7 @@ def can_scan_file(dtype: str) -> bool:
 
 
 def summarize_file_range(path: str | os.PathLike[str], start: int, nbytes: int, dtype: str) -> Summary:
-    """Summary of bytes [start, start+nbytes) of a file holding float32 or bfloat16 weights.
+    """Summary of bytes [start, start+nbytes) of a file holding float32, bfloat16 or float16 weights.
 
     Reads the file with `pread` into one 256 KiB buffer per thread from inside the compiled loop,
     so memory stays flat whatever the range and threads scale; raises OSError / EOFError on a
