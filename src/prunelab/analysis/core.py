@@ -2,7 +2,7 @@
 
 The model is never instantiated with weights: its module tree is built on the meta device to
 name the tensors (naming.py), then every tensor in scope is read range by range into mergeable
-summaries (stats.py: a compiled `pread` loop over 256 KiB pieces for float32/bfloat16, else
+summaries (stats.py: a compiled `pread` loop over 256 KiB pieces for float32/bfloat16/float16, else
 reader.py's memory-mapped windows). Peak memory is a piece or a window per thread plus the
 interpreter, so a model larger than RAM can be analyzed. Everything is checked
 before the output directory is created, and outputs go through `atomic_dir`, so a bad input
@@ -137,8 +137,8 @@ def scan(tensors: list[TensorInfo], *, chunk_bytes: int | None = None, workers: 
          io: str = "pread", progress: Callable[[int, int], None] | None = None) -> dict[str, Summary]:
     """Summaries per tensor, streamed range by range in file order.
 
-    Byte ranges of tensors are independent jobs for a small thread pool. `io="pread"` (default)
-    scans float32/bfloat16 ranges in the compiled pread loop (one 256 KiB piece per thread in
+    Byte ranges of tensors are independent jobs for `workers` threads. `io="pread"` (default)
+    scans float32/bfloat16/float16 ranges in the compiled pread loop (one 256 KiB piece per thread in
     memory, ranges of `chunk_bytes`, default 16 MiB) and other dtypes like "mmap"; "mmap" and
     "read" hand `chunk_bytes` windows (default 2 MiB) to Python, so `workers × chunk_bytes` is
     in memory. Partial summaries are merged in range order: results do not depend on timing.

@@ -1,6 +1,6 @@
 """Safetensors headers, and bounded memory-mapped reads of tensor chunks.
 
-The default scan reads float32/bfloat16 bytes itself (stats.summarize_file_range: `pread` from
+The default scan reads float32/bfloat16/float16 bytes itself (stats.summarize_file_range: `pread` from
 compiled code); the windows here serve the other dtypes, in-Python consumers and comparisons.
 
 `safe_open` maps a whole file for as long as it is open, so every page it touches stays in

@@ -548,7 +548,7 @@ def _reset(acc: np.ndarray, sums: np.ndarray) -> None:
 
 
 def _read_buffers() -> tuple[np.ndarray, np.ndarray]:
-    """This thread's piece buffers for `_scan_fd`: float32 values and raw bfloat16 bits."""
+    """This thread's piece buffers for `_scan_fd`: float32 values and raw 16-bit patterns."""
     bufs = getattr(_SCRATCH, "read", None)
     if bufs is None:
         bufs = _SCRATCH.read = (np.empty(PIECE, dtype=np.float32), np.empty(PIECE, dtype=np.uint16))
