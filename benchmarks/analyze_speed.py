@@ -20,7 +20,11 @@ process CPU time are both reported: on a shared machine the CPU-time ratio is th
 (with threads, CPU time adds up over threads, so only wall time shows the parallel gain).
 
     .venv/bin/python benchmarks/analyze_speed.py [--model zoo:smollm2] [--all] [--repeats 5]
-        [--out benchmarks/results/analyze_speed.json]
+        [--cast bf16|f16] [--out benchmarks/results/analyze_speed.json]
+
+`--cast` first writes the tensors in scope, cast to that dtype, to a temporary safetensors file
+and measures on it (half the bytes per weight: expect about half the read-speed ratio at the
+same weights per second); `analyze()` end to end is then skipped.
 
 Goals (issue 2): scan throughput >= 0.5 x read throughput; peak RSS below 2 x the largest
 single tensor in scope plus the interpreter overhead.
@@ -62,6 +66,23 @@ def _reset_peak() -> bool:
         return False
 
 
+def _cast_copy(tensors: list[Any], dtype: str, path: Path) -> list[Any]:
+    """Write the tensors, cast to `dtype`, into one safetensors file; its TensorInfos, same names."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from prunelab.analysis.reader import read_header
+
+    target = {"bf16": torch.bfloat16, "f16": torch.float16}[dtype]
+    out = {}
+    for t in tensors:
+        with safe_open(str(t.file), "pt") as fh:
+            out[t.name] = fh.get_tensor(t.name).to(target)
+    save_file(out, str(path))
+    return read_header(path)
+
+
 def _child(args: argparse.Namespace) -> dict[str, Any]:
     from prunelab.analysis import analyze, plan, scan
     from prunelab.analysis.core import default_workers
@@ -71,6 +92,9 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     p = plan(args.model, include_all=args.all)
     warm_up()
     tensors = p["tensors"]
+    tmpdir = tempfile.TemporaryDirectory()
+    if args.cast:
+        tensors = _cast_copy(tensors, args.cast, Path(tmpdir.name) / f"{args.cast}.safetensors")
     nbytes = sum(t.nbytes for t in tensors)
     largest = max(tensors, key=lambda t: t.nbytes)
 
@@ -128,15 +152,18 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
             fn()
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
-    with tempfile.TemporaryDirectory() as tmp:
+    analyze_s = None
+    if not args.cast:
         t0 = time.perf_counter()
-        analyze(args.model, Path(tmp) / "out", include_all=args.all)
+        analyze(args.model, Path(tmpdir.name) / "out", include_all=args.all)
         analyze_s = time.perf_counter() - t0
+    tmpdir.cleanup()
     peak_process = _status("VmHWM")
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     return {
         "model": args.model, "scope": "all" if args.all else "prunable", "tensors": len(tensors),
+        "dtype": args.cast or "as stored", "values": sum(t.numel for t in tensors),
         "bytes": nbytes, "largest_tensor": largest.name, "largest_tensor_bytes": largest.nbytes,
         "workers": workers, "cpus": os.cpu_count(), "load_avg_1min": os.getloadavg()[0],
         "piece_bytes": PIECE * 4, "read_variants": list(read_sizes), "repeats": args.repeats,
@@ -154,6 +181,7 @@ def main() -> None:
     ap.add_argument("--model", default="zoo:smollm2")
     ap.add_argument("--all", action="store_true", help="include embeddings, norms, biases (analyze --all)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--cast", choices=["bf16", "f16"], help="measure on a temporary copy in this dtype")
     ap.add_argument("--out", default="benchmarks/results/analyze_speed.json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -163,6 +191,8 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--child", "--model", args.model, "--repeats", str(args.repeats)]
     if args.all:
         cmd.append("--all")
+    if args.cast:
+        cmd += ["--cast", args.cast]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -195,7 +225,10 @@ def main() -> None:
         g, gc, c = r["gb_per_s"][k], r["gb_per_cpu_s"][k], r["median_cpu_s"][k]
         print(f"{k:<34}{v:>8.3f}{g:>8.2f}{g / read_gbs:>8.2f}{c:>8.3f}{gc:>10.2f}{gc / read_cpu:>8.2f}")
     print(f"reference read: {best} ({read_gbs:.2f} GB/s); 'x read' columns are ratios to it")
-    print(f"{'analyze() end to end':<34}{r['analyze_total_s']:>8.2f} s  (naming + scan + stats + 4 plots)")
+    print(f"scan, {r['workers']} threads: {r['values'] / r['median_s'][scan_key] / 1e9:.2f} G weights/s "
+          f"(dtype: {r['dtype']})")
+    if r["analyze_total_s"] is not None:
+        print(f"{'analyze() end to end':<34}{r['analyze_total_s']:>8.2f} s  (naming + scan + stats + 4 plots)")
     print(f"largest tensor in scope: {r['largest_tensor']} = {r['largest_tensor_bytes'] / mb:.1f} MiB")
     print(f"RSS before scan (interpreter, torch, transformers, numba, meta model): {overhead / mb:.0f} MiB")
     print(f"peak RSS during scan: {r['peak_rss_during_scan_bytes'] / mb:.0f} MiB "
