@@ -20,6 +20,8 @@ Why it is built this way:
 * **Reading inside the kernel.** For files, `summarize_file_range` `pread`s 256 KiB pieces from
   compiled code and runs both passes while the piece is in L2: memory stays at one piece per
   thread, and threads scale because no Python runs between pieces.
+* **16-bit weights are counted, not scanned.** A bfloat16/float16 |w| takes one of 2**15 values,
+  so the file loop only histograms the raw patterns and derives every statistic per pattern.
 """
 
 from __future__ import annotations
@@ -258,14 +260,19 @@ if numba is not None:
         sig = numba.types.uint32(numba.types.float32)
         return sig, lambda context, builder, signature, args: builder.bitcast(args[0], _ir.IntType(32))
 
+    @numba.extending.intrinsic
+    def _bits_f32(typingctx, x):  # type: ignore[no-redef]
+        """The float32 whose bit pattern is a uint32 scalar."""
+        sig = numba.types.float32(numba.types.uint32)
+        return sig, lambda context, builder, signature, args: builder.bitcast(args[0], _ir.FloatType())
+
 
 @_njit
 def _half_abs_bits(h16):
     """float32 bit pattern of |h| for float16 bits, exactly (every statistic here uses |w| only).
 
-    Branch-free so the widening loop vectorises: a normal half moves its exponent and mantissa
-    into place (inf/NaN get the float32 all-ones exponent); a subnormal one is m * 2**-24,
-    computed in float32 (exact: m < 1024).
+    Branch-free: a normal half moves its exponent and mantissa into place (inf/NaN get the
+    float32 all-ones exponent); a subnormal one is m * 2**-24, computed in float32 (exact: m < 1024).
     """
     h = np.uint32(h16) & np.uint32(0x7FFF)
     normal = (h << np.uint32(13)) + np.uint32(0x38000000)
@@ -274,18 +281,118 @@ def _half_abs_bits(h16):
     return sub if h < 0x400 else normal
 
 
+#: Magnitude patterns of a 16-bit float (sign dropped).
+N_HALF = 1 << 15
+
+
 @_njit
-def _scan_fd(fd, start, nbytes, kind, buf32, buf16, t, fine, acc, sums):
+def _pattern_range(h):
+    """Smallest non-zero |pattern| minus one, and the largest, in a piece of 16-bit floats (vectorised)."""
+    lo = np.uint16(0xFFFF)
+    hi = np.uint16(0)
+    m = np.uint16(0x7FFF)
+    for i in range(h.shape[0]):
+        v = h[i] & m
+        lo = min(lo, np.uint16(v - np.uint16(1)))  # zero wraps to the top: zeros do not widen the range
+        hi = max(hi, v)
+    return lo, hi
+
+
+@_njit
+def _count_patterns(h, hist):
+    """hist[|pattern|] += 1 over a piece, into 4 interleaved int32 copies (see `_pass_b`)."""
+    n4 = h.shape[0] // 4 * 4
+    for i in range(0, n4, 4):
+        hist[0, h[i] & 0x7FFF] += 1
+        hist[1, h[i + 1] & 0x7FFF] += 1
+        hist[2, h[i + 2] & 0x7FFF] += 1
+        hist[3, h[i + 3] & 0x7FFF] += 1
+    for i in range(n4, h.shape[0]):
+        hist[0, h[i] & 0x7FFF] += 1
+
+
+@_njit
+def _pattern_bits(p, kind):
+    return np.uint32(p) << np.uint32(16) if kind == 1 else _half_abs_bits(np.uint16(p))
+
+
+@_njit
+def _fold_patterns(hist, kind, lo, hi, t, fine, acc, sums, seen):
+    """Turn a 16-bit pattern histogram into what `_accumulate` would have produced; returns the shift.
+
+    A bfloat16/float16 weight can only take 2**15 magnitudes, so the scan just counts patterns
+    (one scalar increment per weight) and every statistic is computed here, once per pattern
+    present: 0 (the zeros) and lo+1..hi. The moments come out better than streamed ones: the
+    mean is known before the squared deviations are summed. Leaves `hist` zeroed; `seen` is
+    scratch for the (bits, count) pairs found. Accumulators are locals until the end, so they
+    stay in registers (as array elements they cost ~60 ns per pattern).
+    """
+    start = max(lo + 1, 1)
+    zeros = 0
+    n_fin = 0
+    total = 0.0
+    maxb = 0
+    topb = 0
+    lowb = 0x7FFFFFFF
+    below = np.zeros(t.shape[0], dtype=np.int64)
+    k = 0
+    for i in range(-1, hi + 1 - start):
+        q = 0 if i < 0 else start + i  # pattern 0 first, then the range
+        c = np.int64(hist[0, q]) + hist[1, q] + hist[2, q] + hist[3, q]
+        if c == 0:
+            continue
+        hist[0, q] = 0
+        hist[1, q] = 0
+        hist[2, q] = 0
+        hist[3, q] = 0
+        b = _pattern_bits(q, kind)
+        fine[0, b >> FINE_SHIFT] += c
+        topb = max(topb, np.int64(b))
+        if b >= _INF_BITS:  # NaN/inf: counted by the fine histogram's last slot only
+            continue
+        seen[0, k] = b
+        seen[1, k] = c
+        k += 1
+        n_fin += c
+        total += c * np.float64(_bits_f32(b))
+        maxb = max(maxb, np.int64(b))
+        if b == 0:
+            zeros += c
+        else:
+            lowb = min(lowb, np.int64(b) - 1)
+        for j in range(t.shape[0]):
+            if b < t[j]:
+                below[j] += c
+    acc[A_ZEROS] += zeros
+    acc[A_FINITE] += n_fin
+    acc[A_MAXBITS] = max(acc[A_MAXBITS], maxb)
+    acc[A_TOPBITS] = max(acc[A_TOPBITS], topb)
+    acc[A_LOWBITS] = min(acc[A_LOWBITS], lowb)
+    for j in range(t.shape[0]):
+        acc[A_BELOW + j] += below[j]
+    shift = total / n_fin if n_fin else 0.0
+    for i in range(k):
+        d = np.float64(_bits_f32(np.uint32(seen[0, i]))) - shift
+        sums[0] += seen[1, i] * d
+        sums[1] += seen[1, i] * d * d
+    return shift
+
+
+@_njit
+def _scan_fd(fd, start, nbytes, kind, buf32, buf16, hist, seen, t, fine, acc, sums):
     """Scan bytes [start, start+nbytes) of a file of float32 (kind 0), bfloat16 (1) or float16 (2) weights.
 
-    The whole loop — `pread` of one L2-sized piece, both passes, next piece — runs without the
-    GIL and without a Python call per piece, which is what lets two threads scale (the Python
-    per-chunk path spent ~60 µs of GIL time per chunk). Returns (status, shift): status 0, or
-    the `_read_exact` code of the piece that failed.
+    The whole loop — `pread` of one L2-sized piece, then the passes, next piece — runs without
+    the GIL and without a Python call per piece, which is what lets two threads scale (the
+    Python per-chunk path spent ~60 µs of GIL time per chunk). 16-bit weights are only counted
+    per pattern here and summarised at the end (`_fold_patterns`). Returns (status, shift):
+    status 0, or the `_read_exact` code of the piece that failed.
     """
     item = 4 if kind == 0 else 2
     step = buf32.shape[0] * item
     shift_k = 0.0
+    lo = 0xFFFF
+    hi = 0
     off = start
     end = start + nbytes
     while off < end:
@@ -293,23 +400,25 @@ def _scan_fd(fd, start, nbytes, kind, buf32, buf16, t, fine, acc, sums):
         n = want // item
         if kind == 0:
             status = _read_exact(fd, buf32.ctypes.data, want, off)
-            x = buf32[:n]
         else:
             status = _read_exact(fd, buf16.ctypes.data, want, off)
-            wide = buf32.view(np.uint32)
-            if kind == 1:
-                for i in range(n):  # bfloat16 is the top half of a float32: exact
-                    wide[i] = np.uint32(buf16[i]) << np.uint32(16)
-            else:
-                for i in range(n):
-                    wide[i] = _half_abs_bits(buf16[i])
-            x = buf32[:n]
         if status != 0:
+            hist[:] = 0
             return status, shift_k
-        if off == start:
-            shift_k = _shift(x)
-        _accumulate(x, shift_k, t, fine, acc, sums)
+        if kind == 0:
+            x = buf32[:n]
+            if off == start:
+                shift_k = _shift(x)
+            _accumulate(x, shift_k, t, fine, acc, sums)
+        else:
+            h = buf16[:n]
+            plo, phi = _pattern_range(h)
+            lo = min(lo, np.int64(plo))
+            hi = max(hi, np.int64(phi))
+            _count_patterns(h, hist)
         off += want
+    if kind != 0:
+        shift_k = _fold_patterns(hist, kind, lo, hi, t, fine, acc, sums, seen)
     return 0, shift_k
 
 
@@ -555,11 +664,13 @@ def _reset(acc: np.ndarray, sums: np.ndarray) -> None:
     sums[:] = 0.0
 
 
-def _read_buffers() -> tuple[np.ndarray, np.ndarray]:
-    """This thread's piece buffers for `_scan_fd`: float32 values and raw 16-bit patterns."""
+def _read_buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """This thread's buffers for `_scan_fd`: a piece of float32 values, one of 16-bit patterns,
+    the zeroed pattern histogram (`_fold_patterns` re-zeroes what it used) and its pair scratch."""
     bufs = getattr(_SCRATCH, "read", None)
     if bufs is None:
-        bufs = _SCRATCH.read = (np.empty(PIECE, dtype=np.float32), np.empty(PIECE, dtype=np.uint16))
+        bufs = _SCRATCH.read = (np.empty(PIECE, dtype=np.float32), np.empty(PIECE, dtype=np.uint16),
+                                np.zeros((4, N_HALF), dtype=np.int32), np.zeros((2, N_HALF), dtype=np.int64))
     return bufs
 
 
@@ -581,10 +692,11 @@ def summarize_file_range(path: str | os.PathLike[str], start: int, nbytes: int, 
         return merged(summarize_file_range(path, off, min(step, start + nbytes - off), dtype)
                       for off in range(start, start + nbytes, step))
     fine, acc, sums = _scratch()
-    buf32, buf16 = _read_buffers()
+    buf32, buf16, hist, seen = _read_buffers()
     fd = os.open(path, os.O_RDONLY)
     try:
-        status, shift_k = _scan_fd(fd, start, nbytes, FD_KINDS[dtype], buf32, buf16, _T_BITS, fine, acc, sums)
+        status, shift_k = _scan_fd(fd, start, nbytes, FD_KINDS[dtype], buf32, buf16, hist, seen, _T_BITS, fine,
+                                   acc, sums)
     finally:
         os.close(fd)
     if status != 0:
