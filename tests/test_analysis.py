@@ -180,6 +180,20 @@ def test_exact_at_threshold_values_and_half_dtypes(tmp_path, dtype):
         _check_group(m, [weights[name]], what=f"{name} {dtype}")
 
 
+def test_sharded_bf16_checkpoint_like_the_hub(tiny_dirs, tmp_path):
+    """Hub checkpoints are bf16 and sharded: every shard is read, and the numbers equal numpy's."""
+    lm = load_model(str(tiny_dirs["llama"]))
+    sharded = tmp_path / "sharded"
+    lm.model.to(torch.bfloat16).save_pretrained(sharded, max_shard_size="40KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 3
+    stats = analyze(str(sharded), tmp_path / "out", plots=False)
+    weights = _checkpoint(sharded)
+    assert set(stats["matrices"]) == {m.param_name for m in lm.prunable}
+    for name, m in stats["matrices"].items():
+        _check_group(m, [weights[name]], what=name)
+    _check_group(stats["overall"], [weights[k] for k in stats["matrices"]], what="overall")
+
+
 def test_bare_base_model_checkpoint_keys_are_matched(tmp_path):
     """A checkpoint saved from BertModel has no `bert.` prefix (like zoo:minilm); keys still map."""
     from transformers import BertModel
