@@ -393,6 +393,20 @@ def test_cli_prints_summary_and_writes_dir(tiny_dirs, tmp_path):
     assert (tmp_path / "a" / "cdf_by_block.png").is_file()
 
 
+def test_cli_threads_option_changes_nothing_but_the_thread_count(tiny_dirs, tmp_path):
+    runs = {}
+    for n in ("1", "3"):
+        result = CliRunner().invoke(app, ["analyze", str(tiny_dirs["llama"]), "--out", str(tmp_path / n),
+                                          "--threads", n])
+        assert result.exit_code == 0, result.output
+        stats = json.loads((tmp_path / n / "stats.json").read_text())
+        assert f"{n} threads" in stats["scan"]["how"]
+        runs[n] = {k: stats[k] for k in ("overall", "by_block", "by_module_type", "matrices")}
+    assert runs["1"] == runs["3"]
+    bad = CliRunner().invoke(app, ["analyze", str(tiny_dirs["llama"]), "--out", str(tmp_path / "0"), "--threads", "0"])
+    assert bad.exit_code != 0 and not (tmp_path / "0").exists()
+
+
 def test_failed_run_keeps_previous_output(tiny_dirs, tmp_path):
     out = tmp_path / "DIR"
     analyze(str(tiny_dirs["gpt2"]), out, plots=False)

@@ -328,13 +328,20 @@ def analyze_cmd(
     model: str = typer.Argument(..., help="Model spec: zoo:<alias>, a local HF directory, a .gguf file or a hub id."),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (created atomically; replaced if it exists)."),
     include_all: bool = typer.Option(False, "--all", help="Also embeddings, norms, biases and heads."),
+    threads: int | None = typer.Option(None, "--threads", min=1,
+                                       help="Scan threads (default: the usable CPUs, at most 4)."),
 ) -> None:
     """Weight-magnitude statistics and plots, streamed from safetensors (the model is not loaded)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
     from rich.table import Table
 
     from prunelab.analysis import analyze
 
-    stats = analyze(model, out_dir, include_all=include_all)
+    with Progress(TextColumn("scanning weights"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("scan", total=None)
+        stats = analyze(model, out_dir, include_all=include_all, workers=threads,
+                        progress=lambda done, total: bar.update(task, completed=done, total=total))
     o, scan = stats["overall"], stats["scan"]
     table = Table("group", "params", "zeros", *[f"<{t}" for t in stats["thresholds"]], "median",
                   title=f"{stats['model']}: fraction of |w| below each threshold ({stats['family']}, "

@@ -226,7 +226,7 @@ def _block_sort_key(key: str) -> tuple[int, int]:
 
 
 def build_stats(p: dict[str, Any], summaries: dict[str, Summary], *, include_all: bool,
-                seconds: float) -> dict[str, Any]:
+                seconds: float, workers: int | None = None) -> dict[str, Any]:
     """The stats.json document from per-tensor summaries (groups are exact merges)."""
     roles: dict[str, TensorRole] = p["roles"]
     infos = {t.name: t for t in p["tensors"]}
@@ -270,7 +270,7 @@ def build_stats(p: dict[str, Any], summaries: dict[str, Summary], *, include_all
         "scan": {"tensors": len(order), "bytes": nbytes, "seconds": round(seconds, 4),
                  "gb_per_s": round(nbytes / seconds / 1e9, 3) if seconds > 0 else None,
                  "how": f"wall time of the streaming scan only (pread of {PIECE * 4 // 1024} KiB pieces, "
-                        f"{default_workers()} threads), excluding naming and plotting",
+                        f"{workers or default_workers()} threads), excluding naming and plotting",
                  "machine": platform.machine()},
     }
 
@@ -343,11 +343,13 @@ def _dense_view(source: Path) -> Iterator[Path]:
 
 
 def analyze(spec_or_path: str | Path | ModelSpec, out_dir: str | Path, *, include_all: bool = False,
-            plots: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+            plots: bool = True, progress: Callable[[int, int], None] | None = None,
+            workers: int | None = None) -> dict[str, Any]:
     """Write stats.json, stats.csv and four plots about |w| of a model into `out_dir`.
 
     Returns the stats.json content. Default scope: prunable matrices; `include_all` adds
     embeddings, norms, biases and heads. `out_dir` appears only when everything succeeded.
+    `progress(bytes_done, bytes_total)` is called during the scan; `workers` = scan threads.
     """
     spec = parse_spec(str(spec_or_path) if isinstance(spec_or_path, Path) else spec_or_path)
     source = resolve_source(spec)
@@ -359,9 +361,9 @@ def analyze(spec_or_path: str | Path | ModelSpec, out_dir: str | Path, *, includ
         p["spec"], p["source"] = spec, source
         warm_up()
         t0 = time.perf_counter()
-        summaries = scan(p["tensors"], progress=progress)
+        summaries = scan(p["tensors"], progress=progress, workers=workers)
         seconds = time.perf_counter() - t0
-    stats = build_stats(p, summaries, include_all=include_all, seconds=seconds)
+    stats = build_stats(p, summaries, include_all=include_all, seconds=seconds, workers=workers)
     with atomic_dir(out_dir) as tmp:
         write_stats_json(stats, tmp / "stats.json")
         write_csv(stats, tmp / "stats.csv")
