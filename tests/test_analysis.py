@@ -285,6 +285,46 @@ def test_compiled_reader_across_pieces_with_nonfinite(tmp_path, dtype):
             assert math.isclose(other.mean, s.mean, rel_tol=1e-12) and math.isclose(other.std, s.std, rel_tol=1e-9)
 
 
+def test_failed_pread_falls_back_to_the_python_reader_in_small_windows(tmp_path, monkeypatch):
+    """An OSError from the compiled loop (e.g. EINTR on a network file system) is retried by the
+    mmap reader, in 2 MiB windows even though pread jobs are 16 MiB; float64 takes that path too."""
+    import prunelab.analysis.core as core
+    from prunelab.analysis.reader import CHUNK_BYTES, read_header
+
+    path = tmp_path / "w.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    save_file({"a.weight": torch.randn(1_500_000, generator=gen), "b.weight": torch.randn(700_000, dtype=torch.float64,
+                                                                                          generator=gen)}, str(path))
+    tensors = read_header(path)
+    expected = scan(tensors, workers=1, io="mmap")
+
+    def broken(*args, **kwargs):
+        raise OSError("interrupted")
+
+    windows = []
+    real_with_chunk = core.with_chunk
+    monkeypatch.setattr(core, "summarize_file_range", broken)
+    monkeypatch.setattr(core, "with_chunk", lambda info, off, n, *a, **k: windows.append(n) or real_with_chunk(
+        info, off, n, *a, **k))
+    got = scan(tensors, workers=2)
+    assert max(windows) <= CHUNK_BYTES and len(windows) >= 6
+    for name, s in expected.items():
+        assert (got[name].counts == s.counts).all() and got[name].params == s.params
+        assert math.isclose(got[name].mean, s.mean, rel_tol=1e-12)
+
+
+def test_window_still_referenced_does_not_crash_the_reader(tmp_path):
+    """A consumer that keeps the window (what numba's compiler did with its first argument, on a
+    cold cache, for float64 checkpoints) must not turn into a BufferError."""
+    from prunelab.analysis.reader import read_header, with_chunk
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a.weight": torch.arange(1000, dtype=torch.float64)}, str(path))
+    info = read_header(path)[0]
+    kept = []
+    assert with_chunk(info, info.start, info.nbytes, lambda a: kept.append(a) or float(a.sum())) == 499500.0
+
+
 def test_file_truncated_after_planning_is_a_checkpoint_error(tmp_path):
     from prunelab.analysis.reader import read_header
     from prunelab.errors import CheckpointError

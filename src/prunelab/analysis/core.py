@@ -115,10 +115,12 @@ def _scan_one(job: tuple[TensorInfo, int, int, str]) -> Summary:
             return summarize_file_range(info.file, off, length, info.dtype)
         except EOFError as exc:
             raise CheckpointError(f"{info.file} ended early while reading '{info.name}' (truncated?)") from exc
-        except OSError as exc:
-            raise CheckpointError(f"cannot read '{info.name}' from {info.file}: {exc.strerror or exc}") from exc
+        except OSError:
+            pass  # a failed pread (e.g. EINTR on a network file system): the Python reader retries, naming real errors
     s = Summary()
-    with_chunk(info, off, length, s.update, io="mmap" if io == "pread" else io)
+    step = CHUNK_BYTES if io == "pread" else length  # pread jobs are large: Python windows stay small
+    for sub in range(off, off + length, step):
+        with_chunk(info, sub, min(step, off + length - sub), s.update, io="mmap" if io == "pread" else io)
     return s
 
 
@@ -146,6 +148,7 @@ def scan(tensors: list[TensorInfo], *, chunk_bytes: int | None = None, workers: 
     ordered = sorted(tensors, key=lambda t: (str(t.file), t.start))
     if io not in SCAN_MODES:
         raise ValueError(f"io must be one of {SCAN_MODES}")
+    warm_up()
     chunk_bytes = chunk_bytes or (JOB_BYTES if io == "pread" else CHUNK_BYTES)
     jobs = [(t, off, length, io) for t in ordered for off, length in chunk_ranges(t, chunk_bytes)]
     total = sum(t.nbytes for t in ordered)

@@ -195,7 +195,10 @@ def with_chunk(info: TensorInfo, off: int, length: int, consume: Callable[[np.nd
         del view
         return result
     finally:
-        mm.close()
+        try:
+            mm.close()
+        except BufferError:  # something still holds a view (a compiler's argument cache): unmapped with it
+            pass
 
 
 def scan_chunks(info: TensorInfo, consume: Callable[[np.ndarray], object], *, chunk_bytes: int = CHUNK_BYTES,

@@ -674,9 +674,25 @@ def _read_buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return bufs
 
 
+_FD_USABLE: list[bool] = []
+
+
 def can_scan_file(dtype: str) -> bool:
-    """Whether `summarize_file_range` reads this safetensors dtype itself (else use a Python reader)."""
-    return _pread is not None and dtype in FD_KINDS
+    """Whether `summarize_file_range` reads this safetensors dtype itself (else use a Python reader).
+
+    The compiled loop links libc's `pread` by name; where that fails (no such symbol), the
+    Python readers take over instead of the scan failing.
+    """
+    if _pread is None or dtype not in FD_KINDS:
+        return False
+    if not _FD_USABLE:
+        try:
+            fine, acc, sums = _scratch()
+            _scan_fd(-1, 0, 0, 0, *_read_buffers(), _T_BITS, fine, acc, sums)  # an empty range: compiles/loads only
+            _FD_USABLE.append(True)
+        except Exception:  # noqa: BLE001 - any compile or link failure means: use the Python reader
+            _FD_USABLE.append(False)
+    return _FD_USABLE[0]
 
 
 def summarize_file_range(path: str | os.PathLike[str], start: int, nbytes: int, dtype: str) -> Summary:
@@ -731,9 +747,19 @@ def summarize(values: np.ndarray, chunk: int = 1 << 22) -> Summary:
     return s
 
 
+_WARM: list[bool] = []
+
+
 def warm_up() -> None:
-    """Load (or compile, the first time) the float32 kernels so timings measure the scan itself."""
-    summarize(np.linspace(-1.0, 1.0, 64, dtype=np.float32))
-    if _pread is not None:
-        fine, acc, sums = _scratch()
-        _scan_fd(-1, 0, 0, 0, *_read_buffers(), _T_BITS, fine, acc, sums)  # an empty range: loads the code only
+    """Load (or compile, the first time) every kernel before any scan, once per process.
+
+    Timings then measure the scan itself, and no kernel is compiled while its argument is a
+    view of a memory-mapped window: numba's compiler can keep such an argument alive, and the
+    window then cannot be unmapped.
+    """
+    if _WARM:
+        return
+    for dtype in (np.float32, np.float64):
+        summarize(np.linspace(-1.0, 1.0, 64, dtype=dtype))
+    can_scan_file("F32")  # loads (or compiles) the file loop too
+    _WARM.append(True)
