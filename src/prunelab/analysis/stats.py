@@ -527,9 +527,7 @@ class Summary:
             _accumulate(x, shift_k, _T_BITS, fine, acc, sums)
             self._absorb(n, shift_k, fine, acc, sums)
             return
-        head = np.abs(x[:_SHIFT_HEAD].astype(np.float64))
-        head = head[np.isfinite(head)]
-        shift_k = float(head.mean()) if head.size else 0.0
+        shift_k = float(_shift(x))
         zeros, nonfinite, s1, s2, mx = _scan_f64(x, EDGES, _T64, self.counts, self.below, shift_k)
         self.params += n
         self.zeros += int(zeros)
