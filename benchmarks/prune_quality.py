@@ -161,6 +161,7 @@ def main() -> None:
         "threads": os.environ.get("OMP_NUM_THREADS"), "wall_s": time.perf_counter() - t_all,
         "dense_forward_s": fwd, "rows": rows, "checks": checks, "table": table,
     })
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)  # the full result supersedes it
     print(f"saved {args.out}")
 
 
