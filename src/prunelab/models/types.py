@@ -13,6 +13,30 @@ Family = Literal["encoder", "decoder", "encoder-decoder"]
 Stack = Literal["encoder", "decoder"]
 SpecKind = Literal["zoo", "local", "gguf", "hub"]
 
+CONTEXT_ATTRS = (
+    "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length", "max_target_positions",
+)
+SPEECH_MODEL_TYPES = frozenset({"whisper", "speech_to_text", "speecht5"})
+
+
+def context_length(config: Any) -> int | None:
+    """The longest sequence a model's position embeddings allow; None for relative positions (T5).
+
+    The one place that knows which config attribute holds it: families spell it differently.
+    """
+    if getattr(config, "model_type", "") == "t5" or getattr(config, "relative_attention_num_buckets", None):
+        return None
+    for attr in CONTEXT_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def is_speech_config(config: Any) -> bool:
+    """A speech model (audio in, text out), which needs a feature extractor rather than text input."""
+    return getattr(config, "model_type", "") in SPEECH_MODEL_TYPES or hasattr(config, "num_mel_bins")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -95,6 +119,15 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.spec.raw
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest input sequence (None: relative positions, no fixed limit)."""
+        return context_length(self.model.config)
+
+    @property
+    def is_speech(self) -> bool:
+        return self.processor is not None or is_speech_config(self.model.config)
 
     def blocks(self, stack: Stack | None = None) -> list[tuple[Stack, int]]:
         """(stack, block) pairs in execution order: encoder blocks first, then decoder blocks."""
