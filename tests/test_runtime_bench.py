@@ -77,7 +77,7 @@ def test_cli_bench_writes_json_and_rejects_bad_options(tiny_dirs, tmp_path):
 
 
 def test_load_for_inference_from_sparse_checkpoint(tiny_dirs, tmp_path):
-    storage = pytest.importorskip("prunelab.storage")
+    import prunelab.storage as storage
     from prunelab.runtime import load_for_inference, sparse_modules
 
     lm = load_model(str(tiny_dirs["llama"]))
