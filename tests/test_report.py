@@ -12,7 +12,7 @@ import pytest
 
 from prunelab.report import build_report
 from prunelab.report.report import size_numbers
-from prunelab.study import Cell, Store
+from prunelab.study import Cell, CellResult, Sizes, Store
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -46,13 +46,13 @@ def synthetic_study(out: Path) -> list[Cell]:
                 files[name] = rel
             cells.append(a)
             store.mark_running(a)
-            store.finish(a, {"status": "done", "metrics": {"files": files}, "wall_s": 1.0})
+            store.finish(a, CellResult("done", metrics={"files": files}, wall_s=1.0))
             dense = Cell("bench", model, bench=bench)
             cells.append(dense)
             store.mark_running(dense)
-            store.finish(dense, {"status": "done", "metrics": {"value": 20.0 if bench == "ppl" else 0.9,
-                                                               "primary": "ppl" if bench == "ppl" else "accuracy",
-                                                               "higher_is_better": bench != "ppl", "status": "ok"}})
+            store.finish(dense, CellResult("done", metrics={"value": 20.0 if bench == "ppl" else 0.9,
+                                                            "primary": "ppl" if bench == "ppl" else "accuracy",
+                                                            "higher_is_better": bench != "ppl", "status": "ok"}))
             for method in ("magnitude", "wanda"):
                 for s in (0.5, 0.9):
                     prune = Cell("prune", model, method=method, sparsity=s)
@@ -65,20 +65,20 @@ def synthetic_study(out: Path) -> list[Cell]:
                         prune: {"metrics": {"achieved_sparsity_prunable": s}},
                         b: {"metrics": {"value": value, "primary": "ppl" if bench == "ppl" else "accuracy",
                                         "higher_is_better": bench != "ppl", "status": "ok"}},
-                        size: {"sizes": {"dense_bytes": 1e8, "sparse_bytes": 1e8 * (1.1 - s),
-                                         "entropy_bound_bytes": 1e8 * (1 - s) * 0.9,
-                                         "bitmask_bound_bytes": 1e8 * (1 - s) + 3e6}},
+                        size: {"sizes": Sizes(dense_bytes=1e8, sparse_bytes=1e8 * (1.1 - s),
+                                              entropy_bound_bytes=1e8 * (1 - s) * 0.9,
+                                              bitmask_bound_bytes=1e8 * (1 - s) + 3e6)},
                         speed: {"metrics": {"speed": {"dense": {"decode_ms_per_token": 10.0},
                                                       "sparse": {"decode_ms_per_token": 10.0 * (1.5 - s)}}}},
                     }
                     for cell, res in results.items():
                         cells.append(cell)
                         store.mark_running(cell)
-                        store.finish(cell, {"status": "done", "wall_s": 0.5, **res})
+                        store.finish(cell, CellResult("done", wall_s=0.5, **res))
         failed = Cell("bench", "zoo:enc", method="wanda", sparsity=0.99, bench="sst2")
         cells.append(failed)
         store.mark_running(failed)
-        store.finish(failed, {"status": "failed", "error": "RuntimeError: boom"})
+        store.finish(failed, CellResult("failed", error="RuntimeError: boom"))
         store.set_meta(config={"preset": "quick", "models": list(models)}, plan=[c.hash for c in cells],
                        executor="local")
     return cells
@@ -109,7 +109,7 @@ def test_size_numbers_pick_store_fields():
     cell = Cell("size", "m", method="magnitude", sparsity=0.5)
 
     class R:
-        sizes = {"dense_bytes": 10, "sparse_bytes": 6, "entropy_bound_bytes": 4.5, "bitmask_bound_bytes": 5.5}
+        sizes = Sizes(dense_bytes=10, sparse_bytes=6, entropy_bound_bytes=4.5, bitmask_bound_bytes=5.5)
 
     assert cell.kind == "size"
     assert size_numbers(R()) == {"dense": 10.0, "sparse": 6.0, "bound": 4.5, "bitmask": 5.5}

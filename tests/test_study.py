@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from prunelab.errors import ConfigError
-from prunelab.study import Cell, Store, load_config, plan, run_study
+from prunelab.study import Cell, CellResult, Store, load_config, plan, run_study
 from prunelab.study.store import export_csv
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,8 +215,8 @@ def test_store_is_wal_and_transactional(tmp_path):
         assert store.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         store.mark_running(cell, pid=123)
         assert store.status_of() == {cell.hash: "running"}
-        store.finish(cell, {"status": "done", "metrics": {"value": 12.5}, "wall_s": 1.0, "peak_rss_bytes": 7,
-                            "versions": {"torch": "x"}})
+        store.finish(cell, CellResult("done", metrics={"value": 12.5}, wall_s=1.0, peak_rss_bytes=7,
+                                      versions={"torch": "x"}))
         with pytest.raises(RuntimeError), store.transaction() as c:  # a failed transaction leaves no trace
             c.execute("UPDATE cells SET status = 'failed'")
             raise RuntimeError("boom")
@@ -253,7 +253,7 @@ def test_study_runs_and_second_run_skips_everything(tmp_path, tiny_dirs, small_t
             assert r.metrics["achieved_sparsity_prunable"] == pytest.approx(r.sparsity, abs=0.01)
         size_rows = [r for r in rows if r.kind == "size"]
         for r in size_rows:  # the sparse format beats the dense checkpoint at these sparsities
-            assert 0 < r.sizes["sparse_bytes"] < r.sizes["dense_bytes"]
+            assert 0 < r.sizes.sparse_bytes < r.sizes.dense_bytes
         assert all(Path(r.log_path).is_file() for r in rows)
         stamps = {r.hash: r.finished_at for r in rows}
     # Checkpoints are removed once every cell of their point is done (keep_checkpoints: false).

@@ -35,7 +35,7 @@ def rows_by_hash(out: Path) -> dict[str, dict]:
     with Store(out) as store:
         return {r.hash: {"status": r.status, "kind": r.kind, "value": r.metrics.get("value"),
                          "achieved": r.metrics.get("achieved_sparsity_prunable"),
-                         "sparse_bytes": r.sizes.get("sparse_bytes"), "pid": r.pid}
+                         "sparse_bytes": r.sizes.sparse_bytes, "pid": r.pid}
                 for r in store.rows()}
 
 

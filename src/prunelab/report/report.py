@@ -9,20 +9,23 @@ Sections: summary table; per model the weight-distribution plots from `analyze`
 method, dense as a dashed reference, log y for perplexities), size on disk vs sparsity (dense
 vs sparse format vs information bound), decode speed vs sparsity; failed cells; the preset's
 data sizes and why; the exact configuration; library versions.
+
+The report is built as a list of parts (headings, text, tables, figures, notes, code) that
+`report.document` renders twice, as Markdown and as HTML, so both files always say the same thing.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.report.document import Code, Figure, Heading, Notes, Part, Table, Text, render_html, render_markdown
+from prunelab.report.figures import metric_vs_sparsity, size_vs_sparsity, speed_vs_sparsity
+from prunelab.study.results import finite
 from prunelab.study.store import Row, Store
 
 ANALYSIS_PLOTS = [
@@ -31,24 +34,24 @@ ANALYSIS_PLOTS = [
     ("cdf_by_block.png", "CDF of |w| per block"),
 ]
 LOG_Y_BENCHES = {"ppl", "seq2seq-ppl", "pppl"}
-
-
-@dataclass
-class Figure:
-    name: str  # file name in report_files/
-    caption: str
-    png: bytes | None = None
-    path: Path | None = None  # an existing PNG (analysis plots)
-
-    def data(self) -> bytes:
-        return self.png if self.png is not None else Path(self.path).read_bytes()  # type: ignore[arg-type]
+BOUNDS = (("bound", "entropy bound"), ("bitmask", "bitmask bound"))
 
 
 @dataclass
 class Section:
+    """One model's part of the report: its figures, then notes on what is missing or failed."""
+
     title: str
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def add(self, figure: Figure | None, notes: list[str]) -> None:
+        if figure is not None:
+            self.figures.append(figure)
+        self.notes += notes
+
+    def parts(self) -> list[Part]:
+        return [Heading(self.title), *self.figures, Notes(self.notes)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,52 +59,11 @@ class Section:
 # ---------------------------------------------------------------------------------------------
 
 
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
-
-
-def _first(d: dict[str, Any], keys: tuple[str, ...]) -> float | None:
-    for key in keys:
-        v = _num(d.get(key))
-        if v is not None:
-            return v
-    return None
-
-
 def size_numbers(row: Row) -> dict[str, float | None]:
     """Bytes on disk of a size cell: dense HF checkpoint, sparse format, entropy and bitmask bounds."""
-    s = row.sizes or {}
-    return {
-        "dense": _first(s, ("dense_bytes", "checkpoint_bytes")),
-        "sparse": _first(s, ("sparse_bytes", "sparse_dir_bytes")),
-        "bound": _first(s, ("entropy_bound_bytes",)),
-        "bitmask": _first(s, ("bitmask_bound_bytes",)),
-    }
-
-
-def speed_numbers(row: Row) -> dict[str, Any]:
-    """Dense and sparse speed of a speed cell (from `runtime.bench_model`'s `speed` section).
-
-    Decoders: decode latency in ms/token (lower is better). Encoders do not decode: prefill
-    throughput in tokens/s (higher is better) instead.
-    """
-    speed = (row.metrics or {}).get("speed") or {}
-    out: dict[str, Any] = {"dense": None, "sparse": None, "metric": "decode_ms_per_token"}
-    dense, sparse = speed.get("dense") or {}, speed.get("sparse") or {}
-    if _num(dense.get("decode_ms_per_token")) is None:
-        out["metric"] = "prefill_tokens_per_s"
-    out["dense"] = _num(dense.get(out["metric"]))
-    out["sparse"] = _num(sparse.get(out["metric"]))
-    return out
-
-
-def _bench_value(row: Row) -> float | None:
-    m = row.metrics or {}
-    if m.get("status") == "not_applicable":
-        return None
-    return _num(m.get("value"))
+    s = row.sizes
+    return {"dense": finite(s.dense_bytes), "sparse": finite(s.sparse_bytes), "bound": finite(s.entropy_bound_bytes),
+            "bitmask": finite(s.bitmask_bound_bytes)}
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -117,120 +79,170 @@ def _short(model: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building sections
+# Per-model sections: one function per figure kind, each returning (figure or None, notes)
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[Section]:
-    from prunelab.report import figures
+def _analysis_figures(model: str, tag: str, mrows: list[Row], out_dir: Path) -> tuple[list[Figure], list[str]]:
+    """The weight-distribution plots `analyze` wrote for this model."""
+    arow = next((r for r in mrows if r.kind == "analyze"), None)
+    if arow is None:
+        return [], []
+    if arow.status != "done":
+        return [], [f"analyze failed: {arow.error}"]
+    figures, notes = [], []
+    files = arow.analysis_files
+    for fname, caption in ANALYSIS_PLOTS:
+        rel = files.get(fname)
+        if rel and (out_dir / rel).is_file():
+            figures.append(Figure(f"{tag}-{fname}", f"{model}: {caption}", path=out_dir / rel))
+        else:
+            notes.append(f"analysis plot {fname} missing")
+    return figures, notes
 
-    sections: list[Section] = []
-    for mi, model in enumerate(models):
-        mrows = [r for r in rows if r.model == model]
-        sec = Section(f"{model}")
-        tag = f"m{mi}"
-        # Weight distribution from analyze.
-        arow = next((r for r in mrows if r.kind == "analyze"), None)
-        if arow is not None and arow.status == "done":
-            files = (arow.metrics or {}).get("files", {})
-            for fname, caption in ANALYSIS_PLOTS:
-                rel = files.get(fname)
-                if rel and (out_dir / rel).is_file():
-                    sec.figures.append(Figure(f"{tag}-{fname}", f"{model}: {caption}", path=out_dir / rel))
-                else:
-                    sec.notes.append(f"analysis plot {fname} missing")
-        elif arow is not None:
-            sec.notes.append(f"analyze failed: {arow.error}")
-        # Metric vs sparsity per benchmark.
-        for bench in sorted({r.bench for r in mrows if r.kind == "bench"}):
-            brows = [r for r in mrows if r.kind == "bench" and r.bench == bench and r.status == "done"]
-            dense_row = next((r for r in brows if r.method == "dense"), None)
-            dense = _bench_value(dense_row) if dense_row else None
-            series: dict[str, list[tuple[float, float]]] = {}
-            primary, hib = None, None
-            for r in brows:
-                primary = primary or (r.metrics or {}).get("primary")
-                hib = (r.metrics or {}).get("higher_is_better", hib)
-                v = _bench_value(r)
-                if r.method != "dense" and v is not None:
-                    series.setdefault(r.method_label, []).append((r.sparsity, v))
-            na = [r for r in brows if (r.metrics or {}).get("status") == "not_applicable"]
-            if na:
-                sec.notes.append(f"{bench}: not applicable ({(na[0].metrics or {}).get('note', '')})")
-            failed = [r for r in mrows if r.kind == "bench" and r.bench == bench and r.status != "done"]
-            if failed:
-                sec.notes.append(f"{bench}: {len(failed)} cell(s) not done, e.g. {failed[0].error}")
-            direction = "" if hib is None else (" (higher is better)" if hib else " (lower is better)")
-            ylabel = f"{primary or 'value'}{direction}"
-            log_y = bench in LOG_Y_BENCHES or "ppl" in str(primary) or "perplexity" in str(primary)
-            png = figures.metric_vs_sparsity(series, title=f"{_short(model)}: {bench} vs sparsity", ylabel=ylabel,
-                                             dense=dense, log_y=log_y)
-            if png:
-                sec.figures.append(Figure(f"{tag}-bench-{bench}.png",
-                                          f"{model}: {bench} {primary or ''} vs sparsity, one line per method"
-                                          + (" (log y)" if log_y else ""), png=png))
-        # Size on disk vs sparsity.
-        srows = [r for r in mrows if r.kind == "size" and r.status == "done"]
-        if srows:
-            series = {}
-            dense_bytes = None
-            for r in srows:
-                n = size_numbers(r)
-                dense_bytes = dense_bytes or n["dense"]
-                if n["sparse"] is not None:
-                    series.setdefault(f"sparse format ({r.method_label})", []).append((r.sparsity, n["sparse"]))
-                for key, name in (("bound", "entropy bound"), ("bitmask", "bitmask bound")):
-                    if n[key] is not None:
-                        series.setdefault(name, []).append((r.sparsity, n[key]))
-            for name in ("entropy bound", "bitmask bound"):  # depends on sparsity only: one value per x
-                if name in series:
-                    best: dict[float, float] = {}
-                    for x, y in series[name]:
-                        best[x] = min(y, best.get(x, y))
-                    series[name] = sorted(best.items())
-            png = figures.size_vs_sparsity(series, title=f"{_short(model)}: size on disk vs sparsity",
-                                           dense_bytes=dense_bytes)
-            if png:
-                sec.figures.append(Figure(f"{tag}-size.png", f"{model}: size on disk (dense vs sparse format vs "
-                                          "bound) vs sparsity", png=png))
-        elif any(r.kind == "size" for r in mrows):
-            bad = next(r for r in mrows if r.kind == "size")
-            sec.notes.append(f"size: no finished cell ({bad.error})")
-        # Decode speed vs sparsity.
-        prow = [r for r in mrows if r.kind == "speed" and r.status == "done"]
-        if prow:
-            series = {}
-            dense_vals = []
-            metric = "decode_ms_per_token"
-            for r in prow:
-                n = speed_numbers(r)
-                metric = n["metric"]
-                if n["sparse"] is not None:
-                    series.setdefault(f"sparse runtime ({r.method_label})", []).append((r.sparsity, n["sparse"]))
-                if n["dense"] is not None:  # timed interleaved with the sparse run: same machine load
-                    series.setdefault("dense (timed alongside)", []).append((r.sparsity, n["dense"]))
-                    dense_vals.append(n["dense"])
-            dense = None  # the per-cell dense line is the reference; a global median would mix load levels
-            if metric == "decode_ms_per_token":
-                what, ylabel = "decode latency", "decode latency (ms/token, median; lower is better)"
-            else:
-                what, ylabel = "prefill throughput", "prefill throughput (tokens/s, median; higher is better)"
-            png = figures.speed_vs_sparsity(series, title=f"{_short(model)}: {what} vs sparsity", ylabel=ylabel,
-                                            dense=dense)
-            if png:
-                extra = "" if metric == "decode_ms_per_token" else " (an encoder does not decode)"
-                sec.figures.append(Figure(f"{tag}-speed.png", f"{model}: {what} vs sparsity{extra} "
-                                          "(sparse runtime vs the dense model timed in the same cell)", png=png))
-            else:
-                sec.notes.append("speed: no timing in the speed results")
-        elif any(r.kind == "speed" for r in mrows):
-            bad = next(r for r in mrows if r.kind == "speed")
-            sec.notes.append(f"speed: no finished cell ({bad.error})")
-        elif arow is not None and (arow.metrics or {}).get("family") == "encoder-decoder" and srows:
-            sec.notes.append("speed: not measured — the runtime benchmark times text-token prefill/decode, "
-                             "and this is a speech model")
-        sections.append(sec)
-    return sections
+
+def _bench_figure(model: str, tag: str, bench: str, mrows: list[Row]) -> tuple[Figure | None, list[str]]:
+    """Benchmark value vs sparsity, one line per method, the dense model as a dashed reference."""
+    rows = [r for r in mrows if r.kind == "bench" and r.bench == bench]
+    outcomes = [(r, r.bench_outcome()) for r in rows if r.status == "done"]
+    dense = next((o.value for r, o in outcomes if r.method == "dense"), None)
+    series: dict[str, list[tuple[float, float]]] = {}
+    primary, hib = None, None
+    for r, o in outcomes:
+        primary = primary or o.primary
+        hib = o.higher_is_better if o.higher_is_better is not None else hib
+        if r.method != "dense" and o.value is not None:
+            series.setdefault(r.method_label, []).append((r.sparsity, o.value))
+    notes = []
+    na = [o for _, o in outcomes if not o.applicable]
+    if na:
+        notes.append(f"{bench}: not applicable ({na[0].note})")
+    failed = [r for r in rows if r.status != "done"]
+    if failed:
+        notes.append(f"{bench}: {len(failed)} cell(s) not done, e.g. {failed[0].error}")
+    direction = "" if hib is None else (" (higher is better)" if hib else " (lower is better)")
+    log_y = bench in LOG_Y_BENCHES or "ppl" in str(primary) or "perplexity" in str(primary)
+    png = metric_vs_sparsity(series, title=f"{_short(model)}: {bench} vs sparsity",
+                             ylabel=f"{primary or 'value'}{direction}", dense=dense, log_y=log_y)
+    caption = f"{model}: {bench} {primary or ''} vs sparsity, one line per method" + (" (log y)" if log_y else "")
+    return (Figure(f"{tag}-bench-{bench}.png", caption, png=png) if png else None), notes
+
+
+def _size_series(rows: list[Row]) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """Sparse-format bytes per method, and the bounds (which depend on sparsity only: lowest per x)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    dense_bytes = None
+    for r in rows:
+        n = size_numbers(r)
+        dense_bytes = dense_bytes or n["dense"]
+        if n["sparse"] is not None:
+            series.setdefault(f"sparse format ({r.method_label})", []).append((r.sparsity, n["sparse"]))
+        for key, name in BOUNDS:
+            if n[key] is not None:
+                series.setdefault(name, []).append((r.sparsity, n[key]))
+    for _, name in BOUNDS:
+        if name in series:
+            best: dict[float, float] = {}
+            for x, y in series[name]:
+                best[x] = min(y, best.get(x, y))
+            series[name] = sorted(best.items())
+    return series, dense_bytes
+
+
+def _size_figure(model: str, tag: str, mrows: list[Row]) -> tuple[Figure | None, list[str]]:
+    """Size on disk vs sparsity: dense checkpoint vs sparse format vs information bounds."""
+    rows = [r for r in mrows if r.kind == "size"]
+    done = [r for r in rows if r.status == "done"]
+    if not done:
+        return None, ([f"size: no finished cell ({rows[0].error})"] if rows else [])
+    series, dense_bytes = _size_series(done)
+    png = size_vs_sparsity(series, title=f"{_short(model)}: size on disk vs sparsity", dense_bytes=dense_bytes)
+    caption = f"{model}: size on disk (dense vs sparse format vs bound) vs sparsity"
+    return (Figure(f"{tag}-size.png", caption, png=png) if png else None), []
+
+
+def _speed_figure(model: str, tag: str, mrows: list[Row]) -> tuple[Figure | None, list[str]]:
+    """Sparse-runtime speed vs sparsity next to the dense model timed in the same cell."""
+    rows = [r for r in mrows if r.kind == "speed"]
+    done = [r for r in rows if r.status == "done"]
+    if not done:
+        return None, ([f"speed: no finished cell ({rows[0].error})"] if rows else _speed_not_measured(mrows))
+    series: dict[str, list[tuple[float, float]]] = {}
+    is_decode = True
+    for r in done:
+        o = r.speed_outcome()
+        is_decode = o.is_decode
+        if o.sparse is not None:
+            series.setdefault(f"sparse runtime ({r.method_label})", []).append((r.sparsity, o.sparse))
+        if o.dense is not None:  # timed interleaved with the sparse run: same machine load
+            series.setdefault("dense (timed alongside)", []).append((r.sparsity, o.dense))
+    if is_decode:
+        what, ylabel, extra = "decode latency", "decode latency (ms/token, median; lower is better)", ""
+    else:
+        what, ylabel = "prefill throughput", "prefill throughput (tokens/s, median; higher is better)"
+        extra = " (an encoder does not decode)"
+    # No global dense line: the per-cell dense series is the reference (a median would mix load levels).
+    png = speed_vs_sparsity(series, title=f"{_short(model)}: {what} vs sparsity", ylabel=ylabel, dense=None)
+    if not png:
+        return None, ["speed: no timing in the speed results"]
+    caption = f"{model}: {what} vs sparsity{extra} (sparse runtime vs the dense model timed in the same cell)"
+    return Figure(f"{tag}-speed.png", caption, png=png), []
+
+
+def _speed_not_measured(mrows: list[Row]) -> list[str]:
+    """Why a speech model that has size cells has no speed figure."""
+    arow = next((r for r in mrows if r.kind == "analyze"), None)
+    sized = any(r.kind == "size" and r.status == "done" for r in mrows)
+    if arow is not None and arow.model_family == "encoder-decoder" and sized:
+        return ["speed: not measured — the runtime benchmark times text-token prefill/decode, "
+                "and this is a speech model"]
+    return []
+
+
+def _model_section(model: str, tag: str, rows: list[Row], out_dir: Path) -> Section:
+    mrows = [r for r in rows if r.model == model]
+    sec = Section(model)
+    figures, notes = _analysis_figures(model, tag, mrows, out_dir)
+    sec.figures += figures
+    sec.notes += notes
+    for bench in sorted({r.bench for r in mrows if r.kind == "bench"}):
+        sec.add(*_bench_figure(model, tag, bench, mrows))
+    sec.add(*_size_figure(model, tag, mrows))
+    sec.add(*_speed_figure(model, tag, mrows))
+    return sec
+
+
+def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[Section]:
+    return [_model_section(model, f"m{mi}", rows, out_dir) for mi, model in enumerate(models)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary table
+# ---------------------------------------------------------------------------------------------
+
+
+def _add_to_point(point: dict[str, Any], r: Row) -> None:
+    """Put what row `r` measured into its point's line of the summary table."""
+    if r.status != "done":
+        if r.kind == "bench":
+            point[r.bench] = r.status
+        return
+    if r.kind == "prune":
+        point["achieved"] = r.achieved_sparsity
+    elif r.kind == "bench":
+        v = r.bench_outcome().value
+        point[r.bench] = v if v is not None else "n/a"
+    elif r.kind == "size":
+        n = size_numbers(r)
+        if n["sparse"] is not None:
+            point["size"] = n["sparse"] / 1e6
+            if n["dense"]:
+                point["ratio"] = n["sparse"] / n["dense"]
+    elif r.kind == "speed":
+        o = r.speed_outcome()
+        if o.sparse is not None and o.dense is not None:
+            unit = "ms/tok" if o.is_decode else "tok/s prefill"
+            point["speed"] = f"{o.sparse:.3g} / {o.dense:.3g} {unit}"
 
 
 def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -241,30 +253,9 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
               "speed (sparse / dense)"]
     points: dict[tuple[str, str, float], dict[str, Any]] = {}
     for r in rows:
-        if r.kind == "analyze":
-            continue
-        key = (r.model, r.method_label if r.method != "dense" else "dense", r.sparsity)
-        p = points.setdefault(key, {})
-        if r.status != "done":
-            if r.kind == "bench":
-                p[r.bench] = r.status
-            continue
-        if r.kind == "prune":
-            p["achieved"] = _num((r.metrics or {}).get("achieved_sparsity_prunable"))
-        elif r.kind == "bench":
-            v = _bench_value(r)
-            p[r.bench] = v if v is not None else "n/a"
-        elif r.kind == "size":
-            n = size_numbers(r)
-            if n["sparse"] is not None:
-                p["size"] = n["sparse"] / 1e6
-                if n["dense"]:
-                    p["ratio"] = n["sparse"] / n["dense"]
-        elif r.kind == "speed":
-            n = speed_numbers(r)
-            if n["sparse"] is not None and n["dense"] is not None:
-                unit = "ms/tok" if n["metric"] == "decode_ms_per_token" else "tok/s prefill"
-                p["speed"] = f"{n['sparse']:.3g} / {n['dense']:.3g} {unit}"
+        if r.kind != "analyze":
+            _add_to_point(points.setdefault((r.model, r.method_label if r.method != "dense" else "dense",
+                                             r.sparsity), {}), r)
     order = {m: i for i, m in enumerate(models)}
     body = []
     for (model, method, sparsity), p in sorted(points.items(), key=lambda kv: (order.get(kv[0][0], 99),
@@ -278,111 +269,104 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing
+# The document
 # ---------------------------------------------------------------------------------------------
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-    return "\n".join(lines)
+@dataclass
+class StudyData:
+    """What the report reads from the store: the planned rows, the configuration, run facts."""
+
+    out: Path
+    rows: list[Row]
+    config: dict[str, Any]
+    meta: dict[str, Any]
+
+    @classmethod
+    def read(cls, out: Path) -> StudyData:
+        with Store(out, create=False) as store:
+            rows = store.plan_rows()
+            config = store.get_meta("config", {}) or {}
+            meta = {k: store.get_meta(k) for k in ("executor", "started_at", "finished_at")}
+        return cls(out, rows, config, meta)
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.config.get("models") or dict.fromkeys(r.model for r in self.rows))
+
+    @property
+    def preset(self) -> str:
+        return self.config.get("preset", "default")
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: sum(1 for r in self.rows if r.status == s) for s in ("done", "failed", "running")}
 
 
-def _html_table(header: list[str], body: list[list[str]]) -> str:
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in header)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
-    return f"<table><thead><tr>{h}</tr></thead><tbody>{rows}</tbody></table>"
-
-
-def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write DIR/report.md, DIR/report.html and DIR/report_files/*.png; return their paths."""
-    import yaml
-
-    from prunelab.io import atomic_dir, atomic_file
-    from prunelab.study.config import PRESET_NOTES
-
-    out = Path(out_dir)
-    with Store(out, create=False) as store:
-        rows = store.plan_rows()
-        config = store.get_meta("config", {}) or {}
-        meta = {k: store.get_meta(k) for k in ("executor", "started_at", "finished_at")}
-    models = list(config.get("models") or dict.fromkeys(r.model for r in rows))
-    sections = _model_sections(rows, out, models)
-    header, body = summary_table(rows, models)
-    versions = next((r.versions for r in rows if r.versions), {})
-    counts = {s: sum(1 for r in rows if r.status == s) for s in ("done", "failed", "running")}
-    compute = sum(r.wall_s or 0.0 for r in rows)
-    cpu = sum(r.cpu_s or 0.0 for r in rows)
+def _intro(study: StudyData) -> list[str]:
+    counts = study.counts
     by_kind: dict[str, float] = {}
-    for r in rows:
+    for r in study.rows:
         by_kind[r.kind] = by_kind.get(r.kind, 0.0) + (r.wall_s or 0.0)
-    failed = [r for r in rows if r.status != "done"]
-    preset = config.get("preset", "default")
-    config_yaml = yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=110)
-    generated = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    intro = [
-        f"Study directory: `{out}` — generated {generated}.",
-        f"Cells: {len(rows)} planned, {counts['done']} done, {counts['failed']} failed, "
-        f"{counts['running']} interrupted; executor `{meta.get('executor')}`, preset `{preset}`.",
+    compute = sum(r.wall_s or 0.0 for r in study.rows)
+    cpu = sum(r.cpu_s or 0.0 for r in study.rows)
+    return [
+        f"Study directory: `{study.out}` — generated {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.",
+        f"Cells: {len(study.rows)} planned, {counts['done']} done, {counts['failed']} failed, "
+        f"{counts['running']} interrupted; executor `{study.meta.get('executor')}`, preset `{study.preset}`.",
         f"Compute time summed over cells: {compute / 60:.1f} min ("
         + ", ".join(f"{k} {v / 60:.1f} min" for k, v in sorted(by_kind.items())) + f"); CPU time {cpu / 60:.1f} min.",
         "Sparsity on the x axes is the requested fraction of prunable weights (attention and MLP matrices "
         "inside transformer blocks) set to zero; the summary table gives the achieved value.",
     ]
 
+
+def _appendix(study: StudyData) -> list[Part]:
+    """Failed cells, the preset's data sizes, the exact configuration and the library versions."""
+    import yaml
+
+    from prunelab.study.config import PRESET_NOTES
+
+    parts: list[Part] = []
+    failed = [r for r in study.rows if r.status != "done"]
+    if failed:
+        parts += [Heading("Cells not done"),
+                  Table(["cell", "status", "error"], [[r.cell.label, r.status, str(r.error)] for r in failed])]
+    versions = next((r.versions for r in study.rows if r.versions), {})
+    config_yaml = yaml.safe_dump(study.config, sort_keys=False, default_flow_style=None, width=110)
+    return parts + [
+        Heading("Data sizes (preset)"), Text([PRESET_NOTES.get(study.preset, "")]),
+        Heading("Configuration"), Code(config_yaml, "yaml"),
+        Heading("Library versions"), Table(["package", "version"], [[k, str(v)] for k, v in versions.items()]),
+    ]
+
+
+def _document(study: StudyData, sections: list[Section]) -> list[Part]:
+    parts: list[Part] = [Text(_intro(study), hard_breaks=True), Heading("Summary"),
+                         Table(*summary_table(study.rows, study.models))]
+    for sec in sections:
+        parts += sec.parts()
+    return parts + _appendix(study)
+
+
+def build_report(out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write DIR/report.md, DIR/report.html and DIR/report_files/*.png; return their paths."""
+    from prunelab.io import atomic_dir, atomic_file
+
+    out = Path(out_dir)
+    study = StudyData.read(out)
+    sections = _model_sections(study.rows, out, study.models)
+    parts = _document(study, sections)
     files_dir = out / "report_files"
     with atomic_dir(files_dir) as tmp:
         for sec in sections:
             for fig in sec.figures:
                 (tmp / fig.name).write_bytes(fig.data())
-
-    # -- Markdown ------------------------------------------------------------------------
-    md = ["# prunelab study report", "", *[f"{line}  " for line in intro], ""]
-    md += ["## Summary", "", _md_table(header, body), ""]
-    for sec in sections:
-        md += [f"## {sec.title}", ""]
-        for fig in sec.figures:
-            md += [f"![{fig.caption}](report_files/{fig.name})", "", f"*{fig.caption}*", ""]
-        md += [f"- {n}" for n in sec.notes] + ([""] if sec.notes else [])
-    if failed:
-        md += ["## Cells not done", "", _md_table(["cell", "status", "error"],
-                                                   [[r.cell.label, r.status, str(r.error)] for r in failed]), ""]
-    md += ["## Data sizes (preset)", "", PRESET_NOTES.get(preset, ""), ""]
-    md += ["## Configuration", "", "```yaml", config_yaml.rstrip(), "```", ""]
-    md += ["## Library versions", "", _md_table(["package", "version"], [[k, str(v)] for k, v in versions.items()]),
-           ""]
+    title = "prunelab study report"
     with atomic_file(out / "report.md") as fh:
-        fh.write("\n".join(md))
-
-    # -- HTML ----------------------------------------------------------------------------
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>prunelab study report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;"
-             "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
-             "figure{display:inline-block;margin:0.5em;vertical-align:top;max-width:48%}figure img{max-width:100%}"
-             "figcaption{font-size:12px;color:#555}pre{background:#f7f7f7;padding:1em;overflow-x:auto}"
-             ".note{color:#a33;font-size:13px}</style></head><body>",
-             "<h1>prunelab study report</h1>", *[f"<p>{html.escape(line)}</p>" for line in intro],
-             "<h2>Summary</h2>", _html_table(header, body)]
-    for sec in sections:
-        parts.append(f"<h2>{html.escape(sec.title)}</h2>")
-        for fig in sec.figures:
-            b64 = base64.b64encode(fig.data()).decode("ascii")
-            parts.append(f"<figure><img alt='{html.escape(fig.caption, quote=True)}' "
-                         f"src='data:image/png;base64,{b64}'><figcaption>{html.escape(fig.caption)}</figcaption>"
-                         "</figure>")
-        for note in sec.notes:
-            parts.append(f"<p class='note'>{html.escape(note)}</p>")
-    if failed:
-        parts += ["<h2>Cells not done</h2>", _html_table(["cell", "status", "error"],
-                                                         [[r.cell.label, r.status, str(r.error)] for r in failed])]
-    parts += ["<h2>Data sizes (preset)</h2>", f"<p>{html.escape(PRESET_NOTES.get(preset, ''))}</p>",
-              "<h2>Configuration</h2>", f"<pre>{html.escape(config_yaml)}</pre>",
-              "<h2>Library versions</h2>", _html_table(["package", "version"],
-                                                       [[k, str(v)] for k, v in versions.items()]),
-              f"<!-- rows: {html.escape(json.dumps(counts))} -->", "</body></html>"]
+        fh.write(render_markdown(title, parts))
     with atomic_file(out / "report.html") as fh:
-        fh.write("\n".join(parts))
+        fh.write(render_html(title, parts, comment=f"rows: {json.dumps(study.counts)}"))
     n_figs = sum(len(s.figures) for s in sections)
     return {"markdown": out / "report.md", "html": out / "report.html", "files": files_dir,
             "figures": n_figs}  # type: ignore[dict-item]

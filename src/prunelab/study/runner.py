@@ -1,7 +1,7 @@
 """Running a study: plan the grid, skip finished cells, execute the rest, record every row.
 
 The driver (this module, in the `prunelab study` process) is the only writer of the SQLite
-store. Executors only run cells and hand back result dicts:
+store. Executors (anything that satisfies `Executor`) only run cells and hand back `CellResult`s:
 
 - `local` with `jobs=1`: cells run in this process, in plan order, so a point's benchmarks
   reuse the model loaded for the previous cell;
@@ -25,14 +25,15 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prunelab.errors import ConfigError
 from prunelab.study.cells import Cell
 from prunelab.study.config import StudyConfig, load_config, plan
+from prunelab.study.results import CellResult, error_line
 from prunelab.study.store import Store
 from prunelab.study.worker import checkpoint_dir, execute_cell, set_progress_hook
 
@@ -58,11 +59,32 @@ class StudySummary:
 # ---------------------------------------------------------------------------------------------
 
 
+class Executor(Protocol):
+    """Runs cells somewhere and hands their results back to the driver, which alone writes the store."""
+
+    name: str  # what the store records as the study's executor: local or ray
+    slots: int  # cells it runs at once: the driver keeps this many in flight
+    in_process: bool  # cells run in the driver's process (the progress bar can show a cell's own steps)
+
+    def submit(self, cell: Cell) -> Hashable:
+        """Start `cell` (or queue it); the handle identifies it in `wait`."""
+        ...
+
+    def wait(self, handles: list[Any]) -> list[tuple[Any, CellResult]]:
+        """Block until at least one of `handles` finished; (handle, result) of every finished one."""
+        ...
+
+    def close(self) -> None:
+        """Release workers (and a Ray instance this executor started)."""
+        ...
+
+
 class InlineExecutor:
     """Runs each cell in this process when waited on (sequential, shares the model cache)."""
 
     name = "local"
     slots = 1
+    in_process = True
 
     def __init__(self, study_dir: Path, threads: int | None) -> None:
         self.study_dir = str(study_dir)
@@ -75,7 +97,7 @@ class InlineExecutor:
         self._jobs[self._next] = cell
         return self._next
 
-    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    def wait(self, handles: list[Any]) -> list[tuple[Any, CellResult]]:
         handle = handles[0]
         cell = self._jobs.pop(handle)
         return [(handle, execute_cell(cell.payload(), self.study_dir, self.threads))]
@@ -95,6 +117,7 @@ class PoolExecutor:
     """N worker processes (spawned, so no forked torch state), N cells at a time."""
 
     name = "local"
+    in_process = False
 
     def __init__(self, study_dir: Path, jobs: int, threads: int | None) -> None:
         import multiprocessing as mp
@@ -109,24 +132,18 @@ class PoolExecutor:
     def submit(self, cell: Cell) -> Any:
         return self.pool.submit(execute_cell, cell.payload(), self.study_dir, self.threads)
 
-    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    def wait(self, handles: list[Any]) -> list[tuple[Any, CellResult]]:
         from concurrent.futures import FIRST_COMPLETED
         from concurrent.futures import wait as fwait
 
         done, _ = fwait(handles, return_when=FIRST_COMPLETED)
-        out = []
-        for fut in done:
-            try:
-                out.append((fut, fut.result()))
-            except Exception as exc:  # the worker process died (OOM kill, segfault)
-                out.append((fut, _crash_result(exc)))
-        return out
+        return [(fut, _result_or_crash(fut.result)) for fut in done]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _ray_entry(payload: dict[str, Any], study_dir: str, threads: int | None) -> dict[str, Any]:
+def _ray_entry(payload: dict[str, Any], study_dir: str, threads: int | None) -> CellResult:
     return execute_cell(payload, study_dir, threads)
 
 
@@ -137,6 +154,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    in_process = False
 
     def __init__(self, study_dir: Path, address: str | None, resources: dict[str, float],
                  threads: int | None) -> None:
@@ -151,8 +169,8 @@ class RayExecutor:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             except (ConnectionError, ValueError, RuntimeError) as exc:
-                first = (str(exc).splitlines() or [""])[0]
-                raise ConfigError(f"cannot start/connect Ray at {address or 'a new local instance'}: {first}") from exc
+                where = address or "a new local instance"
+                raise ConfigError(f"cannot start/connect Ray at {where}: {error_line(exc)}") from exc
             self.started = True
         self.num_cpus = float(resources.get("num_cpus", 1))
         self.num_gpus = float(resources.get("num_gpus", 0))
@@ -170,29 +188,25 @@ class RayExecutor:
     def submit(self, cell: Cell) -> Any:
         return self.remote.remote(cell.payload(), self.study_dir, self.threads)
 
-    def wait(self, handles: list[Any]) -> list[tuple[Any, dict[str, Any]]]:
+    def wait(self, handles: list[Any]) -> list[tuple[Any, CellResult]]:
         ready, _ = self.ray.wait(handles, num_returns=1)
-        out = []
-        for ref in ready:
-            try:
-                out.append((ref, self.ray.get(ref)))
-            except Exception as exc:  # worker died
-                out.append((ref, _crash_result(exc)))
-        return out
+        return [(ref, _result_or_crash(lambda ref=ref: self.ray.get(ref))) for ref in ready]
 
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
 
 
-def _crash_result(exc: BaseException) -> dict[str, Any]:
-    first = (str(exc).splitlines() or [""])[0]
-    return {"status": "failed", "error": f"worker crashed: {type(exc).__name__}: {first}"[:500],
-            "finished_at": time.time()}
+def _result_or_crash(get: Any) -> CellResult:
+    """The cell's result, or a failed one when its worker process died (OOM kill, segfault)."""
+    try:
+        return get()
+    except Exception as exc:
+        return CellResult.failure(error_line(exc, "worker crashed: "))
 
 
 def make_executor(kind: str, study_dir: Path, *, jobs: int = 1, address: str | None = None,
-                  resources: dict[str, float] | None = None, threads: int | None = None) -> Any:
+                  resources: dict[str, float] | None = None, threads: int | None = None) -> Executor:
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor '{kind}': choose local or ray")
     if jobs < 1:
@@ -263,14 +277,13 @@ class _Progress:
             self.running[cell.hash] = cell.label
             self._update_current()
 
-    def finished(self, cell: Cell, result: dict[str, Any]) -> None:
+    def finished(self, cell: Cell, result: CellResult) -> None:
         if not self.enabled:
             return
         self.running.pop(cell.hash, None)
         self.progress.advance(self.grid)
-        status = result.get("status")
-        wall = result.get("wall_s")
-        tag = "[green]done[/]" if status == "done" else f"[red]failed[/] {result.get('error', '')}"
+        wall = result.wall_s
+        tag = "[green]done[/]" if result.status == "done" else f"[red]failed[/] {result.error or ''}"
         self.progress.console.print(f"  {cell.label}: {tag}" + (f" ({wall:.1f} s)" if wall else ""),
                                     highlight=False)
         self._update_current()
@@ -335,7 +348,7 @@ def run_study(
     return summary
 
 
-def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Store, ex: Any, out: Path,
+def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Store, ex: Executor, out: Path,
            summary: StudySummary, show: bool) -> None:
     pending_prunes = {c.point_hash for c in todo if c.kind == "prune"}
     waiting: dict[str, list[Cell]] = {}
@@ -353,17 +366,17 @@ def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Stor
     point_cells: dict[str, Cell] = {c.point_hash: c for c in cells if c.kind == "prune"}
 
     bar = _Progress(show, len(cells), summary.skipped)
-    if isinstance(ex, InlineExecutor):
+    if ex.in_process:
         set_progress_hook(bar.cell_progress if show else None)
     inflight: dict[Any, Cell] = {}
 
-    def record(cell: Cell, result: dict[str, Any]) -> None:
+    def record(cell: Cell, result: CellResult) -> None:
         store.finish(cell, result)
-        if result.get("status") == "done":
+        if result.status == "done":
             summary.done += 1
         else:
             summary.failed += 1
-            summary.failures.append((cell.label, str(result.get("error"))))
+            summary.failures.append((cell.label, str(result.error)))
         bar.finished(cell, result)
         if not cell.is_dense and cell.kind != "analyze":
             open_cells[cell.point_hash] -= 1
@@ -374,7 +387,7 @@ def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Stor
         while ready or inflight:
             while ready and len(inflight) < ex.slots:
                 cell = ready.popleft()
-                store.mark_running(cell, pid=os.getpid() if ex.name == "local" and ex.slots == 1 else None)
+                store.mark_running(cell, pid=os.getpid() if ex.in_process else None)
                 bar.started(cell)
                 inflight[ex.submit(cell)] = cell
             for handle, result in ex.wait(list(inflight)):
@@ -382,13 +395,13 @@ def _drive(config: StudyConfig, cells: list[Cell], todo: list[Cell], store: Stor
                 record(cell, result)
                 if cell.kind == "prune":
                     dependents = waiting.pop(cell.point_hash, [])
-                    if result.get("status") == "done":
+                    if result.status == "done":
                         ready.extendleft(reversed(dependents))  # run them next: the checkpoint is warm
                     else:
                         for dep in dependents:
                             store.mark_running(dep)
-                            record(dep, {"status": "failed", "error": f"prune failed: {result.get('error')}",
-                                         "started_at": time.time(), "finished_at": time.time(), "wall_s": 0.0})
+                            record(dep, CellResult.failure(f"prune failed: {result.error}", started_at=time.time(),
+                                                           wall_s=0.0))
     finally:
         set_progress_hook(None)
         bar.stop()

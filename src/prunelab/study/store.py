@@ -15,7 +15,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ from typing import Any
 
 from prunelab.errors import ConfigError
 from prunelab.study.cells import Cell
+from prunelab.study.results import CellResult
 
 STORE_NAME = "results.sqlite"
 
@@ -60,11 +61,25 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 COLUMNS = ("hash", "kind", "model", "method", "method_label", "pattern", "sparsity", "bench", "point_hash",
            "config_json", "status", "metrics_json", "error", "started_at", "finished_at", "wall_s", "cpu_s",
            "peak_rss_bytes", "sizes_json", "versions_json", "log_path", "host", "pid", "attempts")
+_IDENTITY = ("hash", "kind", "model", "method", "method_label", "pattern", "sparsity", "bench", "point_hash")
+_RESULT_COLUMNS = ("status", "metrics_json", "error", "started_at", "finished_at", "wall_s", "cpu_s", "peak_rss_bytes",
+                   "sizes_json", "versions_json", "log_path", "host", "pid")
+
+_IDENTITY_SQL = ", ".join((*_IDENTITY, "config_json"))
+_IDENTITY_MARKS = ", ".join("?" * (len(_IDENTITY) + 1))
+_KEEP_IF_NULL = ("started_at", "host", "pid")  # set when dispatched; a result without them keeps those
+_RESULT_SET = ", ".join(f"{k} = COALESCE(?, {k})" if k in _KEEP_IF_NULL else f"{k} = ?" for k in _RESULT_COLUMNS)
 
 
-@dataclass
-class Row:
-    """One stored cell, with JSON columns decoded."""
+def _identity_values(cell: Cell) -> tuple[Any, ...]:
+    """The identity columns of `cell` (in `_IDENTITY` order) plus its canonical config JSON."""
+    return (cell.hash, cell.kind, cell.model, cell.method, cell.method_label, cell.pattern, cell.sparsity,
+            cell.bench, cell.point_hash, json.dumps(cell.to_dict(), sort_keys=True))
+
+
+@dataclass(kw_only=True)
+class Row(CellResult):
+    """One stored cell: the cell's identity columns plus its (typed) result."""
 
     hash: str
     kind: str
@@ -76,31 +91,24 @@ class Row:
     bench: str
     point_hash: str
     config: dict[str, Any]
-    status: str
-    metrics: dict[str, Any]
-    error: str | None
-    started_at: float | None
-    finished_at: float | None
-    wall_s: float | None
-    cpu_s: float | None
-    peak_rss_bytes: int | None
-    sizes: dict[str, Any]
-    versions: dict[str, Any]
-    log_path: str | None
-    host: str | None
-    pid: int | None
     attempts: int
 
     @property
     def cell(self) -> Cell:
         return Cell.from_dict(self.config)
 
+    @classmethod
+    def from_row(cls, d: Mapping[str, Any]) -> Row:
+        identity = {k: d[k] for k in _IDENTITY}
+        return cls(**identity, config=json.loads(d["config_json"]), attempts=d["attempts"],
+                   **CellResult.row_fields(d))
+
     def flat(self) -> dict[str, Any]:
         """A flat dict for tables / CSV: columns plus the headline metrics."""
         d = {k: getattr(self, k) for k in ("hash", "kind", "model", "method", "method_label", "pattern", "sparsity",
                                             "bench", "status", "error", "wall_s", "cpu_s", "peak_rss_bytes",
                                             "started_at", "finished_at", "attempts")}
-        m = self.metrics or {}
+        m = self.metrics
         d["value"] = m.get("value")
         d["primary"] = m.get("primary")
         for key, val in (m.get("metrics") or {}).items():
@@ -110,7 +118,7 @@ class Row:
             skip = key in ("metrics", "value", "primary") or isinstance(val, bool)
             if not skip and isinstance(val, (int, float)):
                 d[f"metric.{key}"] = val
-        for key, val in (self.sizes or {}).items():
+        for key, val in sorted(self.sizes.to_dict().items()):
             if isinstance(val, (int, float)):
                 d[f"size.{key}"] = val
         d["versions"] = json.dumps(self.versions, sort_keys=True) if self.versions else ""
@@ -174,35 +182,24 @@ class Store:
             prev = c.execute("SELECT attempts FROM cells WHERE hash = ?", (cell.hash,)).fetchone()
             attempts = (prev[0] if prev else 0) + 1
             c.execute(
-                "INSERT OR REPLACE INTO cells(hash, kind, model, method, method_label, pattern, sparsity, bench, "
-                "point_hash, config_json, status, started_at, host, pid, attempts) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?, ?)",
-                (cell.hash, cell.kind, cell.model, cell.method, cell.method_label, cell.pattern, cell.sparsity,
-                 cell.bench, cell.point_hash, json.dumps(cell.to_dict(), sort_keys=True), now, host, pid, attempts),
+                f"INSERT OR REPLACE INTO cells({_IDENTITY_SQL}, status, started_at, host, pid, attempts) "
+                f"VALUES ({_IDENTITY_MARKS}, 'running', ?, ?, ?, ?)",
+                (*_identity_values(cell), now, host, pid, attempts),
             )
 
-    def finish(self, cell: Cell, result: dict[str, Any]) -> None:
-        """Write a cell's outcome in one transaction (status done/failed plus everything measured)."""
+    def finish(self, cell: Cell, result: CellResult) -> None:
+        """Write a cell's outcome in one transaction (status done/failed plus everything measured).
+
+        started_at, host and pid keep the values `mark_running` recorded unless the result has its own.
+        """
+        values = result.to_row()
         with self.transaction() as c:
             exists = c.execute("SELECT 1 FROM cells WHERE hash = ?", (cell.hash,)).fetchone()
             if not exists:
-                c.execute(
-                    "INSERT INTO cells(hash, kind, model, method, method_label, pattern, sparsity, bench, point_hash, "
-                    "config_json, status, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', 1)",
-                    (cell.hash, cell.kind, cell.model, cell.method, cell.method_label, cell.pattern, cell.sparsity,
-                     cell.bench, cell.point_hash, json.dumps(cell.to_dict(), sort_keys=True)),
-                )
-            c.execute(
-                "UPDATE cells SET status = ?, metrics_json = ?, error = ?, started_at = COALESCE(?, started_at), "
-                "finished_at = ?, wall_s = ?, cpu_s = ?, peak_rss_bytes = ?, sizes_json = ?, versions_json = ?, "
-                "log_path = ?, host = COALESCE(?, host), pid = COALESCE(?, pid) WHERE hash = ?",
-                (result.get("status", "failed"), json.dumps(result.get("metrics") or {}, sort_keys=True, default=str),
-                 result.get("error"), result.get("started_at"), result.get("finished_at", time.time()),
-                 result.get("wall_s"), result.get("cpu_s"), result.get("peak_rss_bytes"),
-                 json.dumps(result.get("sizes") or {}, sort_keys=True, default=str),
-                 json.dumps(result.get("versions") or {}, sort_keys=True), result.get("log_path"),
-                 result.get("host"), result.get("pid"), cell.hash),
-            )
+                c.execute(f"INSERT INTO cells({_IDENTITY_SQL}, status, attempts) VALUES ({_IDENTITY_MARKS}, "
+                          "'running', 1)", _identity_values(cell))
+            c.execute(f"UPDATE cells SET {_RESULT_SET} WHERE hash = ?",
+                      (*(values[k] for k in _RESULT_COLUMNS), cell.hash))
 
     def rows(self, hashes: list[str] | None = None, *, status: str | None = None) -> list[Row]:
         """Rows (in `hashes` order when given, else insertion order)."""
@@ -211,7 +208,8 @@ class Store:
         if status is not None:
             query += " WHERE status = ?"
             args = (status,)
-        found = [_row(r) for r in self.conn.execute(query + " ORDER BY rowid", args).fetchall()]
+        found = [Row.from_row(dict(zip(COLUMNS, r, strict=True)))
+                 for r in self.conn.execute(query + " ORDER BY rowid", args).fetchall()]
         if hashes is None:
             return found
         by_hash = {r.hash: r for r in found}
@@ -221,20 +219,6 @@ class Store:
         """Rows of the last planned study (all rows if no plan was recorded)."""
         planned = self.get_meta("plan")
         return self.rows(planned) if planned else self.rows()
-
-
-def _row(values: tuple[Any, ...]) -> Row:
-    d = dict(zip(COLUMNS, values, strict=True))
-    return Row(
-        hash=d["hash"], kind=d["kind"], model=d["model"], method=d["method"], method_label=d["method_label"],
-        pattern=d["pattern"], sparsity=d["sparsity"], bench=d["bench"], point_hash=d["point_hash"],
-        config=json.loads(d["config_json"]), status=d["status"],
-        metrics=json.loads(d["metrics_json"]) if d["metrics_json"] else {}, error=d["error"],
-        started_at=d["started_at"], finished_at=d["finished_at"], wall_s=d["wall_s"], cpu_s=d["cpu_s"],
-        peak_rss_bytes=d["peak_rss_bytes"], sizes=json.loads(d["sizes_json"]) if d["sizes_json"] else {},
-        versions=json.loads(d["versions_json"]) if d["versions_json"] else {}, log_path=d["log_path"],
-        host=d["host"], pid=d["pid"], attempts=d["attempts"],
-    )
 
 
 def export_csv(rows: list[Row], path: str | os.PathLike[str]) -> Path:

@@ -1,9 +1,10 @@
 """Executing one cell: what runs inside the study process, a pool worker or a Ray task.
 
-`execute_cell(payload, study_dir)` never raises for a cell's own failure: it returns a result
-dict with status `failed` and the first line of the error (the traceback goes to the cell's
-log file), so one broken benchmark cannot stop a study. Everything heavy is imported lazily
-so that parts of prunelab that have not landed only fail the cells that need them.
+`execute_cell(payload, study_dir)` never raises for a cell's own failure: it returns a
+`CellResult` with status `failed` and the first line of the error (the traceback goes to the
+cell's log file), so one broken benchmark cannot stop a study. Heavy packages (torch, the
+benchmarks, the runtime) are imported inside the cell kinds, so `prunelab results` and the
+driver start fast and a worker only loads what its cells use.
 
 Pruned checkpoints live in `DIR/checkpoints/<point hash>`: written atomically with a marker
 file, guarded by a file lock so concurrent workers prune a point once. A worker keeps the
@@ -26,9 +27,10 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prunelab.study.cells import Cell, canonical_json
+from prunelab.study.results import CellResult, Sizes, error_line
 
 POINT_MARKER = "study_point.json"
 SPEED_KWARGS = ("prefill_tokens", "decode_tokens", "repeats", "measure_rss", "measure_size")
@@ -145,9 +147,9 @@ def _load(spec: str) -> Any:
     """Load a model, reusing this process's cache."""
     if spec in _MODELS:
         return _MODELS[spec]
-    from prunelab.models import load_model
+    from prunelab.storage import load
 
-    lm = load_model(spec)
+    lm = load(spec)
     while len(_MODELS) >= _MAX_CACHED:
         _MODELS.pop(next(iter(_MODELS)))
     _MODELS[spec] = lm
@@ -197,11 +199,11 @@ def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
         if checkpoint_complete(ckpt):
             return ckpt
         from prunelab.io import atomic_dir, write_json
-        from prunelab.models import load_model
         from prunelab.pruning import prune, save_pruned
+        from prunelab.storage import load
 
         config = prune_config_for(cell)
-        lm = load_model(cell.model)
+        lm = load(cell.model)
         t0 = time.perf_counter()
         result = prune(lm, config, progress=_progress)
         prune_s = time.perf_counter() - t0
@@ -229,17 +231,24 @@ def _dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_analyze(cell: Cell, study_dir: Path) -> dict[str, Any]:
+class Measured(NamedTuple):
+    """What a cell kind measured: its metrics payload and, for prune/size cells, bytes on disk."""
+
+    metrics: dict[str, Any]
+    sizes: Sizes = Sizes()
+
+
+def _run_analyze(cell: Cell, study_dir: Path) -> Measured:
     from prunelab.analysis import analyze
 
     out = study_dir / "analysis" / slug(cell.model)
     stats = analyze(cell.model, out)
     files = {p.name: str(p.relative_to(study_dir)) for p in sorted(out.glob("*")) if p.is_file()}
     summary = {k: stats.get(k) for k in ("model", "family", "overall") if isinstance(stats, dict)}
-    return {"metrics": {**summary, "files": files, "out_dir": str(out.relative_to(study_dir))}}
+    return Measured({**summary, "files": files, "out_dir": str(out.relative_to(study_dir))})
 
 
-def _run_prune(cell: Cell, study_dir: Path) -> dict[str, Any]:
+def _run_prune(cell: Cell, study_dir: Path) -> Measured:
     ckpt = ensure_checkpoint(cell, study_dir)
     info = _point_info(ckpt)
     report = info.get("prune", {})
@@ -249,10 +258,10 @@ def _run_prune(cell: Cell, study_dir: Path) -> dict[str, Any]:
                                            "peak_rss_bytes", "warnings")}
     metrics["prune_wall_s"] = info.get("prune_wall_s")
     metrics["checkpoint"] = str(ckpt.relative_to(study_dir))
-    return {"metrics": metrics, "sizes": {"checkpoint_bytes": _dir_bytes(ckpt)}}
+    return Measured(metrics, Sizes(checkpoint_bytes=_dir_bytes(ckpt)))
 
 
-def _run_bench(cell: Cell, study_dir: Path) -> dict[str, Any]:
+def _run_bench(cell: Cell, study_dir: Path) -> Measured:
     from prunelab.evaluation import evaluate
     from prunelab.evaluation.types import EvalOptions
 
@@ -268,7 +277,7 @@ def _run_bench(cell: Cell, study_dir: Path) -> dict[str, Any]:
     d["model"] = cell.model  # the checkpoint path is an implementation detail
     if clamped:
         d["seqlen_clamped_to"] = clamped
-    return {"metrics": d}
+    return Measured(d)
 
 
 def _clamp_seqlen(lm: Any, opts: dict[str, Any]) -> int | None:
@@ -291,8 +300,8 @@ def _clamp_seqlen(lm: Any, opts: dict[str, Any]) -> int | None:
     return None
 
 
-def _run_size(cell: Cell, study_dir: Path) -> dict[str, Any]:
-    from prunelab.storage import save_sparse, size_report
+def _run_size(cell: Cell, study_dir: Path) -> Measured:
+    from prunelab.storage import save, size_report
 
     ckpt = ensure_checkpoint(cell, study_dir)
     lm = _load(str(ckpt))
@@ -300,39 +309,39 @@ def _run_size(cell: Cell, study_dir: Path) -> dict[str, Any]:
     if out.exists():
         shutil.rmtree(out)
     t0 = time.perf_counter()
-    save_sparse(lm, out)
+    save(lm, out, format="sparse")
     save_s = time.perf_counter() - t0
     report = size_report(out)
     sparse_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out, ignore_errors=True)  # the number is what the study keeps, not the copy
     checkpoint = report.get("checkpoint", {}) if isinstance(report, dict) else {}
     totals = (report.get("totals", {}) if isinstance(report, dict) else {}).get("all", {})
-    sizes = {
-        "dense_bytes": _dir_bytes(ckpt),  # the pruned HF checkpoint: dense tensors with zeros
-        "sparse_bytes": checkpoint.get("total_file_bytes", sparse_bytes),
-        "sparse_dir_bytes": sparse_bytes,
-        "entropy_bound_bytes": totals.get("entropy_bound_bytes"),
-        "bitmask_bound_bytes": totals.get("bitmask_bound_bytes"),
-        "tensor_dense_bytes": totals.get("dense_bytes"),
-        "tensor_stored_bytes": totals.get("stored_bytes"),
-        "save_s": save_s,
-    }
+    sizes = Sizes(
+        dense_bytes=_dir_bytes(ckpt),  # the pruned HF checkpoint: dense tensors with zeros
+        sparse_bytes=checkpoint.get("total_file_bytes", sparse_bytes),
+        sparse_dir_bytes=sparse_bytes,
+        entropy_bound_bytes=totals.get("entropy_bound_bytes"),
+        bitmask_bound_bytes=totals.get("bitmask_bound_bytes"),
+        tensor_dense_bytes=totals.get("dense_bytes"),
+        tensor_stored_bytes=totals.get("stored_bytes"),
+        save_s=save_s,
+    )
     slim = {k: v for k, v in report.items() if k != "tensors"} if isinstance(report, dict) else {"report": report}
-    return {"metrics": {"size_report": slim}, "sizes": sizes}
+    return Measured({"size_report": slim}, sizes)
 
 
-def _run_speed(cell: Cell, study_dir: Path) -> dict[str, Any]:
-    from prunelab.models import load_model
+def _run_speed(cell: Cell, study_dir: Path) -> Measured:
     from prunelab.runtime import bench_model
+    from prunelab.storage import load
 
     ckpt = ensure_checkpoint(cell, study_dir)
-    lm = load_model(str(ckpt))  # fresh: the runtime may swap modules in place
+    lm = load(str(ckpt))  # fresh: the runtime may swap modules in place
     kwargs = {k: v for k, v in cell.options.items() if k in SPEED_KWARGS}
     kwargs.setdefault("measure_size", False)  # the size cell measures the sparse format already
     kwargs.setdefault("measure_rss", False)  # a subprocess per cell: opt in with speed.measure_rss
     result = bench_model(lm, progress=_progress, **kwargs)
     del lm
-    return {"metrics": result if isinstance(result, dict) else {"result": result}}
+    return Measured(result if isinstance(result, dict) else {"result": result})
 
 
 KIND_FUNCS = {"analyze": _run_analyze, "prune": _run_prune, "bench": _run_bench, "size": _run_size,
@@ -340,20 +349,17 @@ KIND_FUNCS = {"analyze": _run_analyze, "prune": _run_prune, "bench": _run_bench,
 
 
 def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:  # pragma: no cover
-        pass
+    import numpy as np
     import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
 
     torch.manual_seed(seed)
 
 
-def execute_cell(payload: dict[str, Any], study_dir: str, threads: int | None = None) -> dict[str, Any]:
-    """Run one cell and return its result row (never raises for the cell's own errors)."""
+def execute_cell(payload: dict[str, Any], study_dir: str, threads: int | None = None) -> CellResult:
+    """Run one cell and return its result (never raises for the cell's own errors)."""
     cell = Cell.from_dict(payload)
     root = Path(study_dir)
     log_path = log_path_for(cell, root)
@@ -361,7 +367,7 @@ def execute_cell(payload: dict[str, Any], study_dir: str, threads: int | None = 
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     _reset_peak_rss()
-    status, error, out = "done", None, {}
+    status, error, out = "done", None, Measured({})
     with _capture(log_path) as log:
         print(f"== {cell.label}  hash={cell.hash}  pid={os.getpid()}  {time.strftime('%Y-%m-%d %H:%M:%S')}")
         print(f"config: {canonical_json(cell.to_dict())}")
@@ -374,16 +380,14 @@ def execute_cell(payload: dict[str, Any], study_dir: str, threads: int | None = 
             out = KIND_FUNCS[cell.kind](cell, root)
         except Exception as exc:  # a failing cell is a result, not a crash
             status = "failed"
-            first = (str(exc).splitlines() or [""])[0]
-            error = f"{type(exc).__name__}: {first}"[:500]
+            error = error_line(exc)
             traceback.print_exc(file=log)
         if cell.kind == "speed":
             forget_models()
         wall = time.perf_counter() - t0
         print(f"== {status} in {wall:.2f} s" + (f": {error}" if error else ""))
-    return {
-        "status": status, "error": error, "metrics": out.get("metrics", {}), "sizes": out.get("sizes", {}),
-        "started_at": started, "finished_at": time.time(), "wall_s": wall, "cpu_s": time.process_time() - cpu0,
-        "peak_rss_bytes": _peak_rss_bytes(), "versions": library_versions(), "log_path": str(log_path),
-        "host": socket.gethostname(), "pid": os.getpid(),
-    }
+    return CellResult(
+        status, error=error, metrics=out.metrics, sizes=out.sizes, started_at=started, finished_at=time.time(),
+        wall_s=wall, cpu_s=time.process_time() - cpu0, peak_rss_bytes=_peak_rss_bytes(),
+        versions=library_versions(), log_path=str(log_path), host=socket.gethostname(), pid=os.getpid(),
+    )
