@@ -23,15 +23,34 @@ def _umask() -> int:
     return mask
 
 
+def _apply_umask(root: Path) -> None:
+    """Give every file and folder under `root` the modes the umask allows.
+
+    Writers that go through a temporary file (safetensors' `save_file`, `mkstemp`) create 0600
+    files; a result directory should be as readable as anything else the user writes.
+    """
+    mask = _umask()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for names, mode in ((dirnames, 0o777), (filenames, 0o666)):
+            for name in names:
+                path = os.path.join(dirpath, name)
+                if not os.path.islink(path):  # a link's target is not ours to change
+                    os.chmod(path, mode & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only if the block succeeds."""
+    """Yield a temporary directory that replaces `target` only if the block succeeds.
+
+    On success every file and folder inside gets the umask's modes (see `_apply_umask`).
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; results should be as readable as any file
     try:
         yield tmp
+        _apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
