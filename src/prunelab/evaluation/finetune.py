@@ -25,6 +25,8 @@ from prunelab.evaluation.types import EvalOptions
 from prunelab.models.discovery import find_prunable
 from prunelab.models.types import LoadedModel
 
+Seqs = list[list[int]]  # token ids per example
+
 
 class MaskViolationError(RuntimeError):
     """Pruned weights became non-zero during fine-tuning: a bug, never a user error."""
@@ -117,6 +119,75 @@ def _end_with(seq: list[int], eos: int, max_length: int) -> list[int]:
     return [*seq[: max_length - 1], eos]
 
 
+def _encode_splits(lm: LoadedModel, train: GlueSplit, dev: GlueSplit, max_length: int) -> tuple[Seqs, Seqs]:
+    """Token ids of both splits; encoder-decoders get a final </s> (their classifiers read it)."""
+    tokenizer = lm.tokenizer
+    train_seqs = encode_texts(tokenizer, train.texts_a, train.texts_b, max_length)
+    dev_seqs = encode_texts(tokenizer, dev.texts_a, dev.texts_b, max_length)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if lm.family == "encoder-decoder" and eos is not None:
+        # BART/T5 classifiers read the hidden state at the (single) final </s>: make sure there is one.
+        train_seqs = [_end_with(s, eos, max_length) for s in train_seqs]
+        dev_seqs = [_end_with(s, eos, max_length) for s in dev_seqs]
+    return train_seqs, dev_seqs
+
+
+def _total_steps(n_train: int, options: EvalOptions) -> int:
+    steps_per_epoch = math.ceil(n_train / max(1, options.batch_size))
+    steps = max(1, math.ceil(steps_per_epoch * options.finetune_epochs))
+    return steps if options.finetune_max_steps is None else min(steps, options.finetune_max_steps)
+
+
+def _optimizer(classifier: torch.nn.Module, lr: float, steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW with weight decay on matrices only, and a linear decay of the learning rate to zero."""
+    decay = [p for n, p in classifier.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in classifier.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, foreach=True,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
+    return optimizer, scheduler
+
+
+def _train(classifier: torch.nn.Module, masks: list[MaskedParam], seqs: list[list[int]], labels: torch.Tensor,
+           pad: int, options: EvalOptions, steps: int, on_step: Callable[[int, float], None] | None) -> list[float]:
+    """`steps` optimizer steps over seeded shuffles of `seqs`, masks re-applied after every step; the losses."""
+    batch_size = max(1, options.batch_size)
+    optimizer, scheduler = _optimizer(classifier, options.finetune_lr, steps)
+    generator = torch.Generator().manual_seed(options.seed)
+    classifier.train()
+    losses: list[float] = []
+    while len(losses) < steps:
+        order = torch.randperm(len(seqs), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            if len(losses) >= steps:
+                break
+            idx = order[start : start + batch_size]
+            ids, attn = pad_batch([seqs[i] for i in idx], pad)
+            out = classifier(input_ids=ids, attention_mask=attn, labels=labels[idx])
+            out.loss.backward()
+            mask_grads(masks)
+            torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
+            optimizer.step()
+            apply_masks(masks)
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            losses.append(out.loss.item())
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
+    classifier.eval()
+    return losses
+
+
+@torch.inference_mode()
+def _predict(classifier: torch.nn.Module, seqs: list[list[int]], pad: int) -> np.ndarray:
+    preds = np.zeros(len(seqs), dtype=np.int64)
+    for batch in length_batches([len(s) for s in seqs]):
+        ids, attn = pad_batch([seqs[i] for i in batch], pad)
+        preds[batch] = classifier(input_ids=ids, attention_mask=attn).logits.argmax(-1).numpy()
+    return preds
+
+
 def finetune_and_predict(
     lm: LoadedModel,
     train: GlueSplit,
@@ -128,69 +199,20 @@ def finetune_and_predict(
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Fine-tune a classifier on `train` with masks preserved; return dev predictions and a report."""
-    tokenizer = lm.tokenizer
     classifier, info = build_classifier(lm, num_labels, options.seed)
-    family = lm.family
-    masks = record_masks(classifier, family)
+    masks = record_masks(classifier, lm.family)
     zeros_before, total = zero_counts(masks)
-    pad = pad_id_of(tokenizer, lm.model)
-    train_seqs = encode_texts(tokenizer, train.texts_a, train.texts_b, max_length)
-    dev_seqs = encode_texts(tokenizer, dev.texts_a, dev.texts_b, max_length)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if family == "encoder-decoder" and eos is not None:
-        # BART/T5 classifiers read the hidden state at the (single) final </s>: make sure there is one.
-        train_seqs = [_end_with(s, eos, max_length) for s in train_seqs]
-        dev_seqs = [_end_with(s, eos, max_length) for s in dev_seqs]
+    pad = pad_id_of(lm.tokenizer, lm.model)
+    train_seqs, dev_seqs = _encode_splits(lm, train, dev, max_length)
     labels = torch.tensor(train.labels, dtype=torch.long)
-
-    batch_size = max(1, options.batch_size)
-    steps_per_epoch = math.ceil(len(train_seqs) / batch_size)
-    steps = max(1, math.ceil(steps_per_epoch * options.finetune_epochs))
-    max_steps = getattr(options, "finetune_max_steps", None)
-    if max_steps is not None:
-        steps = min(steps, max_steps)
-    decay = [p for n, p in classifier.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in classifier.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=options.finetune_lr,
-        foreach=True,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / steps))
-    generator = torch.Generator().manual_seed(options.seed)
-    classifier.train()
-    losses: list[float] = []
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(train_seqs), generator=generator).tolist()
-        for start in range(0, len(order), batch_size):
-            if step >= steps:
-                break
-            idx = order[start : start + batch_size]
-            ids, attn = pad_batch([train_seqs[i] for i in idx], pad)
-            out = classifier(input_ids=ids, attention_mask=attn, labels=labels[idx])
-            out.loss.backward()
-            mask_grads(masks)
-            torch.nn.utils.clip_grad_norm_(classifier.parameters(), 1.0)
-            optimizer.step()
-            apply_masks(masks)
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            losses.append(out.loss.item())
-            step += 1
-            if on_step is not None:
-                on_step(step, losses[-1])
-    classifier.eval()
+    losses = _train(classifier, masks, train_seqs, labels, pad, options, _total_steps(len(train_seqs), options),
+                    on_step)
     zeros_after = check_masks(masks, zeros_before)
-
-    preds = np.zeros(len(dev_seqs), dtype=np.int64)
-    with torch.inference_mode():
-        for batch in length_batches([len(s) for s in dev_seqs]):
-            ids, attn = pad_batch([dev_seqs[i] for i in batch], pad)
-            preds[batch] = classifier(input_ids=ids, attention_mask=attn).logits.argmax(-1).numpy()
+    preds = _predict(classifier, dev_seqs, pad)
     report = {
         **info,
-        "steps": step,
-        "batch_size": batch_size,
+        "steps": len(losses),
+        "batch_size": max(1, options.batch_size),
         "lr": options.finetune_lr,
         "epochs": options.finetune_epochs,
         "train_loss_first": losses[0] if losses else None,
