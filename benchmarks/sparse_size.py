@@ -2,16 +2,16 @@
 
 For one model (default `zoo:smollm2`, fp32) pruned per matrix by magnitude at several
 unstructured sparsities and with a 2:4 pattern, this writes the sparse checkpoint
-(`prunelab.storage.save_sparse`), reads its size report, loads it back
-(`load_sparse`) and checks the round trip: every state-dict tensor bit-identical and the
+(`prunelab.storage.save(..., format="sparse")`), reads its size report, loads it back
+(`prunelab.storage.load`) and checks the round trip: every state-dict tensor bit-identical and the
 logits on a fixed 64-token input identical (`torch.equal`). It also writes the dense HF
 checkpoint once (`save_pretrained`, safetensors) for the whole-checkpoint comparison.
 
 Checks (the issue's must-show): stored bytes of the pruned matrices ≤ 1.02 × their bitmask
 bound, Σ n·((1−s)·bits + 1) bits; round trip exact. Sizes are bytes (tensor data for
 matrices; files on disk for checkpoints); times are single-run wall seconds: `save` =
-save_sparse (encode + write), `decode` = read + checksum + decode the state dict,
-`load` = load_sparse (decode + build the HF model); in brackets the process CPU seconds,
+save (encode + write), `decode` = read + checksum + decode every tensor (`iter_tensors`),
+`load` = load (decode + build the HF model); in brackets the process CPU seconds,
 which are the better guide on a shared machine.
 
     .venv/bin/python benchmarks/sparse_size.py [--model zoo:smollm2] [--out benchmarks/results/sparse_size.json]
@@ -80,12 +80,11 @@ def main() -> int:
     from rich.table import Table
 
     from prunelab.io import write_json
-    from prunelab.models import load_model
-    from prunelab.storage import load_sparse, load_state_dict_sparse, save_sparse, size_report
+    from prunelab.storage import iter_tensors, load, save, size_report
 
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load(args.model)
     original = {m.param_name: m.module(lm.model).weight.detach().clone() for m in lm.prunable}
     ids = torch.arange(64).unsqueeze(0) * 37 % min(lm.model.config.vocab_size, 30000) + 100
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sparse_size-"))
@@ -110,14 +109,14 @@ def main() -> int:
         method = _prune(lm, sparsity, pattern)
         ck = work / f"sparse-{label.replace('%', 'pct').replace(':', 'of')}"
         t, c = time.perf_counter(), time.process_time()
-        save_sparse(lm, ck)
+        save(lm, ck, format="sparse")
         save_s, save_cpu = time.perf_counter() - t, time.process_time() - c
         rep = size_report(ck)
         t, c = time.perf_counter(), time.process_time()
-        load_state_dict_sparse(ck)
+        dict(iter_tensors(ck))
         decode_s, decode_cpu = time.perf_counter() - t, time.process_time() - c
         t, c = time.perf_counter(), time.process_time()
-        loaded = load_sparse(ck)
+        loaded = load(ck).model
         load_s, load_cpu = time.perf_counter() - t, time.process_time() - c
         before, after = lm.model.state_dict(), loaded.state_dict()
         state_exact = before.keys() == after.keys() and all(

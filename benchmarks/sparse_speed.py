@@ -114,14 +114,14 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from prunelab.io import write_json
-    from prunelab.models import load_model
     from prunelab.pruning import PruneConfig, prune
     from prunelab.runtime import sparsify_for_inference, warmup
     from prunelab.runtime.bench import _forward_kwargs, _ids, time_decode, time_prefill, weights_nbytes
+    from prunelab.storage import load
 
     t_start = time.perf_counter()
     warmup()  # numba compile / cache load, never inside a timing
-    lm = load_model(args.model)
+    lm = load(args.model)
     dense = lm.model
     names = [m.name for m in lm.prunable]
     g = torch.Generator().manual_seed(0)

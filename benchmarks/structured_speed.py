@@ -55,13 +55,14 @@ def main() -> int:
     import transformers
 
     from prunelab.io import write_json
-    from prunelab.models import load_model, wrap_model
+    from prunelab.models import wrap_model
     from prunelab.pruning import PruneConfig, prune
     from prunelab.pruning.structured import expected_params_removed
     from prunelab.runtime.bench import _forward_kwargs, _ids, time_decode, time_prefill
+    from prunelab.storage import load
 
     t_start = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load(args.model)
     dense = lm.model
     n_dense = sum(p.numel() for p in dense.parameters())
     expected = expected_params_removed(lm, args.fraction, args.target)

@@ -1,7 +1,7 @@
 """`prunelab analyze`: streamed statistics against an independent numpy/torch reference.
 
 The reference side never uses prunelab.analysis: tensors are loaded whole with
-`safetensors.torch.load_file`, grouped with the roles `load_model` (a real, instantiated model)
+`safetensors.torch.load_file`, grouped with the roles `load` (a real, instantiated model)
 reports, and reduced with numpy in float64.
 """
 
@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from prunelab.analysis import EDGES, QUANTILES, THRESHOLDS, Summary, analyze, merged, plan, scan, summarize
 from prunelab.cli import app
-from prunelab.models import load_model, save_tiny
+from prunelab.models import save_tiny
+from prunelab.storage import load
 
 ARCHS = ["gpt2", "llama", "bert", "bart", "t5"]
 
@@ -86,7 +87,7 @@ def analyzed(tiny_dirs, tmp_path_factory) -> dict[str, dict]:
 def test_stats_match_numpy_reference(tiny_dirs, analyzed, arch):
     stats = analyzed[arch]
     weights = _checkpoint(tiny_dirs[arch])
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     assert stats["family"] == lm.family
     # Scope: exactly the prunable matrices the loader lists (checkpoint keys = parameter names here).
     expected = {m.param_name: m for m in lm.prunable}
@@ -182,7 +183,7 @@ def test_exact_at_threshold_values_and_half_dtypes(tmp_path, dtype):
 
 def test_sharded_bf16_checkpoint_like_the_hub(tiny_dirs, tmp_path):
     """Hub checkpoints are bf16 and sharded: every shard is read, and the numbers equal numpy's."""
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     sharded = tmp_path / "sharded"
     lm.model.to(torch.bfloat16).save_pretrained(sharded, max_shard_size="40KB")
     assert len(list(sharded.glob("*.safetensors"))) > 3
@@ -459,16 +460,15 @@ def test_failed_run_keeps_previous_output(tiny_dirs, tmp_path):
 def test_sparse_checkpoint_is_analyzed_like_its_dense_twin(tiny_dirs, tmp_path):
     """A `--format sparse` checkpoint gives the same statistics as the same weights saved densely."""
     from prunelab.analysis import analyze
-    from prunelab.models import load_model
-    from prunelab.storage import save_sparse
+    from prunelab.storage import load, save
 
-    lm = load_model(str(tiny_dirs["gpt2"]))
+    lm = load(str(tiny_dirs["gpt2"]))
     with torch.no_grad():
         for m in lm.prunable:
             w = m.weight(lm.model)
             w.masked_fill_(w.abs() < w.abs().quantile(0.7), 0.0)
     lm.model.save_pretrained(tmp_path / "dense")
-    save_sparse(lm.model, tmp_path / "sparse")
+    save(lm.model, tmp_path / "sparse", format="sparse")
     a = analyze(tmp_path / "dense", tmp_path / "a_dense", plots=False)
     b = analyze(tmp_path / "sparse", tmp_path / "a_sparse", plots=False)
     assert a["overall"]["zeros"] == b["overall"]["zeros"] > 0

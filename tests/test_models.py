@@ -11,8 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from prunelab.errors import ModelLoadError
-from prunelab.models import load_model, parse_spec, tiny_model
+from prunelab.models import parse_spec, tiny_model
 from prunelab.models.discovery import module_type_of
+from prunelab.storage import load
 
 EXPECTED = {
     # arch: (family, number of prunable matrices, module types)
@@ -29,7 +30,7 @@ EXPECTED = {
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
 def test_tiny_models_load_and_list(tiny_dirs, arch):
     family, n, types = EXPECTED[arch]
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     assert lm.family == family
     assert len(lm.prunable) == n
     assert Counter(m.module_type for m in lm.prunable) == types
@@ -44,7 +45,7 @@ def test_tiny_models_load_and_list(tiny_dirs, arch):
 
 
 def test_gpt2_conv1d_is_transposed(tiny_dirs):
-    lm = load_model(str(tiny_dirs["gpt2"]))
+    lm = load(str(tiny_dirs["gpt2"]))
     qkv = next(m for m in lm.prunable if m.module_type == "qkv")
     assert qkv.transposed and (qkv.in_features, qkv.out_features) == (64, 192)
     # weight() is a view: writing through it reaches the model's Conv1D parameter.
@@ -54,9 +55,9 @@ def test_gpt2_conv1d_is_transposed(tiny_dirs):
 
 
 def test_embeddings_excluded_by_default_and_included_on_request(tiny_dirs):
-    default = load_model(str(tiny_dirs["llama"]))
+    default = load(str(tiny_dirs["llama"]))
     assert not any("embed" in m.name or "lm_head" in m.name for m in default.prunable)
-    full = load_model(str(tiny_dirs["llama"]), include_embeddings=True)
+    full = load(str(tiny_dirs["llama"]), include_embeddings=True)
     extra = {m.module_type for m in full.prunable} - {m.module_type for m in default.prunable}
     assert "embedding" in extra
     assert len(full.prunable) > len(default.prunable)
@@ -91,13 +92,13 @@ def test_bad_specs_are_one_line_errors(spec, fragment):
 def test_directory_without_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_model("llama").config.to_dict()))
     with pytest.raises(ModelLoadError, match="no \\*.safetensors"):
-        load_model(str(tmp_path))
+        load(str(tmp_path))
 
 
 def test_hub_id_offline_fails_clearly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="Hugging Face Hub"):
-        load_model("some-org/some-model-that-is-not-cached")
+        load("some-org/some-model-that-is-not-cached")
 
 
 def test_cli_models_lists_zoo():
@@ -109,7 +110,7 @@ def test_cli_models_lists_zoo():
 
 
 def test_zoo_minilm_is_a_real_encoder():
-    lm = load_model("zoo:minilm")
+    lm = load("zoo:minilm")
     assert lm.family == "encoder" and type(lm.model).__name__ == "BertModel"
     assert len(lm.prunable) == 6 * 6
     assert lm.tokenizer is not None
@@ -117,9 +118,9 @@ def test_zoo_minilm_is_a_real_encoder():
 
 @pytest.mark.slow
 def test_zoo_smollm2_converts_once_and_reloads_fast():
-    load_model("zoo:smollm2")  # converts on first use (cached afterwards)
+    load("zoo:smollm2")  # converts on first use (cached afterwards)
     start = time.perf_counter()
-    lm = load_model("zoo:smollm2")
+    lm = load("zoo:smollm2")
     assert time.perf_counter() - start < 5.0  # "well under a second" on an idle machine
     assert lm.family == "decoder" and len(lm.prunable) == 30 * 7
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
@@ -134,20 +135,19 @@ def test_zoo_smollm2_converts_once_and_reloads_fast():
     assert loss.item() < 4.0
 
 
-def test_load_model_reads_a_sparse_checkpoint(tmp_path, tiny_dirs):
-    """`load_model` treats a prunelab sparse checkpoint like any HF directory, bit-exactly."""
-    from prunelab.models.loader import SPARSE_INDEX_NAME
-    from prunelab.storage import save_sparse
-    from prunelab.storage.checkpoint import INDEX_NAME
+def test_load_reads_a_sparse_checkpoint(tmp_path, tiny_dirs):
+    """`load` treats a prunelab sparse checkpoint like any HF directory, bit-exactly."""
+    import prunelab.models.loader
+    from prunelab.storage import save
 
-    assert SPARSE_INDEX_NAME == INDEX_NAME
-    dense = load_model(str(tiny_dirs["llama"]))
+    assert not hasattr(prunelab.models.loader, "is_sparse_checkpoint")  # models/ knows nothing of storage/
+    dense = load(str(tiny_dirs["llama"]))
     with torch.no_grad():
         for m in dense.prunable:
             w = m.weight(dense.model)
             w[w.abs() < w.abs().median()] = 0.0
-    save_sparse(dense.model, tmp_path / "sparse", tokenizer=dense.tokenizer)
-    back = load_model(str(tmp_path / "sparse"))
+    save(dense.model, tmp_path / "sparse", format="sparse", tokenizer=dense.tokenizer)
+    back = load(str(tmp_path / "sparse"))
     assert back.family == "decoder" and len(back.prunable) == len(dense.prunable)
     ref = dense.model.state_dict()
     for k, v in back.model.state_dict().items():

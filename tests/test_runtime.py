@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunelab.models import load_model, tiny_model, wrap_model
+from prunelab.models import tiny_model, wrap_model
 from prunelab.runtime import (
     BACKENDS,
     SellMatrix,
@@ -19,6 +19,7 @@ from prunelab.runtime import (
     sparse_modules,
     sparsify_for_inference,
 )
+from prunelab.storage import load
 
 
 def _sparse_weight(out_f: int, in_f: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -119,7 +120,7 @@ def _prune_per_matrix(lm, sparsity: float) -> None:
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bert", "t5"])
 def test_sparsify_model_logits_and_undo(tiny_dirs, arch):
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     _prune_per_matrix(lm, 0.8)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     ids = torch.randint(5, 200, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from prunelab.models import load_model
 from prunelab.runtime import bench_model
+from prunelab.storage import load
 
 
 def _prune(lm, sparsity: float) -> None:
@@ -22,7 +22,7 @@ def _prune(lm, sparsity: float) -> None:
 
 @pytest.mark.parametrize("rss", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_bench_decoder_dense_vs_sparse_with_memory(tiny_dirs, rss):
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     _prune(lm, 0.9)
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     res = bench_model(lm, prefill_tokens=1000, decode_tokens=4, repeats=2, measure_rss=rss,
@@ -46,7 +46,7 @@ def test_bench_decoder_dense_vs_sparse_with_memory(tiny_dirs, rss):
 
 @pytest.mark.parametrize("arch", ["t5", "bert", "gpt2"])
 def test_bench_other_families(tiny_dirs, arch):
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     _prune(lm, 0.8)
     res = bench_model(lm, prefill_tokens=32, decode_tokens=3, repeats=1, measure_size=False, measure_rss=False,
                       sparsify_kwargs={"force": "sell", "use_disk_cache": False})
@@ -80,9 +80,9 @@ def test_load_for_inference_from_sparse_checkpoint(tiny_dirs, tmp_path):
     import prunelab.storage as storage
     from prunelab.runtime import load_for_inference, sparse_modules
 
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     _prune(lm, 0.9)
-    storage.save_sparse(lm, tmp_path / "sp")
+    storage.save(lm, tmp_path / "sp", format="sparse")
     ids = torch.tensor([[1, 50, 60, 70, 80, 90]])
     with torch.no_grad():
         ref = lm.model(input_ids=ids).logits

@@ -21,9 +21,9 @@ from prunelab.storage import (
     bounds_bytes,
     encode_tensor,
     is_sparse_checkpoint,
-    load_sparse,
-    read_sparse_tensors,
-    save_sparse,
+    iter_tensors,
+    load,
+    save,
     size_report,
 )
 
@@ -87,8 +87,8 @@ def _tied(model: torch.nn.Module) -> bool:
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_round_trip_bit_exact(tmp_path: Path, arch: str, pattern: str) -> None:
     lm = _pruned_lm(arch, pattern)
-    out = save_sparse(lm, tmp_path / "ck")
-    loaded = load_sparse(out)
+    out = save(lm, tmp_path / "ck", format="sparse")
+    loaded = load(out).model
     assert type(loaded) is type(lm.model)
     before, after = lm.model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys()
@@ -113,11 +113,11 @@ def test_round_trip_half_precision_and_dtype_override(tmp_path: Path) -> None:
     with torch.no_grad():  # awkward values must survive bit for bit
         w = lm.prunable[0].weight(lm.model)
         w[0, :4] = torch.tensor([float("nan"), float("inf"), -1e-40, 3.0], dtype=torch.bfloat16)
-    save_sparse(lm.model, tmp_path / "bf16")
-    loaded = load_sparse(tmp_path / "bf16")
+    save(lm.model, tmp_path / "bf16", format="sparse")
+    loaded = load(tmp_path / "bf16", dtype=None).model
     for name, t in lm.model.state_dict().items():
         assert _same_bits(t, loaded.state_dict()[name]), name
-    as_fp32 = load_sparse(tmp_path / "bf16", dtype=torch.float32)
+    as_fp32 = load(tmp_path / "bf16", dtype=torch.float32).model
     for name, t in lm.model.state_dict().items():
         got = as_fp32.state_dict()[name]
         assert got.dtype == (torch.float32 if t.is_floating_point() else t.dtype)
@@ -126,7 +126,7 @@ def test_round_trip_half_precision_and_dtype_override(tmp_path: Path) -> None:
 
 def test_plain_model_writes_config_generation_config_and_flags(tmp_path: Path) -> None:
     model = tiny_model("gpt2")
-    out = save_sparse(model, tmp_path / "ck", tokenizer=byte_tokenizer())
+    out = save(model, tmp_path / "ck", format="sparse", tokenizer=byte_tokenizer())
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "generation_config.json", INDEX_NAME, "model.sparse.safetensors",
             "tokenizer.json"} <= names
@@ -145,17 +145,17 @@ def test_is_sparse_checkpoint_false_for_dense_dir(tiny_dirs: dict[str, Path]) ->
 def test_save_is_atomic_and_copies_extra_files(tmp_path: Path) -> None:
     extra = tmp_path / "prune_report.json"
     extra.write_text('{"model": "tiny"}')
-    out = save_sparse(tiny_model("llama"), tmp_path / "ck", extra_files=[extra])
+    out = save(tiny_model("llama"), tmp_path / "ck", format="sparse", extra_files=[extra])
     assert (out / "prune_report.json").read_text() == '{"model": "tiny"}'
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(ConfigError, match="does not exist"):
-        save_sparse(tiny_model("llama"), out, extra_files=[tmp_path / "missing.txt"])
+        save(tiny_model("llama"), out, format="sparse", extra_files=[tmp_path / "missing.txt"])
     assert sorted(p.name for p in out.iterdir()) == before  # the old checkpoint is untouched
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ck.tmp")]  # no debris
     with pytest.raises(ConfigError, match="overwrite"):
         bad = tmp_path / INDEX_NAME
         bad.write_text("{}")
-        save_sparse(tiny_model("llama"), out, extra_files=[bad])
+        save(tiny_model("llama"), out, format="sparse", extra_files=[bad])
 
 
 # -- encodings -----------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for m in lm.prunable:
             w = m.weight(lm.model)
             w.masked_fill_(~_keep_mask(w, "2:4" if m.module_type in ("up", "gate") else "u90", gen), 0.0)
-    return save_sparse(lm, tmp_path_factory.mktemp("saved") / "ck")
+    return save(lm, tmp_path_factory.mktemp("saved") / "ck", format="sparse")
 
 
 @pytest.fixture
@@ -349,10 +349,10 @@ def test_truncated_file_names_the_tensor(ck: Path, monkeypatch: pytest.MonkeyPat
     path.write_bytes(data[: len(data) - 10])
     tensor = last.split("::")[0]
     with pytest.raises(CheckpointError, match=f"tensor {tensor}:.*truncated"):
-        load_sparse(ck)
+        load(ck)
     path.write_bytes(data[:5])
     with pytest.raises(CheckpointError, match="truncated"):
-        load_sparse(ck)
+        load(ck)
 
 
 def test_flipped_byte_names_the_tensor(ck: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -365,7 +365,7 @@ def test_flipped_byte_names_the_tensor(ck: Path, monkeypatch: pytest.MonkeyPatch
     data[start + (begin + end) // 2] ^= 0x40
     path.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="tensor model.layers.1.mlp.down_proj.weight: .*checksum"):
-        load_sparse(ck)
+        load(ck)
 
 
 @pytest.mark.parametrize(
@@ -389,22 +389,22 @@ def test_bad_index_names_the_tensor(ck: Path, monkeypatch: pytest.MonkeyPatch, e
     edit(index)
     _write_index(ck, index)
     with pytest.raises(CheckpointError, match=message):
-        load_sparse(ck)
+        load(ck)
 
 
 def test_unreadable_index_and_missing_files(ck: Path) -> None:
     (ck / INDEX_NAME).write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_sparse(ck)
+        load(ck)
     (ck / INDEX_NAME).unlink()
     with pytest.raises(CheckpointError, match="no sparse_index.json"):
-        load_sparse(ck)
+        load(ck)
 
 
 def test_missing_weights_file(ck: Path) -> None:
     (ck / "model.sparse.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
-        load_sparse(ck)
+        load(ck)
 
 
 def _rewrite_component(ck: Path, key: str, fn) -> None:
@@ -439,14 +439,14 @@ def test_structural_damage_with_valid_checksum(ck: Path, monkeypatch: pytest.Mon
 
     _rewrite_component(ck, f"{csr}::indices", out_of_range)
     with pytest.raises(CheckpointError, match=f"tensor {csr}: "):
-        load_sparse(ck)
+        load(ck)
 
 
 def test_bitmask_and_nm_structural_damage(ck: Path) -> None:
     bm = _first(ck, "bitmask")
     _rewrite_component(ck, f"{bm}::mask", lambda t: t ^ 0x01)  # popcount no longer equals nnz
     with pytest.raises(CheckpointError, match=f"tensor {bm}: bitmask has"):
-        read_sparse_tensors(ck)
+        size_report(ck)
 
 
 def test_nm_and_nnz_damage() -> None:
@@ -503,11 +503,11 @@ def test_cli_size(saved: Path, tmp_path: Path, tiny_dirs: dict[str, Path]) -> No
 
 
 def test_size_report_estimates_hf_checkpoint(tmp_path: Path) -> None:
-    """For a dense-format checkpoint the report predicts exactly what save_sparse stores."""
+    """For a dense-format checkpoint the report predicts exactly what the sparse format stores."""
     lm = _pruned_lm("llama", "u90")
     lm.model.save_pretrained(tmp_path / "hf")
     est = size_report(tmp_path / "hf")
-    real = size_report(save_sparse(lm, tmp_path / "sp"))
+    real = size_report(save(lm, tmp_path / "sp", format="sparse"))
     assert est["estimated"] and not real["estimated"]
 
     def key(rep: dict) -> dict:
@@ -518,13 +518,11 @@ def test_size_report_estimates_hf_checkpoint(tmp_path: Path) -> None:
     assert est["checkpoint"]["ratio"] < 0.6
 
 
-def test_load_model_reads_sparse_checkpoint(tmp_path: Path) -> None:
-    """`load_model(dir)` (prunelab.models) recognises a sparse checkpoint and decodes it exactly."""
-    from prunelab.models import load_model
-
+def test_load_reads_sparse_checkpoint(tmp_path: Path) -> None:
+    """`load(dir)` recognises a sparse checkpoint and decodes it exactly, with its tokenizer."""
     lm = _pruned_lm("t5", "u90")
-    out = save_sparse(lm, tmp_path / "ck")
-    back = load_model(str(out))
+    out = save(lm, tmp_path / "ck", format="sparse")
+    back = load(str(out))
     assert back.family == "encoder-decoder" and len(back.prunable) == len(lm.prunable)
     assert back.tokenizer is not None
     for name, t in lm.model.state_dict().items():
@@ -533,10 +531,10 @@ def test_load_model_reads_sparse_checkpoint(tmp_path: Path) -> None:
 
 def test_sharded_checkpoint_round_trip(tmp_path: Path) -> None:
     lm = _pruned_lm("bart", "u90")
-    out = save_sparse(lm, tmp_path / "ck", max_shard_bytes=20_000)
+    out = save(lm, tmp_path / "ck", format="sparse", max_shard_bytes=20_000)
     files = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(files) > 3 and files[0].startswith("model.sparse-00001-of-")
-    loaded = load_sparse(out)
+    loaded = load(out).model
     for name, t in lm.model.state_dict().items():
         assert _same_bits(t, loaded.state_dict()[name]), name
     assert size_report(out)["checkpoint"]["weights_file_bytes"] == sum((out / f).stat().st_size for f in files)
@@ -547,4 +545,92 @@ def test_tensor_missing_from_index(ck: Path) -> None:
     del index["tensors"]["model.norm.weight"]
     _write_index(ck, index)
     with pytest.raises(CheckpointError, match="tensor model.norm.weight is missing"):
-        load_sparse(ck)
+        load(ck)
+
+
+# -- one API, checkpoint hygiene -----------------------------------------------------------------
+
+
+def test_iter_tensors_is_the_same_for_sparse_and_hf_checkpoints(tmp_path: Path) -> None:
+    """`iter_tensors` streams the same dense tensors whatever the format (tied weights once)."""
+    lm = _pruned_lm("llama", "u90")
+    hf = dict(iter_tensors(save(lm, tmp_path / "hf", format="hf")))
+    sparse = dict(iter_tensors(save(lm, tmp_path / "sp", format="sparse")))
+    assert hf.keys() == sparse.keys()
+    for name, t in hf.items():
+        assert _same_bits(t, sparse[name]), name
+    back = load(tmp_path / "hf")
+    for name, t in lm.model.state_dict().items():
+        assert _same_bits(t, back.model.state_dict()[name]), name
+    with pytest.raises(ConfigError, match="unknown --format"):
+        save(lm, tmp_path / "x", format="zip")  # type: ignore[arg-type]
+
+
+def test_sparse_weights_without_index_are_a_damaged_checkpoint(ck: Path) -> None:
+    (ck / INDEX_NAME).unlink()
+    assert is_sparse_checkpoint(ck)  # its weights files say so: the loader must not treat it as dense
+    with pytest.raises(CheckpointError, match="no sparse_index.json"):
+        load(ck)
+
+
+def _size_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], ck: Path) -> tuple[int, str]:
+    from cli_helpers import run_cli
+
+    return run_cli(monkeypatch, capsys, "size", str(ck))
+
+
+def test_cli_size_refuses_a_truncated_checkpoint(ck: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _size_cli(monkeypatch, capsys, ck)
+    assert code == 0 and "totals" in text
+    path = ck / "model.sparse.safetensors"
+    header, _ = _header(path)
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 10])
+    code, text = _size_cli(monkeypatch, capsys, ck)
+    assert code == 2, text
+    assert text.strip().count("\n") == 0 and f"tensor {last.split('::')[0]}:" in text and "truncated" in text
+    assert "totals" not in text
+
+
+def test_cli_size_refuses_a_flipped_byte(ck: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    path = ck / "model.sparse.safetensors"
+    header, start = _header(path)
+    target = "model.layers.0.self_attn.q_proj.weight::values"
+    begin, end = header[target]["data_offsets"]
+    data = bytearray(path.read_bytes())
+    data[start + (begin + end) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    code, text = _size_cli(monkeypatch, capsys, ck)
+    assert code == 2, text
+    assert text.strip().count("\n") == 0
+    assert "tensor model.layers.0.self_attn.q_proj.weight: " in text and "checksum" in text
+
+
+def _modes(root: Path) -> set[tuple[str, int]]:
+    import stat
+
+    return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("fmt", ["hf", "sparse"])
+def test_saved_checkpoints_follow_the_umask(tmp_path: Path, fmt: str, umask: int) -> None:
+    """Every file and folder of a saved checkpoint gets the user's umask (no 0600 temporary-file modes)."""
+    import os
+
+    extra_dir = tmp_path / "extra"
+    extra_dir.mkdir()
+    (extra_dir / "notes.txt").write_text("private source, public copy")
+    (extra_dir / "notes.txt").chmod(0o600)
+    extra_dir.chmod(0o700)
+    lm = wrap_model(tiny_model("gpt2"), tokenizer=byte_tokenizer())
+    old = os.umask(umask)
+    try:
+        out = save(lm, tmp_path / "ck", format=fmt, extra_files=[extra_dir])  # type: ignore[arg-type]
+    finally:
+        os.umask(old)
+    assert (out / "extra" / "notes.txt").is_file()
+    assert _modes(out) == {("dir", 0o777 & ~umask), ("file", 0o666 & ~umask)}

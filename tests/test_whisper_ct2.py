@@ -173,9 +173,9 @@ def test_round_trip_is_exact(ct2_dir, cache, tiny_whisper):
 
 
 def test_loads_as_prunelab_model(ct2_dir, cache):
-    from prunelab.models import load_model
+    from prunelab.storage import load
 
-    lm = load_model(str(convert_ct2_whisper(ct2_dir)))
+    lm = load(str(convert_ct2_whisper(ct2_dir)))
     assert lm.family == "encoder-decoder" and lm.processor is not None
     assert lm.processor.feature_size == 80
     assert lm.tokenizer.convert_tokens_to_ids("<|notimestamps|>") == 50362

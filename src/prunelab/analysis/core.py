@@ -44,8 +44,8 @@ from prunelab.analysis.stats import (
 from prunelab.errors import CheckpointError, ModelLoadError
 from prunelab.io import atomic_dir, atomic_file
 from prunelab.models import detect_family, parse_spec, read_config, resolve_source, weight_files
-from prunelab.models.loader import is_sparse_checkpoint
 from prunelab.models.types import Family, ModelSpec
+from prunelab.storage import is_sparse_checkpoint, iter_tensors
 
 STACK_ORDER = {"encoder": 0, "decoder": 1}
 OUTPUT_FILES = ("stats.json", "stats.csv", "hist_abs_log.png", "cdf_abs.png", "cdf_by_block.png",
@@ -327,21 +327,14 @@ def _dense_view(source: Path) -> Iterator[Path]:
     """A prunelab sparse checkpoint decoded into plain safetensors, one tensor per file.
 
     The streaming reader works on dense safetensors; decoding one tensor at a time into a
-    temporary directory keeps peak memory at the compressed model plus one dense tensor.
+    temporary directory (`storage.iter_tensors`) keeps peak memory at about one dense tensor.
     """
     from safetensors.torch import save_file
 
-    from prunelab.storage import read_sparse_tensors
-
-    encoded = read_sparse_tensors(source)
     with tempfile.TemporaryDirectory(prefix="prunelab-analyze-") as tmp:
         shutil.copy(source / "config.json", tmp)
-        seen: set[int] = set()
-        for i, (name, enc) in enumerate(encoded.items()):
-            if id(enc) in seen:  # tied weights are stored once and aliased
-                continue
-            seen.add(id(enc))
-            save_file({name: enc.to_dense().contiguous()}, str(Path(tmp) / f"part-{i:05d}.safetensors"))
+        for i, (name, t) in enumerate(iter_tensors(source)):  # tied weights come once
+            save_file({name: t.contiguous()}, str(Path(tmp) / f"part-{i:05d}.safetensors"))
         yield Path(tmp)
 
 

@@ -34,17 +34,6 @@ class CalibrationSet:
     warnings: list[str] = field(default_factory=list)
 
 
-def model_context(config: Any) -> int | None:
-    """The longest sequence the model's position embeddings allow (None: relative positions, no limit)."""
-    if getattr(config, "model_type", "") == "t5" or getattr(config, "relative_attention_num_buckets", None):
-        return None
-    for name in ("max_position_embeddings", "n_positions", "max_target_positions"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 _STREAM_CACHE: dict[tuple[str, str], torch.Tensor] = {}
 
 
@@ -92,12 +81,16 @@ def _decoder_start(config: Any, tokenizer: Any) -> int:
 def text_calibration(
     lm: Any, source: TextSource, nsamples: int, seqlen: int, seed: int
 ) -> CalibrationSet:
-    """Windows of the tokenized `source` shaped for `lm`'s family (see module docstring)."""
+    """Windows of the tokenized `source` shaped for `lm`'s family (see module docstring).
+
+    `lm` is a `prunelab.models.LoadedModel` (duck-typed: data/ sits below models/): its
+    `tokenizer`, `family`, `config` and `context_length`, which clamps `seqlen`.
+    """
     tok = lm.tokenizer
     if tok is None:
         raise DataError(f"{lm.name} has no tokenizer: save one next to the weights to calibrate on text")
     notes: list[str] = []
-    limit = model_context(lm.config)
+    limit = lm.context_length  # LoadedModel knows its position limit (None: relative positions, no limit)
     if limit is not None and seqlen > limit:
         notes.append(f"calibration seqlen {seqlen} exceeds the model context {limit}: using {limit}")
         seqlen = limit
@@ -144,12 +137,8 @@ def text_calibration(
 def calibration_set(lm: Any, config: Any) -> CalibrationSet:
     """Calibration samples for `lm` as asked by a `PruneConfig` (calib, calib_column, nsamples, seqlen, seed)."""
     if getattr(lm, "processor", None) is not None:
-        try:
-            from prunelab.data.speech import speech_calibration_inputs
-        except ImportError as exc:
-            raise DataError(
-                "speech calibration needs prunelab.data.speech, which is not installed in this checkout"
-            ) from exc
+        from prunelab.data.speech import speech_calibration_inputs
+
         inputs = speech_calibration_inputs(lm, config.nsamples, config.seed)
         if not inputs:
             raise DataError("speech calibration produced no samples")

@@ -272,90 +272,113 @@ def _norm(prefix_ct2: str, prefix_hf: str) -> list[tuple[str, str]]:
     return [(f"{prefix_ct2}/gamma", f"{prefix_hf}.weight"), (f"{prefix_ct2}/beta", f"{prefix_hf}.bias")]
 
 
+class _StateBuilder:
+    """Fills an HF state dict from CT2 variables, remembering which CT2 variables were used."""
+
+    def __init__(self, model: CT2Model) -> None:
+        self.model = model
+        self.out: dict[str, Any] = {}
+        self.used: set[str] = set()
+
+    def fetch(self, name: str) -> np.ndarray:
+        try:
+            var = self.model.get(name)
+        except KeyError:
+            raise CheckpointError(f"{self.model.path.name}: required variable '{name}' is missing") from None
+        self.used.add(self.model.aliases.get(name, name))
+        return var.value
+
+    def put(self, hf_name: str, value: np.ndarray) -> None:
+        import torch
+
+        if hf_name in self.out:
+            raise CheckpointError(f"converter bug: HF parameter '{hf_name}' filled twice")
+        self.out[hf_name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+
+    def copy(self, pairs: list[tuple[str, str]]) -> None:
+        for ct2_name, hf_name in pairs:
+            self.put(hf_name, self.fetch(ct2_name))
+
+    def fused(self, prefix: str, parts: int, d: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        """Weight and bias of a fused projection (`parts` x d outputs), shape-checked."""
+        w, b = self.fetch(f"{prefix}/weight"), self.fetch(f"{prefix}/bias")
+        if w.shape != (parts * d, d) or b.shape != (parts * d,):
+            raise CheckpointError(f"{self.model.path.name}: '{prefix}' has shape {w.shape}, "
+                                  f"expected fused {what} {(parts * d, d)}")
+        return w, b
+
+    def zero_bias(self, name: str, bias: np.ndarray) -> None:
+        """HF Whisper has no key bias: the CT2 file's fused key bias must be zero to drop it."""
+        peak = float(np.abs(bias.astype(np.float32)).max()) if bias.size else 0.0
+        if peak > 1e-6:
+            var = self.model.get(name)
+            raise CheckpointError(
+                f"{self.model.path.name}: key bias inside '{name}' (offset {var.offset}) is not zero "
+                f"(max |b| = {peak:.3g}); HF Whisper has no key bias, so this file is not a Whisper checkpoint"
+            )
+
+
+def _self_attention(sb: _StateBuilder, c: str, h: str, d: int) -> None:
+    """Self-attention: fused [q; k; v] along the output dimension."""
+    w, b = sb.fused(f"{c}/self_attention/linear_0", 3, d, "QKV")
+    sb.zero_bias(f"{c}/self_attention/linear_0/bias", b[d : 2 * d])
+    sb.put(f"{h}.self_attn.q_proj.weight", w[:d])
+    sb.put(f"{h}.self_attn.q_proj.bias", b[:d])
+    sb.put(f"{h}.self_attn.k_proj.weight", w[d : 2 * d])
+    sb.put(f"{h}.self_attn.v_proj.weight", w[2 * d :])
+    sb.put(f"{h}.self_attn.v_proj.bias", b[2 * d :])
+    sb.copy(_linear(f"{c}/self_attention/linear_1", f"{h}.self_attn.out_proj"))
+    sb.copy(_norm(f"{c}/self_attention/layer_norm", f"{h}.self_attn_layer_norm"))
+
+
+def _cross_attention(sb: _StateBuilder, c: str, h: str, d: int) -> None:
+    """Decoder cross-attention: q alone, then fused [k; v] along the output dimension."""
+    sb.copy(_linear(f"{c}/attention/linear_0", f"{h}.encoder_attn.q_proj"))
+    w, b = sb.fused(f"{c}/attention/linear_1", 2, d, "KV")
+    sb.zero_bias(f"{c}/attention/linear_1/bias", b[:d])
+    sb.put(f"{h}.encoder_attn.k_proj.weight", w[:d])
+    sb.put(f"{h}.encoder_attn.v_proj.weight", w[d:])
+    sb.put(f"{h}.encoder_attn.v_proj.bias", b[d:])
+    sb.copy(_linear(f"{c}/attention/linear_2", f"{h}.encoder_attn.out_proj"))
+    sb.copy(_norm(f"{c}/attention/layer_norm", f"{h}.encoder_attn_layer_norm"))
+
+
+def _check_projection(sb: _StateBuilder) -> None:
+    """The output projection must be the token embedding (HF Whisper ties them)."""
+    model = sb.model
+    projection = model.aliases.get("decoder/projection/weight")
+    if projection is not None and projection != "decoder/embeddings/weight":
+        raise CheckpointError(f"{model.path.name}: output projection is not tied to the token embedding")
+    if projection is None and "decoder/projection/weight" in model.variables:
+        proj = sb.fetch("decoder/projection/weight")
+        if not np.array_equal(proj, model.get("decoder/embeddings/weight").value):
+            raise CheckpointError(f"{model.path.name}: untied output projection is not supported")
+
+
 def ct2_whisper_state_dict(model: CT2Model, config: Any) -> tuple[dict[str, Any], set[str]]:
     """HF state dict (fp32 tensors) from CTranslate2 variables, and the set of CT2 names used.
 
     Raises `CheckpointError` if a fused key bias is not zero (then dropping it would change
     the model) or a variable is missing.
     """
-    import torch
-
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
-    def fetch(name: str) -> np.ndarray:
-        try:
-            var = model.get(name)
-        except KeyError:
-            raise CheckpointError(f"{model.path.name}: required variable '{name}' is missing") from None
-        used.add(model.aliases.get(name, name))
-        return var.value
-
-    def put(hf_name: str, value: np.ndarray) -> None:
-        if hf_name in out:
-            raise CheckpointError(f"converter bug: HF parameter '{hf_name}' filled twice")
-        out[hf_name] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
-
-    def copy(pairs: list[tuple[str, str]]) -> None:
-        for ct2_name, hf_name in pairs:
-            put(hf_name, fetch(ct2_name))
-
-    def zero_bias(name: str, bias: np.ndarray) -> None:
-        peak = float(np.abs(bias.astype(np.float32)).max()) if bias.size else 0.0
-        if peak > 1e-6:
-            var = model.get(name)
-            raise CheckpointError(
-                f"{model.path.name}: key bias inside '{name}' (offset {var.offset}) is not zero "
-                f"(max |b| = {peak:.3g}); HF Whisper has no key bias, so this file is not a Whisper checkpoint"
-            )
-
+    sb = _StateBuilder(model)
     d = config.d_model
     for stack, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
         hf = f"model.{stack}"
         for i in range(n_layers):
             c, h = f"{stack}/layer_{i}", f"{hf}.layers.{i}"
-            # Self-attention: fused [q; k; v] along the output dimension.
-            w = fetch(f"{c}/self_attention/linear_0/weight")
-            b = fetch(f"{c}/self_attention/linear_0/bias")
-            if w.shape != (3 * d, d) or b.shape != (3 * d,):
-                raise CheckpointError(f"{model.path.name}: '{c}/self_attention/linear_0' has shape {w.shape}, "
-                                      f"expected fused QKV {(3 * d, d)}")
-            zero_bias(f"{c}/self_attention/linear_0/bias", b[d : 2 * d])
-            put(f"{h}.self_attn.q_proj.weight", w[:d])
-            put(f"{h}.self_attn.q_proj.bias", b[:d])
-            put(f"{h}.self_attn.k_proj.weight", w[d : 2 * d])
-            put(f"{h}.self_attn.v_proj.weight", w[2 * d :])
-            put(f"{h}.self_attn.v_proj.bias", b[2 * d :])
-            copy(_linear(f"{c}/self_attention/linear_1", f"{h}.self_attn.out_proj"))
-            copy(_norm(f"{c}/self_attention/layer_norm", f"{h}.self_attn_layer_norm"))
+            _self_attention(sb, c, h, d)
             if stack == "decoder":
-                copy(_linear(f"{c}/attention/linear_0", f"{h}.encoder_attn.q_proj"))
-                w = fetch(f"{c}/attention/linear_1/weight")
-                b = fetch(f"{c}/attention/linear_1/bias")
-                if w.shape != (2 * d, d) or b.shape != (2 * d,):
-                    raise CheckpointError(f"{model.path.name}: '{c}/attention/linear_1' has shape {w.shape}, "
-                                          f"expected fused KV {(2 * d, d)}")
-                zero_bias(f"{c}/attention/linear_1/bias", b[:d])
-                put(f"{h}.encoder_attn.k_proj.weight", w[:d])
-                put(f"{h}.encoder_attn.v_proj.weight", w[d:])
-                put(f"{h}.encoder_attn.v_proj.bias", b[d:])
-                copy(_linear(f"{c}/attention/linear_2", f"{h}.encoder_attn.out_proj"))
-                copy(_norm(f"{c}/attention/layer_norm", f"{h}.encoder_attn_layer_norm"))
-            copy(_linear(f"{c}/ffn/linear_0", f"{h}.fc1"))
-            copy(_linear(f"{c}/ffn/linear_1", f"{h}.fc2"))
-            copy(_norm(f"{c}/ffn/layer_norm", f"{h}.final_layer_norm"))
-        copy(_norm(f"{stack}/layer_norm", f"{hf}.layer_norm"))
-        copy([(f"{stack}/position_encodings/encodings", f"{hf}.embed_positions.weight")])
-    copy(_linear("encoder/conv1", "model.encoder.conv1") + _linear("encoder/conv2", "model.encoder.conv2"))
-    copy([("decoder/embeddings/weight", "model.decoder.embed_tokens.weight")])
-    projection = model.aliases.get("decoder/projection/weight")
-    if projection is not None and projection != "decoder/embeddings/weight":
-        raise CheckpointError(f"{model.path.name}: output projection is not tied to the token embedding")
-    if projection is None and "decoder/projection/weight" in model.variables:
-        proj = fetch("decoder/projection/weight")
-        if not np.array_equal(proj, model.get("decoder/embeddings/weight").value):
-            raise CheckpointError(f"{model.path.name}: untied output projection is not supported")
-    return out, used
+                _cross_attention(sb, c, h, d)
+            sb.copy(_linear(f"{c}/ffn/linear_0", f"{h}.fc1"))
+            sb.copy(_linear(f"{c}/ffn/linear_1", f"{h}.fc2"))
+            sb.copy(_norm(f"{c}/ffn/layer_norm", f"{h}.final_layer_norm"))
+        sb.copy(_norm(f"{stack}/layer_norm", f"{hf}.layer_norm"))
+        sb.copy([(f"{stack}/position_encodings/encodings", f"{hf}.embed_positions.weight")])
+    sb.copy(_linear("encoder/conv1", "model.encoder.conv1") + _linear("encoder/conv2", "model.encoder.conv2"))
+    sb.copy([("decoder/embeddings/weight", "model.decoder.embed_tokens.weight")])
+    _check_projection(sb)
+    return sb.out, sb.used
 
 
 def _verify_fill(hf_model: Any, state: dict[str, Any], model: CT2Model, used: set[str]) -> None:

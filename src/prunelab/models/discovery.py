@@ -38,11 +38,9 @@ def _is_linear(module: nn.Module) -> tuple[bool, bool]:
     """(is prunable linear, is Conv1D-transposed)."""
     if isinstance(module, nn.Linear):
         return True, False
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover
-        Conv1D = ()  # type: ignore[assignment]
-    if Conv1D and isinstance(module, Conv1D):
+    from transformers.pytorch_utils import Conv1D  # a dependency, imported lazily: importing it is slow
+
+    if isinstance(module, Conv1D):
         return True, True
     return False, False
 

@@ -1,9 +1,10 @@
-"""Turn any model spec into a `LoadedModel`.
+"""Resolve any model spec to a local directory, and the dense `from_pretrained` path.
 
 Every spec is first resolved to a local directory with `config.json` and safetensors
-weights (`resolve_source`); loading is then the same `from_pretrained` call for all of
-them. That symmetry is what lets `analyze` stream weights and `prune` write checkpoints
-that load back the same way.
+weights (`resolve_source`); a dense checkpoint then loads with the same `from_pretrained`
+call for all of them (`load_dense`), and `loaded_model` turns the weights into a
+`LoadedModel`. The one loader users call is `prunelab.storage.load`, which also decodes
+prunelab's compressed checkpoints: this package knows nothing of those.
 """
 
 from __future__ import annotations
@@ -54,17 +55,6 @@ def resolve_source(spec: str | ModelSpec) -> Path:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} has no config.json: pass a Hugging Face model directory")
     return path
-
-
-SPARSE_INDEX_NAME = "sparse_index.json"  # == prunelab.storage.checkpoint.INDEX_NAME
-
-
-def is_sparse_checkpoint(source: Path) -> bool:
-    """A prunelab sparse checkpoint is recognised by its index file (see prunelab.storage).
-
-    Checked by name here so that models/ does not import storage/ unless it must.
-    """
-    return (source / SPARSE_INDEX_NAME).is_file()
 
 
 def weight_files(source: Path) -> list[Path]:
@@ -141,39 +131,41 @@ def _load_preprocessors(source: Path, config: Any, family: Family) -> tuple[Any,
     return tokenizer, processor
 
 
-def load_model(
-    spec: str | ModelSpec,
+def load_dense(
+    source: Path,
+    config: Any,
     *,
-    include_embeddings: bool = False,
-    dtype: torch.dtype = torch.float32,
+    label: str,
+    dtype: torch.dtype | None = torch.float32,
     trust_remote_code: bool = False,
     auto_class: Any = None,
-) -> LoadedModel:
-    """Load a model of any family, in eval mode, with its tokenizer and prunable matrices.
+) -> torch.nn.Module:
+    """The dense `from_pretrained` of a resolved checkpoint directory, in eval mode.
 
     `trust_remote_code` stays off unless the user asks: a hub checkpoint must not run code.
+    `label` names the model in the error message (the user's spec, not the cache path);
+    `dtype=None` keeps the stored dtype.
     """
-    spec = parse_spec(spec)
-    source = resolve_source(spec)
-    config = read_config(source)
-    family = detect_family(config)
-    if is_sparse_checkpoint(source):
-        # A prunelab sparse checkpoint (`prune --format sparse`): decoded exactly into a
-        # normal HF model, so every later stage treats it like any other checkpoint.
-        from prunelab.storage import load_sparse
+    weight_files(source)
+    cls = auto_class or auto_class_for(config, detect_family(config), source)
+    try:
+        model = cls.from_pretrained(
+            str(source), dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelLoadError(f"cannot load {label} with {cls.__name__}: {first}") from exc
+    return model.eval()
 
-        model = load_sparse(source, dtype=dtype, auto_class=auto_class)
-    else:
-        weight_files(source)
-        cls = auto_class or auto_class_for(config, family, source)
-        try:
-            model = cls.from_pretrained(
-                str(source), dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            )
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelLoadError(f"cannot load {spec.raw} with {cls.__name__}: {first}") from exc
-    model.eval()
+
+def loaded_model(model: torch.nn.Module, spec: ModelSpec, source: Path, config: Any, *,
+                 include_embeddings: bool = False) -> LoadedModel:
+    """A `LoadedModel` for weights just loaded from `source`: its tokenizer/processor and prunable matrices.
+
+    Whatever decoded the weights (dense `from_pretrained` or a compressed format), this is the
+    same last step, so every stage sees the same kind of object.
+    """
+    family = detect_family(config)
     tokenizer, processor = _load_preprocessors(source, config, family)
     prunable = find_prunable(model, family, include_embeddings=include_embeddings)
     if not prunable:
@@ -182,7 +174,7 @@ def load_model(
             "blocks): is it a transformer?"
         )
     return LoadedModel(
-        model=model, family=family, spec=spec, source=source,
+        model=model.eval(), family=family, spec=spec, source=source,
         tokenizer=tokenizer, processor=processor, prunable=prunable,
     )
 

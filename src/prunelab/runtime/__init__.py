@@ -1,6 +1,6 @@
 """Sparse CPU inference: sparse linear modules, their kernels, and `bench` (latency, throughput, memory).
 
-    lm = load_model("pruned-dir")                      # any pruned checkpoint (HF or prunelab sparse format)
+    lm = prunelab.storage.load("pruned-dir")           # any pruned checkpoint (HF or prunelab sparse format)
     summary = sparsify_for_inference(lm)               # in place; measured per shape/sparsity/rows bucket
     ...                                                # lm.model.generate(...) as usual, on CPU, fp32
     restore_dense(lm)                                  # undo, bit-identical weights

@@ -2,8 +2,8 @@
 
 Measured, in one call:
 
-- **size on disk**: the model as a dense safetensors checkpoint (`save_pretrained`) and, when
-  `prunelab.storage` is present, as a sparse checkpoint (`save_sparse`), in bytes;
+- **size on disk**: the model as a dense safetensors checkpoint and as a sparse checkpoint
+  (`prunelab.storage.save`, formats hf and sparse), in bytes;
 - **resident memory after load**: RSS growth of a fresh subprocess that loads the dense
   checkpoint and runs one short forward (so lazily mapped weights count), then swaps in the
   sparse runtime (RSS again after `malloc_trim`), so that nothing this process already holds
@@ -35,22 +35,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunelab import storage
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel
+from prunelab.runtime.sparsify import sparsify_for_inference
 
 ProgressFn = Callable[[str, int, int], None]
 
 
 def _dir_bytes(d: Path, suffix: str | None = None) -> int:
     return sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and (suffix is None or p.name.endswith(suffix)))
-
-
-def _max_positions(config: Any) -> int | None:
-    for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):
-        v = getattr(config, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def _vocab(config: Any) -> int:
@@ -157,7 +151,7 @@ _RSS_SCRIPT = r"""
 import ctypes, gc, json, sys, psutil, torch
 torch.set_num_threads(int(sys.argv[3]))
 proc = psutil.Process()
-import transformers, prunelab.runtime, prunelab.models  # imports are not the model's memory
+import transformers, prunelab.runtime, prunelab.storage  # imports are not the model's memory
 prunelab.runtime.warmup()  # nor is numba's compiled code
 try:
     _trim = ctypes.CDLL("libc.so.6").malloc_trim
@@ -174,8 +168,8 @@ def touch(model):  # one short forward: every weight page is read (safetensors m
     with torch.no_grad():
         model(**kw)
 r0 = rss()
-from prunelab.models import load_model
-lm = load_model(sys.argv[1]); touch(lm.model); r1 = rss()
+from prunelab.storage import load
+lm = load(sys.argv[1]); touch(lm.model); r1 = rss()
 out = {"dense_rss_delta_bytes": r1 - r0}
 if sys.argv[2] == "1":
     from prunelab.runtime import sparsify_for_inference
@@ -209,33 +203,10 @@ def _median(xs: list[float]) -> float | None:
     return float(np.median(xs)) if xs else None
 
 
-def bench_model(
-    lm: LoadedModel,
-    *,
-    sparse: bool = True,
-    prefill_tokens: int = 512,
-    decode_tokens: int = 32,
-    prompt_tokens: int = 16,
-    repeats: int = 5,
-    measure_size: bool = True,
-    measure_rss: bool = True,
-    sparsify_kwargs: dict[str, Any] | None = None,
-    seed: int = 0,
-    progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Benchmark `lm` (left unchanged) dense and, with `sparse`, with the sparse runtime; JSON-ready dict.
-
-    Speed numbers are medians over `repeats` interleaved repetitions (after one untimed warm-up
-    of each variant, which also compiles kernels and makes the runtime's per-shape decisions).
-    """
-    if lm.processor is not None:
-        raise ConfigError(f"{lm.name} is a speech model: `bench` measures text models (token prefill and decode)")
-    if repeats < 1 or decode_tokens < 1 or prefill_tokens < 1:
-        raise ConfigError("bench needs --repeats, --decode-tokens and --prefill-tokens >= 1")
-    sparsify_kwargs = dict(sparsify_kwargs or {})
-    cfg = lm.config
-    limit = _max_positions(cfg)
-    notes: list[str] = []
+def _token_counts(lm: LoadedModel, prefill_tokens: int, decode_tokens: int, prompt_tokens: int,
+                  notes: list[str]) -> tuple[int, int]:
+    """(prefill, prompt) token counts that fit the model's positions; a clamp is noted."""
+    limit = lm.context_length
     n_prefill = prefill_tokens
     if limit is not None and lm.family != "encoder-decoder" and prefill_tokens > limit:
         n_prefill = limit
@@ -243,63 +214,45 @@ def bench_model(
     n_prompt = min(prompt_tokens, (limit or prompt_tokens + decode_tokens) - decode_tokens)
     if n_prompt < 1:
         raise ConfigError(f"--decode-tokens {decode_tokens} exceeds the model's {limit} positions")
-    result: dict[str, Any] = {
-        "model": lm.name, "family": lm.family, "threads": torch.get_num_threads(),
-        "units": {"size": "bytes", "rss": "bytes", "prefill": "tokens/s", "decode": "ms/token"},
-        "settings": {"prefill_tokens": n_prefill, "decode_tokens": decode_tokens, "prompt_tokens": n_prompt,
-                     "repeats": repeats, "seed": seed, "sparse": sparse},
-        "notes": notes,
-    }
-    step = 0
-    total_steps = 2 + repeats
+    return n_prefill, n_prompt
 
-    def tick(msg: str) -> None:
-        nonlocal step
-        step += 1
-        if progress:
-            progress(msg, step, total_steps)
 
+def _measure_on_disk(lm: LoadedModel, result: dict[str, Any], *, measure_size: bool, measure_rss: bool,
+                     sparse: bool, sparsify_kwargs: dict[str, Any], tick: Callable[[str], None]) -> None:
+    """Size of the dense and sparse checkpoints, and RSS of a fresh process loading the dense one."""
     with tempfile.TemporaryDirectory(prefix="prunelab-bench-") as tmpd:
         tmp = Path(tmpd)
-        dense_dir = tmp / "dense"
-        lm.model.save_pretrained(dense_dir, safe_serialization=True)
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(dense_dir)
+        dense_dir = storage.save(lm.model, tmp / "dense", format="hf", tokenizer=lm.tokenizer)
         size: dict[str, Any] = {"dense_safetensors_bytes": _dir_bytes(dense_dir, ".safetensors")}
         if measure_size:
-            try:
-                from prunelab.storage import save_sparse
-            except ImportError:
-                size["sparse_format_bytes"] = None
-                notes.append("prunelab.storage not available: no sparse-format size")
-            else:
-                sparse_dir = save_sparse(lm, tmp / "sparse")
-                size["sparse_format_bytes"] = _dir_bytes(Path(sparse_dir), ".safetensors")
-                size["ratio_dense_over_sparse"] = size["dense_safetensors_bytes"] / max(1, size["sparse_format_bytes"])
+            sparse_dir = storage.save(lm, tmp / "sparse", format="sparse")
+            size["sparse_format_bytes"] = _dir_bytes(sparse_dir, ".safetensors")
+            size["ratio_dense_over_sparse"] = size["dense_safetensors_bytes"] / max(1, size["sparse_format_bytes"])
         result["size_on_disk"] = size
         tick("size on disk")
-        if measure_rss:
-            result["memory"] = rss_after_load(dense_dir, sparse=sparse, sparsify_kwargs=sparsify_kwargs)
-        else:
-            result["memory"] = {}
+        result["memory"] = (rss_after_load(dense_dir, sparse=sparse, sparsify_kwargs=sparsify_kwargs)
+                            if measure_rss else {})
         tick("resident memory")
 
-    variants: dict[str, torch.nn.Module] = {"dense": lm.model}
-    summary = None
-    if sparse:
-        from prunelab.runtime.sparsify import sparsify_for_inference
 
+def _variants(lm: LoadedModel, result: dict[str, Any], *, sparse: bool,
+              sparsify_kwargs: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    """The dense model and, with `sparse`, a sparsified copy (its runtime summary goes into `result`)."""
+    variants: dict[str, torch.nn.Module] = {"dense": lm.model}
+    if sparse:
         model_s = copy.deepcopy(lm.model)
-        prunable = [p for p in lm.prunable]
-        summary = sparsify_for_inference(model_s, prunable, **sparsify_kwargs)
+        summary = sparsify_for_inference(model_s, list(lm.prunable), **sparsify_kwargs)
         variants["sparse"] = model_s
         result["runtime"] = {k: v for k, v in summary.to_dict().items() if k != "modules"}
         result["runtime"]["plans"] = _plan_counts(summary)
     result["memory"]["weights_bytes"] = {k: weights_nbytes(m) for k, m in variants.items()}
+    return variants
 
-    vocab = _vocab(cfg)
-    prefill_kw = _forward_kwargs(lm, _ids(n_prefill, vocab, seed))
-    prompt_kw = _forward_kwargs(lm, _ids(n_prompt, vocab, seed + 1))
+
+def _time_variants(lm: LoadedModel, variants: dict[str, torch.nn.Module], prefill_kw: dict[str, Any],
+                   prompt_kw: dict[str, Any], *, decode_tokens: int, repeats: int,
+                   tick: Callable[[str], None]) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[int]]]:
+    """Prefill and decode times per variant, interleaved repeat by repeat after one untimed warm-up each."""
     decodes = lm.family != "encoder"
     use_cache = lm.family != "encoder"
     times: dict[str, dict[str, list[float]]] = {
@@ -320,6 +273,12 @@ def bench_model(
                                                cpu=times[name]["decode_cpu_s_per_token"])
                 times[name]["decode_s_per_token"].append(dt)
         tick("speed")
+    return times, tokens
+
+
+def _speed(times: dict[str, dict[str, list[float]]], tokens: dict[str, list[int]], n_prefill: int,
+           decodes: bool) -> dict[str, Any]:
+    """Medians per variant, and the sparse/dense speedups when both ran."""
     speed: dict[str, Any] = {}
     for name, t in times.items():
         pre = _median(t["prefill_s"])
@@ -334,7 +293,7 @@ def bench_model(
             "prefill_s_runs": t["prefill_s"],
             "decode_s_per_token_runs": t["decode_s_per_token"],
         }
-    if sparse:
+    if "sparse" in times:
         d, s = speed["dense"], speed["sparse"]
         speed["sparse_vs_dense"] = {
             "prefill_speedup": (s["prefill_tokens_per_s"] / d["prefill_tokens_per_s"])
@@ -343,7 +302,58 @@ def bench_model(
             if decodes and s["decode_ms_per_token"] else None,
             "same_greedy_tokens": tokens.get("dense") == tokens.get("sparse") if decodes else None,
         }
-    result["speed"] = speed
+    return speed
+
+
+def bench_model(
+    lm: LoadedModel,
+    *,
+    sparse: bool = True,
+    prefill_tokens: int = 512,
+    decode_tokens: int = 32,
+    prompt_tokens: int = 16,
+    repeats: int = 5,
+    measure_size: bool = True,
+    measure_rss: bool = True,
+    sparsify_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Benchmark `lm` (left unchanged) dense and, with `sparse`, with the sparse runtime; JSON-ready dict.
+
+    Speed numbers are medians over `repeats` interleaved repetitions (after one untimed warm-up
+    of each variant, which also compiles kernels and makes the runtime's per-shape decisions).
+    """
+    if lm.is_speech:
+        raise ConfigError(f"{lm.name} is a speech model: `bench` measures text models (token prefill and decode)")
+    if repeats < 1 or decode_tokens < 1 or prefill_tokens < 1:
+        raise ConfigError("bench needs --repeats, --decode-tokens and --prefill-tokens >= 1")
+    sparsify_kwargs = dict(sparsify_kwargs or {})
+    notes: list[str] = []
+    n_prefill, n_prompt = _token_counts(lm, prefill_tokens, decode_tokens, prompt_tokens, notes)
+    result: dict[str, Any] = {
+        "model": lm.name, "family": lm.family, "threads": torch.get_num_threads(),
+        "units": {"size": "bytes", "rss": "bytes", "prefill": "tokens/s", "decode": "ms/token"},
+        "settings": {"prefill_tokens": n_prefill, "decode_tokens": decode_tokens, "prompt_tokens": n_prompt,
+                     "repeats": repeats, "seed": seed, "sparse": sparse},
+        "notes": notes,
+    }
+    steps = iter(range(1, 3 + repeats))
+
+    def tick(msg: str) -> None:
+        step = next(steps)
+        if progress:
+            progress(msg, step, 2 + repeats)
+
+    _measure_on_disk(lm, result, measure_size=measure_size, measure_rss=measure_rss, sparse=sparse,
+                     sparsify_kwargs=sparsify_kwargs, tick=tick)
+    variants = _variants(lm, result, sparse=sparse, sparsify_kwargs=sparsify_kwargs)
+    vocab = _vocab(lm.config)
+    prefill_kw = _forward_kwargs(lm, _ids(n_prefill, vocab, seed))
+    prompt_kw = _forward_kwargs(lm, _ids(n_prompt, vocab, seed + 1))
+    times, tokens = _time_variants(lm, variants, prefill_kw, prompt_kw, decode_tokens=decode_tokens,
+                                   repeats=repeats, tick=tick)
+    result["speed"] = _speed(times, tokens, n_prefill, lm.family != "encoder")
     return result
 
 
@@ -360,34 +370,12 @@ def _plan_counts(summary: Any) -> dict[str, int]:
     return counts
 
 
-def load_any(spec: str) -> LoadedModel:
-    """A model spec, or a `prunelab.storage` sparse checkpoint directory (decoded to dense)."""
-    from prunelab.models import load_model, wrap_model
-
-    path = Path(spec)
-    if path.is_dir():
-        try:
-            from prunelab.storage import is_sparse_checkpoint, load_sparse
-        except ImportError:
-            pass
-        else:
-            if is_sparse_checkpoint(path):
-                from transformers import AutoTokenizer
-
-                try:
-                    tok = AutoTokenizer.from_pretrained(str(path))
-                except Exception:  # a checkpoint without tokenizer still benchmarks on random ids
-                    tok = None
-                return wrap_model(load_sparse(path), tokenizer=tok, source=path, name=spec)
-    return load_model(spec)
-
-
 def run_bench(spec: str, out_file: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
     """Load `spec`, `bench_model` it, write the JSON atomically to `out_file`; return the result."""
     from prunelab.io import write_json
 
     t0 = time.perf_counter()
-    lm = load_any(spec)
+    lm = storage.load(spec)
     result = bench_model(lm, **kwargs)
     result["wall_time_s"] = time.perf_counter() - t0
     write_json(out_file, result)

@@ -177,9 +177,9 @@ def sparse_modules(model: nn.Module) -> dict[str, SparseLinear]:
 
 def load_for_inference(spec: str, **kwargs: Any) -> tuple[LoadedModel, SparsifySummary]:
     """Load a pruned checkpoint (model spec, HF directory or `prunelab.storage` sparse directory) and sparsify it."""
-    from prunelab.runtime.bench import load_any
+    from prunelab.storage import load
 
-    lm = load_any(spec)
+    lm = load(spec)
     return lm, sparsify_for_inference(lm, **kwargs)
 
 

@@ -14,21 +14,23 @@ The weights file is plain safetensors (no pickle) but deliberately *not* named
 Tied weights (e.g. `lm_head.weight` sharing `embed_tokens.weight`) are stored once; the index
 records the alias and loading re-ties them.
 
-Loading is all-or-nothing: the index is schema-checked, every shard header is parsed and
-checked against the index (so a truncated file names the tensor whose bytes are missing), every
-component is checksummed and every tensor structurally validated and decoded *before* the model
+Reading streams tensor by tensor (`iter_encoded`): the index is schema-checked, every shard
+header is parsed by the one safetensors parser (`storage.header`) and checked against the index
+(so a truncated file names the tensor whose bytes are missing), every component is checksummed
+and every tensor structurally validated. Loading a model (`sparse_model`, the sparse step of
+`prunelab.storage.load`) is all-or-nothing: everything is decoded and checked *before* the model
 is built. Any problem is a `CheckpointError` naming the tensor.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import shutil
-import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ import torch
 
 from prunelab.errors import CheckpointError, ConfigError
 from prunelab.io import atomic_dir, write_json
+from prunelab.models import auto_class_for, detect_family, find_prunable
 from prunelab.storage.encodings import (
     ENCODINGS,
     EncodedTensor,
@@ -43,6 +46,7 @@ from prunelab.storage.encodings import (
     dtype_name,
     encode_tensor,
 )
+from prunelab.storage.header import TensorInfo, read_header
 
 FORMAT_NAME = "prunelab-sparse"
 FORMAT_VERSION = 1
@@ -59,12 +63,13 @@ _RESERVED = {INDEX_NAME, "config.json"}
 
 
 def is_sparse_checkpoint(directory: str | os.PathLike[str]) -> bool:
-    """True if `directory` holds a prunelab sparse checkpoint (its index file exists).
+    """True if `directory` holds a prunelab sparse checkpoint (its index file or its weights files).
 
-    Existence is enough on purpose: a directory with a damaged index should go to
-    `load_sparse`, which says what is wrong, rather than to the dense loader.
+    Existence is enough on purpose: a directory with a damaged or missing index should go to the
+    sparse reader, which says what is wrong, rather than to the dense loader.
     """
-    return (Path(directory) / INDEX_NAME).is_file()
+    directory = Path(directory)
+    return (directory / INDEX_NAME).is_file() or any(directory.glob(f"{WEIGHTS_STEM}*.safetensors"))
 
 
 def _crc(t: torch.Tensor) -> int:
@@ -74,21 +79,24 @@ def _crc(t: torch.Tensor) -> int:
 # -- writing -------------------------------------------------------------------------------------
 
 
-def _unwrap(model_or_lm: Any) -> tuple[Any, Any, Any, set[str]]:
-    """(HF model, tokenizer, processor, names of prunable weights) from a model or LoadedModel."""
+def model_parts(model_or_lm: Any) -> tuple[torch.nn.Module, Any, Any]:
+    """(HF model, tokenizer, processor) of a Hugging Face model or a LoadedModel."""
     if hasattr(model_or_lm, "model") and hasattr(model_or_lm, "prunable"):
-        lm = model_or_lm
-        return lm.model, lm.tokenizer, lm.processor, {m.param_name for m in lm.prunable}
-    model = model_or_lm
-    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
-        raise ConfigError("save_sparse needs a Hugging Face model (with .config) or a LoadedModel")
-    try:
-        from prunelab.models import detect_family, find_prunable
+        return model_or_lm.model, model_or_lm.tokenizer, model_or_lm.processor
+    if not isinstance(model_or_lm, torch.nn.Module) or getattr(model_or_lm, "config", None) is None:
+        raise ConfigError("saving needs a Hugging Face model (with .config) or a LoadedModel")
+    return model_or_lm, None, None
 
+
+def _prunable_types(model_or_lm: Any, model: torch.nn.Module) -> tuple[set[str], dict[str, str]]:
+    """Names of the prunable weights, and their module types when a LoadedModel says so."""
+    if hasattr(model_or_lm, "prunable"):
+        return {m.param_name for m in model_or_lm.prunable}, {m.param_name: m.module_type for m in model_or_lm.prunable}
+    try:
         prunable = {m.param_name for m in find_prunable(model, detect_family(model.config))}
     except Exception:  # not a transformer prunelab understands: still storable, just unlabelled
         prunable = set()
-    return model, None, None, prunable
+    return prunable, {}
 
 
 def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -118,7 +126,8 @@ def encode_state(tensors: dict[str, torch.Tensor], *, progress: Any = None) -> d
     return out
 
 
-def _copy_extra(src: Path, tmp: Path, reserved: set[str]) -> None:
+def copy_extra(src: Path, tmp: Path, reserved: set[str]) -> None:
+    """Copy a user's extra file or folder into the checkpoint, refusing to overwrite its own files."""
     if src.name in reserved or src.name.startswith(WEIGHTS_STEM):
         raise ConfigError(f"extra file {src} would overwrite the checkpoint's own {src.name}: rename it")
     if src.is_dir():
@@ -127,6 +136,68 @@ def _copy_extra(src: Path, tmp: Path, reserved: set[str]) -> None:
         shutil.copy2(src, tmp / src.name)
     else:
         raise ConfigError(f"extra file {src} does not exist")
+
+
+def _index_entry(enc: EncodedTensor, comps: dict[str, Any], prunable: bool, module_type: str | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "encoding": enc.encoding,
+        "shape": list(enc.shape),
+        "dtype": dtype_name(enc.dtype),
+        "nnz": enc.nnz,
+        "dense_bytes": enc.dense_bytes,
+        "stored_bytes": enc.stored_bytes,
+        "params": enc.params,
+        "components": comps,
+        "prunable": prunable,
+    }
+    if module_type is not None:
+        entry["module_type"] = module_type
+    return entry
+
+
+def _pack_shards(encoded: dict[str, EncodedTensor], prunable: set[str], module_types: dict[str, str],
+                 max_shard_bytes: int) -> tuple[list[dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Components packed into shards in state-dict order, and each tensor's index entry (with its shard number)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    entries: dict[str, dict[str, Any]] = {}
+    for name, enc in encoded.items():
+        if shards[-1] and shard_bytes + enc.stored_bytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        comps = {}
+        for cname, ct in enc.components.items():
+            key = f"{name}{_SEP}{cname}"
+            ct = ct.contiguous()
+            shards[-1][key] = ct
+            comps[cname] = {"key": key, "dtype": dtype_name(ct.dtype), "shape": list(ct.shape), "crc32": _crc(ct)}
+        shard_bytes += enc.stored_bytes
+        entries[name] = _index_entry(enc, comps, name in prunable, module_types.get(name))
+        entries[name]["file"] = len(shards) - 1  # replaced by the file name once the shard count is known
+    return shards, entries
+
+
+def _shard_names(n_shards: int) -> list[str]:
+    if n_shards == 1:
+        return [f"{WEIGHTS_STEM}.safetensors"]
+    return [f"{WEIGHTS_STEM}-{i + 1:05d}-of-{n_shards:05d}.safetensors" for i in range(n_shards)]
+
+
+def _build_index(model: torch.nn.Module, tensors: dict[str, torch.Tensor], entries: dict[str, dict[str, Any]],
+                 names: list[str], aliases: dict[str, str], prunable: set[str]) -> dict[str, Any]:
+    for entry in entries.values():
+        entry["file"] = names[entry["file"]]
+    for alias, target in aliases.items():
+        entries[alias] = {"alias_of": target, "prunable": alias in prunable}
+    float_dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model_class": type(model).__name__,
+        "dtype": dtype_name(float_dtypes[0]) if float_dtypes else None,
+        "files": names,
+        "tensors": entries,
+    }
 
 
 def save_sparse(
@@ -144,88 +215,38 @@ def save_sparse(
     LoadedModel, or `tokenizer=`) are written beside it, then `extra_files` (files or
     folders) are copied in. The directory is written atomically and *replaces* `out_dir` as a
     whole: write other files into it afterwards, or pass them as `extra_files`.
-    Returns `out_dir`.
+    Returns `out_dir`. (Public entry point: `prunelab.storage.save(..., format="sparse")`.)
     """
-    model, lm_tok, processor, prunable = _unwrap(model_or_loaded)
-    tokenizer = tokenizer if tokenizer is not None else lm_tok
-    tensors, aliases = _unique_state(model)
-    encoded = encode_state(tensors)
-    module_types: dict[str, str] = {}
-    if hasattr(model_or_loaded, "prunable"):
-        module_types = {m.param_name: m.module_type for m in model_or_loaded.prunable}
-
-    # Pack components into shards in state-dict order.
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    entries: dict[str, dict[str, Any]] = {}
-    placement: dict[str, int] = {}
-    for name, enc in encoded.items():
-        if shards[-1] and shard_bytes + enc.stored_bytes > max_shard_bytes:
-            shards.append({})
-            shard_bytes = 0
-        placement[name] = len(shards) - 1
-        comps = {}
-        for cname, ct in enc.components.items():
-            key = f"{name}{_SEP}{cname}"
-            ct = ct.contiguous()
-            shards[-1][key] = ct
-            comps[cname] = {"key": key, "dtype": dtype_name(ct.dtype), "shape": list(ct.shape), "crc32": _crc(ct)}
-        shard_bytes += enc.stored_bytes
-        entry: dict[str, Any] = {
-            "encoding": enc.encoding,
-            "shape": list(enc.shape),
-            "dtype": dtype_name(enc.dtype),
-            "nnz": enc.nnz,
-            "dense_bytes": enc.dense_bytes,
-            "stored_bytes": enc.stored_bytes,
-            "params": enc.params,
-            "components": comps,
-            "prunable": name in prunable,
-        }
-        if name in module_types:
-            entry["module_type"] = module_types[name]
-        entries[name] = entry
-    n_shards = len(shards)
-    names = [
-        f"{WEIGHTS_STEM}.safetensors" if n_shards == 1 else f"{WEIGHTS_STEM}-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        for i in range(n_shards)
-    ]
-    for name, i in placement.items():
-        entries[name]["file"] = names[i]
-    for alias, target in aliases.items():
-        entries[alias] = {"alias_of": target, "prunable": alias in prunable}
-
-    float_dtypes = [t.dtype for t in tensors.values() if t.is_floating_point()]
-    index = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "model_class": type(model).__name__,
-        "dtype": dtype_name(float_dtypes[0]) if float_dtypes else None,
-        "files": names,
-        "tensors": entries,
-    }
-
     from safetensors.torch import save_file
 
+    model, lm_tok, processor = model_parts(model_or_loaded)
+    prunable, module_types = _prunable_types(model_or_loaded, model)
+    tensors, aliases = _unique_state(model)
+    shards, entries = _pack_shards(encode_state(tensors), prunable, module_types, max_shard_bytes)
+    names = _shard_names(len(shards))
+    index = _build_index(model, tensors, entries, names, aliases, prunable)
     reserved = _RESERVED | set(names)
     with atomic_dir(out_dir) as tmp:
         for fname, shard in zip(names, shards, strict=True):
             save_file(shard, str(tmp / fname), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
         _save_config(model, tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        if processor is not None:
-            processor.save_pretrained(str(tmp))
+        write_preprocessors(tmp, tokenizer if tokenizer is not None else lm_tok, processor)
         for extra in extra_files or ():
-            _copy_extra(Path(extra), tmp, reserved)
+            copy_extra(Path(extra), tmp, reserved)
         write_json(tmp / INDEX_NAME, index)
     return Path(out_dir)
 
 
+def write_preprocessors(directory: Path, tokenizer: Any, processor: Any) -> None:
+    """The tokenizer and feature extractor beside the weights, so the checkpoint loads on its own."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    if processor is not None:
+        processor.save_pretrained(str(directory))
+
+
 def _save_config(model: Any, tmp: Path) -> None:
     """config.json (with architectures/dtype as save_pretrained writes them) + generation config."""
-    import copy
-
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]
     try:
@@ -305,103 +326,78 @@ def _check_entry(name: str, e: Any, tensors: dict[str, Any], files: list[str]) -
             raise bad(f"{key} missing")
 
 
-def _read_header(path: Path, owner: dict[str, str]) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header ourselves, so truncation and damage name the tensor affected."""
+def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The schema-checked index of a sparse checkpoint (a `CheckpointError` naming what is wrong)."""
+    return _read_index(Path(directory))
+
+
+def _shard_header(path: Path, owner: dict[str, str]) -> dict[str, TensorInfo]:
+    """A shard's components by key, header checked, so truncation and damage name the tensor affected."""
     if not path.is_file():
         raise CheckpointError(f"weights file {path.name} is missing from {path.parent}: the sparse checkpoint is "
                               "incomplete")
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path.name} is truncated ({size} bytes, no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if 8 + n > size:
-            raise CheckpointError(f"{path.name} is truncated inside its header ({size} bytes, header needs {8 + n})")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path.name}: safetensors header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name}: safetensors header is not an object")
-    available = size - 8 - n
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        tensor = owner.get(key, key.split(_SEP)[0])
-        try:
-            begin, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"tensor {tensor}: component {key} has no valid data_offsets in {path.name}") from exc
-        if end > available:
-            raise CheckpointError(
-                f"tensor {tensor}: component {key} ends at byte {end} of the data but {path.name} holds only "
-                f"{available} (file truncated; re-save the checkpoint)"
-            )
-        if begin > end:
-            raise CheckpointError(f"tensor {tensor}: component {key} has negative length in {path.name}")
-    return header, available
+    infos = read_header(path, tensor_of=lambda key: owner.get(key, key.split(_SEP)[0]))
+    return {info.name: info for info in infos}
 
 
-def read_sparse_tensors(directory: str | os.PathLike[str], *, verify: bool = True,
-                        _structure: bool = True) -> dict[str, EncodedTensor]:
-    """Every stored tensor in its encoded form (no densifying), validated; aliases share objects.
+def iter_encoded(directory: str | os.PathLike[str], index: dict[str, Any] | None = None, *, verify: bool = True,
+                 structure: bool = True) -> Iterator[tuple[str, EncodedTensor]]:
+    """Every stored tensor in its encoded form (no densifying), one at a time; aliases are not repeated.
 
-    With `verify` (default) each component's CRC-32 is checked and each tensor structurally
-    validated (`EncodedTensor.validate`), so a runtime that consumes the compressed form
-    directly gets the same guarantees as `load_sparse`.
+    With `verify` (default) each component's CRC-32 is checked, and with `structure` each tensor
+    is structurally validated (`EncodedTensor.validate`; decoding validates anyway, so decoders
+    skip it). Only one tensor's components are held at a time, so checking a whole checkpoint
+    costs the memory of its largest tensor.
     """
     from safetensors import SafetensorError, safe_open
 
     directory = Path(directory)
-    index = _read_index(directory)
+    index = index if index is not None else _read_index(directory)
     entries = index["tensors"]
     owner = {c["key"]: name for name, e in entries.items() if "components" in e for c in e["components"].values()}
     by_file: dict[str, list[str]] = {}
     for name, e in entries.items():
         if "alias_of" not in e:
             by_file.setdefault(e["file"], []).append(name)
-    out: dict[str, EncodedTensor] = {}
     for fname, names in by_file.items():
         path = directory / fname
-        header, _ = _read_header(path, owner)
+        header = _shard_header(path, owner)
         try:
             fh_ctx = safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{fname} is unreadable ({exc}): the sparse checkpoint is corrupt") from exc
         with fh_ctx as fh:
             for name in names:
-                out[name] = _read_one(name, entries[name], header, fh, fname, verify, _structure)
-    for name, e in entries.items():
-        if "alias_of" in e:
-            out[name] = out[e["alias_of"]]
-    return out
+                yield name, _read_one(name, entries[name], header, fh, fname, verify, structure)
 
 
-def _read_one(name: str, e: dict[str, Any], header: dict[str, Any], fh: Any, fname: str,
-              verify: bool, structure: bool) -> EncodedTensor:
+def _read_component(name: str, cname: str, c: dict[str, Any], header: dict[str, TensorInfo], fh: Any,
+                    fname: str, verify: bool) -> torch.Tensor:
     from safetensors import SafetensorError
 
-    comps: dict[str, torch.Tensor] = {}
-    for cname, c in e["components"].items():
-        key = c["key"]
-        info = header.get(key)
-        if info is None:
-            raise CheckpointError(f"tensor {name}: component {key} is missing from {fname}")
-        want_dtype = dtype_from_name(c["dtype"], name)
-        if _ST_DTYPES.get(info.get("dtype")) != want_dtype or list(info.get("shape", [])) != c["shape"]:
-            raise CheckpointError(
-                f"tensor {name}: component {cname} is {info.get('dtype')} {info.get('shape')} in {fname} but the "
-                f"index says {c['dtype']} {c['shape']}"
-            )
-        try:
-            t = fh.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as exc:
-            raise CheckpointError(f"tensor {name}: component {cname} is unreadable ({exc})") from exc
-        if verify and _crc(t) != c["crc32"]:
-            raise CheckpointError(f"tensor {name}: component {cname} fails its checksum (corrupt file {fname}; "
-                                  "re-save the checkpoint)")
-        comps[cname] = t
+    key = c["key"]
+    info = header.get(key)
+    if info is None:
+        raise CheckpointError(f"tensor {name}: component {key} is missing from {fname}")
+    want_dtype = dtype_from_name(c["dtype"], name)
+    if _ST_DTYPES.get(info.dtype) != want_dtype or list(info.shape) != c["shape"]:
+        raise CheckpointError(
+            f"tensor {name}: component {cname} is {info.dtype} {list(info.shape)} in {fname} but the "
+            f"index says {c['dtype']} {c['shape']}"
+        )
+    try:
+        t = fh.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"tensor {name}: component {cname} is unreadable ({exc})") from exc
+    if verify and _crc(t) != c["crc32"]:
+        raise CheckpointError(f"tensor {name}: component {cname} fails its checksum (corrupt file {fname}; "
+                              "re-save the checkpoint)")
+    return t
+
+
+def _read_one(name: str, e: dict[str, Any], header: dict[str, TensorInfo], fh: Any, fname: str,
+              verify: bool, structure: bool) -> EncodedTensor:
+    comps = {cname: _read_component(name, cname, c, header, fh, fname, verify) for cname, c in e["components"].items()}
     enc = EncodedTensor(
         name=name, encoding=e["encoding"], shape=tuple(e["shape"]), dtype=dtype_from_name(e["dtype"], name),
         nnz=e["nnz"], components=comps, params=dict(e.get("params", {})),
@@ -414,71 +410,51 @@ def _read_one(name: str, e: dict[str, Any], header: dict[str, Any], fh: Any, fna
     return enc
 
 
-def load_state_dict_sparse(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def iter_decoded(directory: str | os.PathLike[str], index: dict[str, Any] | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stored tensor decoded exactly, one at a time (checksummed; decoding validates structure)."""
+    for name, enc in iter_encoded(directory, index, structure=False):
+        yield name, enc.to_dense()
+
+
+def _decode_state(directory: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The full state dict, decoded (tied names share one tensor). All-or-nothing."""
-    encoded = read_sparse_tensors(directory, _structure=False)  # to_dense validates while decoding
-    decoded: dict[int, torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, enc in encoded.items():
-        key = id(enc)
-        if key not in decoded:
-            decoded[key] = enc.to_dense()
-        out[name] = decoded[key]
+    out = dict(iter_decoded(directory, index))
+    for name, e in index["tensors"].items():
+        if "alias_of" in e:
+            out[name] = out[e["alias_of"]]
     return out
 
 
-def load_sparse(
-    directory: str | os.PathLike[str],
-    *,
-    dtype: torch.dtype | None = None,
-    auto_class: Any = None,
-) -> Any:
-    """Rebuild the Hugging Face model of a sparse checkpoint (eval mode), weights decoded exactly.
-
-    The class is the saved one (`config.architectures[0]`, a transformers class) when it
-    exists, else the Auto class prunelab's loader would pick for the config's family. The
-    model is built on the meta device by `from_pretrained(None, config=..., state_dict=...)`,
-    so no memory goes into a random initialisation, and tied weights are re-tied by
-    transformers. `dtype=None` keeps the stored dtype. Everything is decoded and checked
-    before the model is built; a missing or unexpected tensor is a `CheckpointError`.
-    """
+def _model_class(config: Any, state: dict[str, torch.Tensor], auto_class: Any) -> Any:
+    """The saved transformers class when it exists, else the Auto class prunelab's loader would pick."""
     import transformers as tf
 
-    from prunelab.models.family import detect_family
-    from prunelab.models.loader import auto_class_for, read_config
+    if auto_class is not None:
+        return auto_class
+    archs = getattr(config, "architectures", None) or []
+    cand = getattr(tf, archs[0], None) if archs else None
+    if isinstance(cand, type) and issubclass(cand, tf.PreTrainedModel):
+        return cand
+    family = detect_family(config)
+    cls = auto_class_for(config, family, None)
+    if family == "encoder" and any(k.startswith(("cls.predictions", "lm_head")) for k in state):
+        cls = tf.AutoModelForMaskedLM
+    return cls
 
-    directory = Path(directory)
-    state = load_state_dict_sparse(directory)
-    index = json.loads((directory / INDEX_NAME).read_text())
-    config = read_config(directory)
-    cls = auto_class
-    if cls is None:
-        archs = getattr(config, "architectures", None) or []
-        cand = getattr(tf, archs[0], None) if archs else None
-        if isinstance(cand, type) and issubclass(cand, tf.PreTrainedModel):
-            cls = cand
-        else:
-            family = detect_family(config)
-            cls = auto_class_for(config, family, None)
-            if family == "encoder" and any(k.startswith(("cls.predictions", "lm_head")) for k in state):
-                cls = tf.AutoModelForMaskedLM
-    stored = index.get("dtype")
-    target = dtype or (dtype_from_name(stored) if stored else torch.float32)
-    if dtype is not None:
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    gen = None
-    if (directory / "generation_config.json").is_file():
-        try:
-            gen = tf.GenerationConfig.from_pretrained(str(directory))
-        except (OSError, ValueError):
-            gen = None
+
+def _generation_config(directory: Path) -> Any:
+    import transformers as tf
+
+    if not (directory / "generation_config.json").is_file():
+        return None
     try:
-        model, info = cls.from_pretrained(
-            None, config=config, state_dict=state, dtype=target, generation_config=gen, output_loading_info=True,
-        )
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"cannot build {cls.__name__} from the sparse checkpoint {directory}: {first}") from exc
+        return tf.GenerationConfig.from_pretrained(str(directory))
+    except (OSError, ValueError):
+        return None
+
+
+def _check_loading_info(directory: Path, cls: Any, info: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     missing = [k for k in info.get("missing_keys", []) if k not in state]
     unexpected = list(info.get("unexpected_keys", []))
     mismatched = list(info.get("mismatched_keys", []))
@@ -487,6 +463,36 @@ def load_sparse(
                 f"tensor {unexpected[0]} is not part of {cls.__name__}" if unexpected else
                 f"tensor {mismatched[0]} has the wrong shape")
         raise CheckpointError(f"{directory}: {what} (checkpoint does not match its config.json)")
+
+
+def sparse_model(directory: str | os.PathLike[str], config: Any, *, dtype: torch.dtype | None = None,
+                 auto_class: Any = None) -> torch.nn.Module:
+    """The Hugging Face model of a sparse checkpoint (eval mode), weights decoded exactly: `storage.load`'s sparse step.
+
+    The class is the saved one (`config.architectures[0]`, a transformers class) when it
+    exists, else the Auto class prunelab's loader would pick for the config's family. The
+    model is built on the meta device by `from_pretrained(None, config=..., state_dict=...)`,
+    so no memory goes into a random initialisation, and tied weights are re-tied by
+    transformers. `dtype=None` keeps the stored dtype. Everything is decoded and checked
+    before the model is built; a missing or unexpected tensor is a `CheckpointError`.
+    """
+    directory = Path(directory)
+    index = _read_index(directory)
+    state = _decode_state(directory, index)
+    cls = _model_class(config, state, auto_class)
+    stored = index.get("dtype")
+    target = dtype or (dtype_from_name(stored) if stored else torch.float32)
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+    try:
+        model, info = cls.from_pretrained(
+            None, config=config, state_dict=state, dtype=target, generation_config=_generation_config(directory),
+            output_loading_info=True,
+        )
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"cannot build {cls.__name__} from the sparse checkpoint {directory}: {first}") from exc
+    _check_loading_info(directory, cls, info, state)
     model.config.name_or_path = str(directory)
     return model.eval()
 

@@ -11,8 +11,10 @@ Two information-theoretic references per tensor of `n` elements, `nnz` nonzeros,
   reported as `pattern_bound_bytes` for `nm` tensors.
 
 All sizes are bytes of raw tensor data (safetensors headers and the JSON index are counted
-separately under `checkpoint`). The report is read from the index and file sizes only: no
-tensor is decoded, so `prunelab size` is instant even for large checkpoints.
+separately under `checkpoint`). The numbers come from the index and file sizes, but a report
+must not vouch for a damaged checkpoint: every tensor is first read back, checksummed and
+structurally validated (streamed one tensor at a time, never decoded), so a truncated or
+bit-flipped file is a `CheckpointError` naming the tensor instead of a table.
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunelab.storage.checkpoint import INDEX_NAME, _read_index, checkpoint_file_bytes, is_sparse_checkpoint
-from prunelab.storage.encodings import DTYPES
+from prunelab.models import module_type_of, weight_files
+from prunelab.storage.api import iter_tensors
+from prunelab.storage.checkpoint import (
+    INDEX_NAME,
+    checkpoint_file_bytes,
+    is_sparse_checkpoint,
+    iter_encoded,
+    read_index,
+)
+from prunelab.storage.encodings import DTYPES, dtype_name, nonzero_mask, plan_encoding
 
 
 def binary_entropy(p: float) -> float:
@@ -109,78 +119,63 @@ def _row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
 
 
-def _planned_entries(directory: Path) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Index-like entries for a plain HF safetensors checkpoint: the encoding save_sparse would pick.
+def _planned_entry(name: str, t: torch.Tensor) -> dict[str, Any]:
+    """The index entry `save` would write for one tensor (encoding planned, nothing stored)."""
+    eligible = t.numel() > 0 and t.dtype != torch.bool and not t.is_complex()
+    mask = nonzero_mask(t) if eligible else None
+    enc, params, cost = plan_encoding(t, mask)
+    nnz = int(np.count_nonzero(mask.numpy())) if mask is not None else t.numel()
+    module = name.removesuffix(".weight")
+    mtype = module_type_of(module) if name.endswith(".weight") and t.dim() == 2 else "other"
+    prunable = bool(_BLOCK.search(name)) and mtype != "other"
+    return {
+        "encoding": enc, "params": params, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
+        "nnz": nnz, "dense_bytes": t.numel() * t.element_size(), "stored_bytes": cost,
+        "prunable": prunable, **({"module_type": mtype} if prunable else {}),
+    }
+
+
+def _estimated_index(directory: Path) -> dict[str, Any]:
+    """An index-like dict for a plain HF safetensors checkpoint: the encodings `save(format="sparse")` would pick.
 
     Tensors are streamed one at a time; "prunable" is guessed from names (a 2-D `.weight` inside
     a numbered block whose leaf name is a known linear role), since no model is instantiated.
     """
-    from safetensors import safe_open
-
-    from prunelab.models.discovery import module_type_of
-    from prunelab.models.loader import weight_files
-    from prunelab.storage.encodings import dtype_name, nonzero_mask, plan_encoding
-
-    entries: dict[str, dict[str, Any]] = {}
-    files = weight_files(directory)
-    for f in files:
-        with safe_open(str(f), framework="pt") as fh:
-            for name in fh.keys():
-                t = fh.get_tensor(name)
-                eligible = t.numel() > 0 and t.dtype != torch.bool and not t.is_complex()
-                mask = nonzero_mask(t) if eligible else None
-                enc, params, cost = plan_encoding(t, mask)
-                nnz = int(np.count_nonzero(mask.numpy())) if mask is not None else t.numel()
-                module = name.removesuffix(".weight")
-                mtype = module_type_of(module) if name.endswith(".weight") and t.dim() == 2 else "other"
-                prunable = bool(_BLOCK.search(name)) and mtype != "other"
-                entries[name] = {
-                    "encoding": enc, "params": params, "shape": list(t.shape), "dtype": dtype_name(t.dtype),
-                    "nnz": nnz, "dense_bytes": t.numel() * t.element_size(), "stored_bytes": cost,
-                    "prunable": prunable, **({"module_type": mtype} if prunable else {}),
-                }
-    return entries, [f.name for f in files]
+    entries = {name: _planned_entry(name, t) for name, t in iter_tensors(directory)}
+    index: dict[str, Any] = {"format": "hf-safetensors", "version": None,
+                             "files": [f.name for f in weight_files(directory)], "tensors": entries}
+    try:
+        index["model_class"] = (json.loads((directory / "config.json").read_text()).get("architectures")
+                                or [None])[0]
+    except (json.JSONDecodeError, OSError):
+        index["model_class"] = None
+    dtypes = [e["dtype"] for e in entries.values() if e["dtype"].startswith(("float", "bfloat"))]
+    index["dtype"] = dtypes[0] if dtypes else None
+    return index
 
 
-def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    """Per-tensor and total sizes of a checkpoint against dense and the two bounds.
+def verified_index(directory: Path) -> dict[str, Any]:
+    """The index of a sparse checkpoint whose every tensor was read back and checked against it.
 
-    For a sparse checkpoint the numbers are read from its index (nothing is decoded). For a
-    plain HF safetensors checkpoint (e.g. `prune --format hf`) every tensor is planned as
-    `save_sparse` would encode it, so the report says what the sparse format *would* store
-    (`"estimated": true`). Returns {"dir", "format", "estimated", "tensors": [...],
-    "totals": {"pruned": ..., "all": ...}, "checkpoint": {...}}. "pruned" covers the
-    matrices prunelab prunes; when none is flagged, every 2-D tensor with zeros. Ratios are
-    stored / dense; `stored_vs_*_bound` are stored / bound.
+    Streams tensor by tensor (checksums + structural validation, no decoding), so the check
+    costs the memory of one tensor and the report never describes bytes that are not there.
     """
-    directory = Path(directory)
-    estimated = not is_sparse_checkpoint(directory) and (directory / "config.json").is_file()
-    if estimated:
-        entries, weight_names = _planned_entries(directory)
-        index: dict[str, Any] = {"format": "hf-safetensors", "version": None, "files": weight_names}
-        try:
-            index["model_class"] = (json.loads((directory / "config.json").read_text()).get("architectures")
-                                    or [None])[0]
-        except (json.JSONDecodeError, OSError):
-            index["model_class"] = None
-        dtypes = [e["dtype"] for e in entries.values() if e["dtype"].startswith(("float", "bfloat"))]
-        index["dtype"] = dtypes[0] if dtypes else None
-    else:
-        index = _read_index(directory)
-        entries = index["tensors"]
-    rows = [_row(name, e) for name, e in entries.items() if "alias_of" not in e]
-    pruned = [r for r in rows if r["prunable"]]
-    if not pruned:
-        pruned = [r for r in rows if len(r["shape"]) == 2 and r["nnz"] < r["numel"]]
+    index = read_index(directory)
+    for _name, _enc in iter_encoded(directory, index):
+        pass
+    return index
+
+
+def _checkpoint_bytes(directory: Path, index: dict[str, Any], rows: list[dict[str, Any]],
+                      estimated: bool) -> dict[str, Any]:
+    """File sizes on disk against the dense equivalent (and, for an HF checkpoint, the estimated sparse size)."""
     files = checkpoint_file_bytes(directory)
-    weights = sum(files.get(f, 0) for f in index["files"])
     dense_tensors = sum(r["dense_bytes"] for r in rows)
-    stored_tensors = sum(r["stored_bytes"] for r in rows)
     others = sum(v for k, v in files.items() if k not in index["files"] and k != INDEX_NAME
                  and not k.endswith(".safetensors.index.json"))
     total = sum(files.values())
     checkpoint: dict[str, Any] = {
-        "weights_file_bytes": weights,
+        "weights_file_bytes": sum(files.get(f, 0) for f in index["files"]),
         "index_file_bytes": files.get(INDEX_NAME, 0),
         "other_file_bytes": others,
         "total_file_bytes": total,
@@ -189,8 +184,31 @@ def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "ratio": total / (dense_tensors + others) if dense_tensors + others else 1.0,
     }
     if estimated:  # what --format sparse would write: tensor data + others (+ small headers/index)
+        stored_tensors = sum(r["stored_bytes"] for r in rows)
         checkpoint["estimated_sparse_bytes"] = stored_tensors + others
         checkpoint["ratio"] = (stored_tensors + others) / total if total else 1.0
+    return checkpoint
+
+
+def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-tensor and total sizes of a checkpoint against dense and the two bounds.
+
+    For a sparse checkpoint the numbers are read from its index, after every tensor has been
+    read back and checked (a damaged checkpoint is a `CheckpointError` naming the tensor). For a
+    plain HF safetensors checkpoint (e.g. `prune --format hf`) every tensor is planned as
+    `save(format="sparse")` would encode it, so the report says what the sparse format *would* store
+    (`"estimated": true`). Returns {"dir", "format", "estimated", "tensors": [...],
+    "totals": {"pruned": ..., "all": ...}, "checkpoint": {...}}. "pruned" covers the
+    matrices prunelab prunes; when none is flagged, every 2-D tensor with zeros. Ratios are
+    stored / dense; `stored_vs_*_bound` are stored / bound.
+    """
+    directory = Path(directory)
+    estimated = not is_sparse_checkpoint(directory) and (directory / "config.json").is_file()
+    index = _estimated_index(directory) if estimated else verified_index(directory)
+    rows = [_row(name, e) for name, e in index["tensors"].items() if "alias_of" not in e]
+    pruned = [r for r in rows if r["prunable"]]
+    if not pruned:
+        pruned = [r for r in rows if len(r["shape"]) == 2 and r["nnz"] < r["numel"]]
     return {
         "dir": str(directory),
         "format": index["format"],
@@ -201,7 +219,7 @@ def size_report(directory: str | os.PathLike[str]) -> dict[str, Any]:
         "units": "bytes of raw tensor data unless named *_file_bytes; bounds may be fractional",
         "tensors": rows,
         "totals": {"pruned": _totals(pruned), "all": _totals(rows)},
-        "checkpoint": checkpoint,
+        "checkpoint": _checkpoint_bytes(directory, index, rows, estimated),
     }
 
 
