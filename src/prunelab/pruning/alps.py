@@ -1,0 +1,285 @@
+"""ALPS-class layer pruning: ADMM over the sparsity constraint, then PCG on the chosen support.
+
+For one linear with dense weight W and input Hessian H = XᵀX/n, minimise
+f(Ŵ) = tr((W − Ŵ) H (W − Ŵ)ᵀ) subject to Ŵ's support (exactly the requested count per matrix,
+or N of every M inputs per row), following Meng et al., "ALPS" (2024):
+
+1. Scale the inputs so the dampened H has a unit diagonal (B = W·diag(√H_jj)); the projection
+   onto the support then ranks |W_ij|·√H_jj — the Wanda score — and one ρ suits every column.
+2. ADMM on f(B) + indicator(D feasible) with B = D: a B-update solving (H + ρI) systems through
+   one eigendecomposition of H (reused for every ρ), a D-update projecting B + V/ρ onto the
+   support, a dual update. ρ grows every few iterations, faster while the support still moves
+   (×1.3 / ×1.2 / ×1.1 for > 10 % / > 0.5 % / less changed), which forces D and B together;
+   the loop stops once the support no longer changes (or at `max_iters`).
+3. A batched, Jacobi-preconditioned conjugate-gradient solve of every row's kept weights on
+   the fixed support — the exact least-squares weights that ADMM only approaches.
+
+ADMM starts from the SparseGPT solution, and SparseGPT's own support is re-solved by PCG too:
+the result is the candidate with the lowest undamped error, so alps is never worse than
+sparsegpt on the same H (a guarantee the tests check on real layers). The algorithm has no
+random element: it is deterministic by construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from prunelab.pruning.patterns import lowest_k_mask, nm_mask, nm_target_count, target_count
+from prunelab.pruning.refine import row_errors
+from prunelab.pruning.registry import PruneWarning
+from prunelab.pruning.sparsegpt import DAMP_RETRIES, sparsegpt_matrix
+from prunelab.pruning.types import PruningError
+
+
+@dataclass
+class AlpsOptions:
+    """Knobs of the ADMM schedule and the final solve (defaults follow the ALPS paper's recipe)."""
+
+    rho0: float = 0.3  # initial penalty, relative to the unit-diagonal H
+    max_iters: int = 120  # ADMM iterations at most
+    update_every: int = 3  # iterations between support checks / ρ updates
+    stop_change: float = 1e-4  # stop when fewer than this fraction of pruned entries changed
+    min_iters: int = 9  # never stop before this many iterations
+    rho_max: float = 1e6
+    pcg_iters: int = 25  # conjugate-gradient iterations at most
+    pcg_rtol: float = 1e-5  # stop a row's CG when its residual norm falls below this fraction of the first
+
+
+@dataclass
+class _Factor:
+    """The dampened Hessian in float64, its column scale √diag and the eigendecomposition of the scaled H."""
+
+    H: torch.Tensor  # dampened, float64
+    scale: torch.Tensor  # √diag(H)
+    evals: torch.Tensor  # eigenvalues of H / (scale scaleᵀ)
+    evecs: torch.Tensor
+    damp: float
+
+    def inverse(self, rho: float) -> torch.Tensor:
+        """(H_scaled + ρI)⁻¹ in float32 (the B-update's operator)."""
+        return ((self.evecs / (self.evals + rho)) @ self.evecs.t()).float()
+
+
+def _factor(H: torch.Tensor, percdamp: float) -> _Factor:
+    """Dampen, scale and eigendecompose H; `LinAlgError` if it is not positive definite or not finite."""
+    if not torch.isfinite(H).all():
+        raise torch.linalg.LinAlgError("H has non-finite entries")
+    Hd = H.clone()
+    Hd.diagonal().add_(percdamp * float(torch.diagonal(H).mean()))
+    diag = torch.diagonal(Hd)
+    if not bool((diag > 0).all()):
+        raise torch.linalg.LinAlgError("H + damp·I has a non-positive diagonal")
+    scale = diag.sqrt()
+    Hs = Hd / scale.unsqueeze(0) / scale.unsqueeze(1)
+    evals, evecs = torch.linalg.eigh(Hs)
+    if not torch.isfinite(evals).all() or float(evals.min()) <= 1e-10 * float(evals.max().clamp_min(1e-300)):
+        raise torch.linalg.LinAlgError("H + damp·I is not positive definite")
+    return _Factor(Hd, scale, evals, evecs, percdamp)
+
+
+def _project(Z: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+    """Keep-mask of the feasible support closest to Z: largest |Z| with exact counts (per matrix or N:M group)."""
+    scores = Z.pow(2)
+    if nm is not None:
+        return nm_mask(scores, *nm)
+    return lowest_k_mask(scores, target_count(sparsity, Z.numel()))
+
+
+def _next_rho(rho: float, changed: float, opts: AlpsOptions) -> float:
+    """ALPS-style schedule: the more the support still moves, the faster ρ grows."""
+    factor = 1.3 if changed > 0.1 else 1.2 if changed > 0.005 else 1.1
+    return min(rho * factor, opts.rho_max)
+
+
+def admm_support(
+    B0: torch.Tensor, fac: _Factor, D0: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+    opts: AlpsOptions,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """ADMM in scaled coordinates from the feasible start D0; returns (support, B at the end, iterations)."""
+    Hs = (fac.evecs * fac.evals) @ fac.evecs.t()
+    C = (B0.double() @ Hs).float()  # the constant part of the B-update's right-hand side
+    D = D0.float().clone()
+    mask = D != 0
+    V = torch.zeros_like(D)
+    rho = opts.rho0
+    inv = fac.inverse(rho)
+    pruned = max(1, int((~mask).sum()))
+    prev = mask
+    B = D
+    it = 0
+    for it in range(1, opts.max_iters + 1):
+        B = (C - V + rho * D) @ inv
+        Z = B + V / rho
+        mask = _project(Z, sparsity, nm)
+        D = Z * mask
+        V = V + rho * (B - D)
+        if it % opts.update_every:
+            continue
+        changed = int((mask != prev).sum()) / pruned
+        prev = mask
+        if it >= opts.min_iters and changed < opts.stop_change:
+            break
+        rho = _next_rho(rho, changed, opts)
+        inv = fac.inverse(rho)
+    return mask, B, it
+
+
+def pcg_on_support(
+    target: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, X0: torch.Tensor, *, iters: int = 25,
+    rtol: float = 1e-5,
+) -> torch.Tensor:
+    """argmin over X with X = 0 off `mask` of tr((target − X) H (target − X)ᵀ), every row at once, in H's dtype.
+
+    Conjugate gradient on each row's kept coordinates, Jacobi-preconditioned by diag(H) and
+    started from X0 (restricted to the mask): each iteration costs one (rows × in × in)
+    product, and CG never raises the objective, so a good start (SparseGPT's or ADMM's
+    weights) only gets better.
+    """
+    Hd = H
+    m = mask.to(H.dtype)
+    X = X0.to(H.dtype) * m
+    R = (target.to(H.dtype) - X) @ Hd * m  # minus half the gradient, on the support
+    dinv = 1.0 / torch.diagonal(Hd).clamp_min(1e-300)
+    Z = R * dinv
+    P = Z
+    rz = (R * Z).sum(1)
+    stop = rtol * R.norm(dim=1)
+    for _ in range(max(0, iters)):
+        AP = (P @ Hd) * m
+        pap = (P * AP).sum(1)
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(1e-300), torch.zeros_like(pap))
+        X = X + alpha.unsqueeze(1) * P
+        R = R - alpha.unsqueeze(1) * AP
+        if bool((R.norm(dim=1) <= stop).all()):
+            break
+        Z = R * dinv
+        rz_new = (R * Z).sum(1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        P = Z + beta.unsqueeze(1) * P
+        rz = rz_new
+    return X
+
+
+def _factor_with_retries(H: torch.Tensor, percdamp: float, name: str, cache: dict[float, _Factor]) -> _Factor:
+    """Like sparsegpt: raise the dampening ×10 (with a `PruneWarning`) until H factors; `PruningError` if never."""
+    damp = percdamp
+    for attempt in range(DAMP_RETRIES + 1):
+        try:
+            fac = cache.get(damp)
+            if fac is None:
+                fac = cache[damp] = _factor(H, damp)
+            if attempt:
+                warnings.warn(
+                    f"alps {name}: Hessian ill-conditioned; dampening raised from {percdamp:g} to {damp:g} "
+                    "of the mean diagonal", PruneWarning, stacklevel=3,
+                )
+            return fac
+        except torch.linalg.LinAlgError:
+            damp *= 10
+    raise PruningError(
+        f"alps {name}: Hessian still singular with dampening {damp / 10:g}; use more/other calibration "
+        "data (--calib, --nsamples) or --method wanda"
+    )
+
+
+def _sparsegpt_start(
+    W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, damp: float,
+    hinv_cache: dict[float, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """SparseGPT's (weights, mask) at the dampening alps settled on, or None if SparseGPT cannot run there."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PruneWarning)
+            return sparsegpt_matrix(W, H, sparsity, nm, percdamp=damp, hinv_cache=hinv_cache)
+    except PruningError:
+        return None
+
+
+def alps_matrix(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    *,
+    percdamp: float = 0.01,
+    options: AlpsOptions | None = None,
+    name: str = "matrix",
+    init_mask: torch.Tensor | None = None,
+    factor_cache: dict[float, _Factor] | None = None,
+    hinv_cache: dict[float, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prune one (out, in) weight given its input Hessian H = XᵀX/n; returns (new weight, keep-mask).
+
+    `init_mask` (True = kept) seeds ADMM instead of the SparseGPT solution (e.g. a Wanda
+    mask); it must have the target counts. `factor_cache`/`hinv_cache` let linears that read
+    the same input (q/k/v) share one eigendecomposition / inverse Hessian.
+    """
+    opts = options or AlpsOptions()
+    W = weight.detach().float()
+    H_err = H.double()  # the undamped H: what "reconstruction error" means
+    H = H_err.clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0  # inputs never active: any value reconstructs them (as in sparsegpt)
+    fac = _factor_with_retries(H, percdamp, name, {} if factor_cache is None else factor_cache)
+    starts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if init_mask is None:
+        sg = _sparsegpt_start(W, H, sparsity, nm, fac.damp, hinv_cache)
+        starts.append(sg if sg is not None else (W, _project(W * fac.scale.float(), sparsity, nm)))
+    else:
+        starts.append((W, init_mask.bool()))
+    X0, start_mask = starts[0]
+    scale = fac.scale.float()
+    mask, B, _ = admm_support(W * scale, fac, X0 * start_mask * scale, sparsity, nm, opts)
+    best = _best_solution(W, fac, H_err, [(B / scale, mask)], starts, opts)
+    if best is None:
+        raise PruningError(f"alps {name}: no finite solution; use more/other calibration data or --method wanda")
+    _check_counts(best[1], sparsity, nm, name)
+    return best[0].to(weight.dtype), best[1]
+
+
+Solution = tuple[torch.Tensor, torch.Tensor]  # (weights, keep-mask)
+
+
+def _best_solution(
+    W: torch.Tensor, fac: _Factor, H_err: torch.Tensor, admm: list[Solution], starts: list[Solution],
+    opts: AlpsOptions,
+) -> Solution | None:
+    """The lowest undamped-error candidate: ADMM's support re-solved by PCG, ADMM's raw weights, the starts.
+
+    A start (SparseGPT's solution) is re-solved by PCG too if it beat ADMM, so the result is
+    never worse than the start, and at most one extra PCG runs in that rare case.
+    """
+    Hf = fac.H.float()
+
+    def solve(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return pcg_on_support(W, Hf, m, x, iters=opts.pcg_iters, rtol=opts.pcg_rtol)
+
+    scored: list[tuple[float, int, torch.Tensor, torch.Tensor]] = []
+
+    def consider(x: torch.Tensor, rank: int, m: torch.Tensor) -> None:
+        x = x.float() * m
+        if torch.isfinite(x).all():
+            scored.append((float(row_errors(W, x, H_err).sum()), rank, x, m))
+
+    for x, m in admm:
+        consider(solve(x, m), 0, m)
+        consider(x, 1, m)
+    for x, m in starts:
+        consider(x, 2, m)
+    if not scored:
+        return None
+    err, rank, x, m = min(scored, key=lambda t: (t[0], t[1]))
+    if rank == 2:
+        consider(solve(x, m), 1, m)
+        err, rank, x, m = min(scored, key=lambda t: (t[0], t[1]))
+    return x, m
+
+
+def _check_counts(mask: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, name: str) -> None:
+    rows, cols = mask.shape
+    expect = nm_target_count(rows, cols, *nm) if nm is not None else target_count(sparsity, mask.numel())
+    if int((~mask).sum()) != expect:
+        raise PruningError(f"alps {name}: pruned {int((~mask).sum())} entries, expected {expect} (internal error)")

@@ -1,0 +1,158 @@
+"""Training-free mask refinement: swap one kept and one pruned weight per row when that lowers the row's error.
+
+The layer error of a pruned weight Ŵ against the dense W is a sum over output rows,
+e_r = (w − ŵ) H (w − ŵ)ᵀ with H = XᵀX/n, so rows can be improved independently (DSnoT,
+SparseSwaps). A swap prunes a kept weight j (ŵ_j → 0) and restores a pruned weight i
+(ŵ_i → w_i); with the residual r = w − ŵ and g = r H its change is exact and cheap:
+
+    Δ = a_i + b_j + 2 δ_i δ_j H_ij,   a_i = 2 δ_i g_i + δ_i² H_ii,   b_j = 2 δ_j g_j + δ_j² H_jj,
+
+where δ_i = −r_i and δ_j = ŵ_j. Per round and row, the `candidates` best restores (lowest a)
+and the `candidates` best prunes (lowest b) are paired, the cross term added, and the best pair
+applied only when Δ < 0 — so no row's error ever rises, and each row keeps its count. For an
+N:M pattern every (i, j) pair inside each group of M inputs is evaluated instead, so every group
+keeps its count and stays valid. After a swap g is updated by two rows of H (O(in) per row),
+so a round costs O(out · in), not a matrix product.
+
+Methods that reconstruct weights (sparsegpt, alps) pass the dense weight as `dense`: the swap
+restores the dense value, and the caller re-solves the weights on the new support afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+INF = float("inf")
+
+
+def row_errors(dense: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per-row reconstruction error (w − ŵ) H (w − ŵ)ᵀ in float64: the quantity every layer solver minimises."""
+    r = dense.double() - weight.double()
+    return ((r @ H.double()) * r).sum(1)
+
+
+def reconstruction_error(dense: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> float:
+    """‖WX − ŴX‖² / n = tr((W − Ŵ) H (W − Ŵ)ᵀ), summed over rows."""
+    return float(row_errors(dense, weight, H).sum())
+
+
+class _RowState:
+    """Residual, its product with H and the current weights of the rows being refined (float64)."""
+
+    def __init__(self, dense: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, H: torch.Tensor) -> None:
+        self.H = H
+        self.dense = dense
+        self.w = weight * keep
+        self.keep = keep.clone()
+        self.r = dense - self.w
+        self.g = self.r @ H
+        self.hdiag = torch.diagonal(H)
+        self._blocks: torch.Tensor | None = None
+
+    def deltas(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For `rows`: (δ_i, a_i) restoring each pruned entry, (δ_j, b_j) pruning each kept one (inf elsewhere)."""
+        g, keep = self.g[rows], self.keep[rows]
+        d_in = -self.r[rows]
+        a = 2 * d_in * g + d_in.pow(2) * self.hdiag
+        d_out = self.w[rows]
+        b = 2 * d_out * g + d_out.pow(2) * self.hdiag
+        return d_in, a.masked_fill(keep, INF), d_out, b.masked_fill(~keep, INF)
+
+    def nm_blocks(self, m: int) -> torch.Tensor:
+        """The (groups, m, m) diagonal blocks of H (zero-padded past the last input), computed once."""
+        if self._blocks is None:
+            cols = self.H.shape[0]
+            groups = -(-cols // m)
+            pad = groups * m - cols
+            blocks = torch.nn.functional.pad(self.H, (0, pad, 0, pad)).reshape(groups, m, groups, m)
+            self._blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+        return self._blocks
+
+    def errors(self, rows: torch.Tensor) -> torch.Tensor:
+        return (self.r[rows] * self.g[rows]).sum(1)
+
+    def apply(self, rows: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
+        """Restore column i and prune column j in each of `rows` (one pair per row)."""
+        d_i = -self.r[rows, i]
+        d_j = self.w[rows, j]
+        self.g[rows] += d_i.unsqueeze(1) * self.H[i] + d_j.unsqueeze(1) * self.H[j]
+        self.r[rows, i] = 0.0
+        self.r[rows, j] = self.dense[rows, j]
+        self.w[rows, i] = self.dense[rows, i]
+        self.w[rows, j] = 0.0
+        self.keep[rows, i] = True
+        self.keep[rows, j] = False
+
+
+Best = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _best_unstructured(st: _RowState, rows: torch.Tensor, candidates: int) -> Best:
+    """Per row: the best (Δ, i, j) among the `candidates` × `candidates` most promising pairs."""
+    d_in, a, d_out, b = st.deltas(rows)
+    c = max(1, min(candidates, a.shape[1]))
+    a_val, ii = torch.topk(a, c, dim=1, largest=False)
+    b_val, jj = torch.topk(b, c, dim=1, largest=False)
+    cross = st.H[ii.unsqueeze(2), jj.unsqueeze(1)]  # (rows, c, c)
+    di = torch.gather(d_in, 1, ii).unsqueeze(2)
+    dj = torch.gather(d_out, 1, jj).unsqueeze(1)
+    delta = a_val.unsqueeze(2) + b_val.unsqueeze(1) + 2 * di * dj * cross
+    delta = torch.nan_to_num(delta, nan=INF)  # inf - inf where a row has nothing to swap
+    best, flat = delta.reshape(delta.shape[0], -1).min(dim=1)
+    i = torch.gather(ii, 1, (flat // c).unsqueeze(1)).squeeze(1)
+    j = torch.gather(jj, 1, (flat % c).unsqueeze(1)).squeeze(1)
+    return best, i, j
+
+
+def _best_nm(st: _RowState, rows: torch.Tensor, m: int) -> Best:
+    """Per row: the best (Δ, i, j) with i and j in the same group of `m` consecutive inputs."""
+    d_in, a, d_out, b = st.deltas(rows)
+    rows, cols = a.shape
+    groups = -(-cols // m)
+    pad = groups * m - cols
+
+    def grouped(t: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, pad), value=fill).reshape(rows, groups, m)
+
+    hblk = st.nm_blocks(m)
+    delta = (grouped(a, INF).unsqueeze(3) + grouped(b, INF).unsqueeze(2)
+             + 2 * grouped(d_in, 0.0).unsqueeze(3) * grouped(d_out, 0.0).unsqueeze(2) * hblk)
+    delta = torch.nan_to_num(delta, nan=INF)
+    best, flat = delta.reshape(rows, -1).min(dim=1)
+    g, rest = flat // (m * m), flat % (m * m)
+    return best, g * m + rest // m, g * m + rest % m
+
+
+def refine_rows(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    keep_mask: torch.Tensor,
+    nm: tuple[int, int] | None = None,
+    *,
+    max_swaps: int = 100,
+    dense: torch.Tensor | None = None,
+    candidates: int = 8,
+    rtol: float = 1e-9,
+) -> torch.Tensor:
+    """A better keep-mask of the same per-row (and per-N:M-group) counts; never raises any row's error.
+
+    `weight`: the (out, in) weights the mask applies to — the dense weights for prune-only
+    methods (magnitude, wanda), or the reconstructed ones for sparsegpt/alps together with
+    `dense`, the original weights the error is measured against. `max_swaps` bounds the swap
+    rounds per row; a row stops as soon as no swap lowers its error by more than `rtol` of it.
+    """
+    W = weight.detach().double()
+    target = W if dense is None else dense.detach().double()
+    Hd = H.detach().double()
+    st = _RowState(target, W, keep_mask.bool(), Hd)
+    active = torch.arange(W.shape[0])
+    for _ in range(max(0, int(max_swaps))):
+        if active.numel() == 0:
+            break
+        best, i, j = _best_nm(st, active, nm[1]) if nm is not None else _best_unstructured(st, active, candidates)
+        good = best < -rtol * st.errors(active).clamp_min(1e-300)
+        if not bool(good.any()):
+            break
+        st.apply(active[good], i[good], j[good])
+        active = active[good]
+    return st.keep
