@@ -1,4 +1,4 @@
-"""Pieces every benchmark shares: context length, result skeletons, chunked NLL, pooled features.
+"""Pieces every benchmark shares: window lengths, result skeletons, chunked NLL, pooled features.
 
 Everything here runs under `torch.inference_mode()` and avoids materialising full-vocabulary
 logits for a whole batch: the LM head is applied to slices of hidden states and the loss is
@@ -20,25 +20,12 @@ from prunelab.errors import ConfigError
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
-_CONTEXT_ATTRS = (
-    "max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length", "max_target_positions",
-)
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def model_context(lm: LoadedModel) -> int | None:
-    """The longest sequence the model accepts (None when positions are relative, e.g. T5)."""
-    config = lm.model.config
-    for attr in _CONTEXT_ATTRS:
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def resolve_seqlen(lm: LoadedModel, requested: int | None, cap: int, fallback: int = 512) -> int:
     """`requested`, or min(model context, cap); a one-line error when it exceeds the context."""
-    context = model_context(lm)
+    context = lm.context_length
     if requested is not None:
         if requested < 2:
             raise ConfigError(f"--seqlen {requested} is too short: use at least 2 tokens")
@@ -141,7 +128,7 @@ def length_batches(lengths: Sequence[int], token_budget: int = 8192, max_batch: 
 
 
 def text_max_length(lm: LoadedModel, cap: int = 128) -> int:
-    context = model_context(lm)
+    context = lm.context_length
     return int(min(context, cap)) if context else cap
 
 

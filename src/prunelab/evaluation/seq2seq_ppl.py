@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from prunelab.data.wikitext import load_wikitext, token_stream
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import model_context, new_result, ppl_from_nll, require_tokenizer
+from prunelab.evaluation.common import new_result, ppl_from_nll, require_tokenizer
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -188,7 +188,7 @@ def evaluate_seq2seq_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
     if lm.processor is not None:
         raise ConfigError(f"seq2seq-ppl needs a text encoder-decoder; {lm.name} takes audio: use --bench asr")
     tokenizer = require_tokenizer(lm, "seq2seq-ppl")
-    context = model_context(lm)
+    context = lm.context_length
     tok_max = getattr(tokenizer, "model_max_length", None)
     limit = context or (tok_max if isinstance(tok_max, int) and tok_max < 100_000 else None)
     if options.seqlen is not None:
