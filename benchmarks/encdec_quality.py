@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     from prunelab.evaluation.asr import evaluate_asr
     from prunelab.evaluation.types import EvalOptions
     from prunelab.io import write_json
-    from prunelab.models import load_model
     from prunelab.pruning import PruneConfig, prune
+    from prunelab.storage import load
 
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load(args.model)
     load_s = time.perf_counter() - t0
     dense_state = {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
     options = EvalOptions(max_examples=args.clips, seed=args.seed)

@@ -67,7 +67,7 @@ def main() -> None:
 
     from prunelab.evaluation import EvalOptions, evaluate
     from prunelab.io import write_json
-    from prunelab.models import load_model
+    from prunelab.storage import load
 
     rows: list[dict[str, Any]] = []
 
@@ -86,7 +86,7 @@ def main() -> None:
 
     if not args.skip_minilm:
         t0 = time.perf_counter()
-        minilm = load_model("zoo:minilm")
+        minilm = load("zoo:minilm")
         load_s = time.perf_counter() - t0
         record("zoo:minilm", "sst2", EvalOptions(), minilm, load_s)
         record("zoo:minilm", "mrpc", EvalOptions(), minilm, load_s)
@@ -95,7 +95,7 @@ def main() -> None:
     check: dict[str, Any] = {}
     if not args.skip_smollm2:
         t0 = time.perf_counter()
-        smol = load_model("zoo:smollm2")
+        smol = load("zoo:smollm2")
         load_s = time.perf_counter() - t0
         row = record("zoo:smollm2", "ppl", EvalOptions(seqlen=512, max_tokens=8 * 512), smol, load_s)
         plain_ppl, plain_s = _plain_loop_ppl(smol, 512, 8)

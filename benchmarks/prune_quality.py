@@ -34,11 +34,11 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
 
     from prunelab.evaluation import evaluate
     from prunelab.evaluation.types import EvalOptions
-    from prunelab.models import load_model
     from prunelab.pruning import PruneConfig, peak_rss_bytes, prune
+    from prunelab.storage import load
 
     torch.manual_seed(0)
-    lm = load_model(args.model)
+    lm = load(args.model)
     opts = EvalOptions(seqlen=args.eval_seqlen, max_tokens=args.eval_windows * args.eval_seqlen)
     row: dict[str, Any] = {"model": args.model, "method": args.child, "pattern": args.pattern}
     if args.child == "dense":

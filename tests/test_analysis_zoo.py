@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from prunelab.analysis import EDGES, QUANTILES, THRESHOLDS, analyze
-from prunelab.models import load_model
+from prunelab.storage import load
 
 MAX_BIN_LOG10 = float(np.diff(np.log10(EDGES)).max()) + 1e-12
 
@@ -68,7 +68,7 @@ def test_zoo_analyze_matches_numpy(spec, tmp_path):
     stats = analyze(spec, tmp_path / "out")
     elapsed = time.perf_counter() - t0
     assert elapsed < 120, f"analyze took {elapsed:.0f} s"  # seconds on a quiet machine; generous for CI
-    lm = load_model(spec)
+    lm = load(spec)
     assert len(stats["matrices"]) == len(lm.prunable)
     assert stats["family"] == lm.family
     _reference(stats, quantiles=(spec == "zoo:minilm"))

@@ -13,7 +13,8 @@ import torch
 from prunelab.data import speech
 from prunelab.evaluation import asr
 from prunelab.evaluation.types import EvalOptions
-from prunelab.models import load_model, wrap_model
+from prunelab.models import wrap_model
+from prunelab.storage import load
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 
@@ -126,7 +127,7 @@ def test_wer_normalises_case_and_punctuation():
 
 
 def test_not_applicable_for_text_models(tiny_dirs):
-    lm = load_model(str(tiny_dirs["bart"]))
+    lm = load(str(tiny_dirs["bart"]))
     res = asr.evaluate_asr(lm)
     assert res.status == "not_applicable" and res.metrics["wer"] is None
 
@@ -137,7 +138,7 @@ def test_not_applicable_for_text_models(tiny_dirs):
 @pytest.fixture(scope="module")
 def whisper():
     _tokenizer_file()
-    return load_model("zoo:whisper-tiny-en")
+    return load("zoo:whisper-tiny-en")
 
 
 @pytest.mark.slow
@@ -197,7 +198,7 @@ def test_explicit_greedy_decoding_matches_generate(whisper):
 def test_pruned_whisper_exact_sparsity_and_finite_wer(method):
     from prunelab.pruning import PruneConfig, prune
 
-    lm = load_model("zoo:whisper-tiny-en")  # fresh copy: pruning is in place
+    lm = load("zoo:whisper-tiny-en")  # fresh copy: pruning is in place
     result = prune(lm, PruneConfig(method=method, sparsity=0.5, nsamples=4, seed=0))
     zeros = {m.name: int((m.weight(lm.model) == 0).sum()) for m in lm.prunable}
     total = sum(m.numel for m in lm.prunable)

@@ -11,8 +11,8 @@ import torch
 from prunelab.data.calibration import calibration_inputs, calibration_set
 from prunelab.data.text import mrpc_sentences, read_hf_dataset, read_text_source
 from prunelab.errors import DataError
-from prunelab.models import load_model
 from prunelab.pruning import PruneConfig
+from prunelab.storage import load
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -37,7 +37,7 @@ def test_default_is_mrpc_both_columns(data_dir):
 
 
 def test_deterministic_windows_by_seed(tiny_dirs):
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     a = calibration_set(lm, _cfg(seed=0))
     b = calibration_set(lm, _cfg(seed=0))
     c = calibration_set(lm, _cfg(seed=1))
@@ -51,9 +51,9 @@ def test_deterministic_windows_by_seed(tiny_dirs):
 
 
 def test_model_specific_inputs(tiny_dirs):
-    bert = load_model(str(tiny_dirs["bert"]))
-    bart = load_model(str(tiny_dirs["bart"]))
-    t5 = load_model(str(tiny_dirs["t5"]))
+    bert = load(str(tiny_dirs["bert"]))
+    bart = load(str(tiny_dirs["bart"]))
+    t5 = load(str(tiny_dirs["t5"]))
     # encoder: wrapped when the tokenizer has CLS/SEP (the byte tokenizer has none: plain windows)
     s = calibration_inputs(bert, _cfg())[0]
     assert set(s) == {"input_ids", "attention_mask"} and s["input_ids"].shape == (1, 16)
@@ -67,7 +67,7 @@ def test_model_specific_inputs(tiny_dirs):
 
 
 def test_file_formats(tmp_path, tiny_dirs):
-    lm = load_model(str(tiny_dirs["gpt2"]))
+    lm = load(str(tiny_dirs["gpt2"]))
     txt = tmp_path / "c.txt"
     txt.write_text(TEXT, encoding="utf-8")
     tsv = tmp_path / "c.tsv"
@@ -90,7 +90,7 @@ def test_file_formats(tmp_path, tiny_dirs):
 
 
 def test_empty_short_missing(tmp_path, tiny_dirs):
-    lm = load_model(str(tiny_dirs["gpt2"]))
+    lm = load(str(tiny_dirs["gpt2"]))
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n\n", encoding="utf-8")
     short = tmp_path / "short.txt"
@@ -120,7 +120,7 @@ def test_calibration_feeds_pruning_report(tiny_dirs, tmp_path):
 
     txt = tmp_path / "c.txt"
     txt.write_text(TEXT, encoding="utf-8")
-    lm = load_model(str(tiny_dirs["t5"]))
+    lm = load(str(tiny_dirs["t5"]))
     result = prune(lm, _cfg(method="sparsegpt", calib=str(txt), sparsity=0.3))
     info = result.calibration
     assert info["source"] == str(txt) and info["nsamples"] == 5 and info["seqlen"] == 16

@@ -12,13 +12,13 @@ import torch
 from prunelab.errors import ConfigError
 from prunelab.evaluation import EvalOptions, evaluate
 from prunelab.evaluation.embed import fidelity
-from prunelab.models import load_model
+from prunelab.storage import load
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
 
 def test_pppl_matches_one_mask_at_a_time_loop(tiny_dirs):
-    lm = load_model(str(tiny_dirs["bert"]))
+    lm = load(str(tiny_dirs["bert"]))
     result = evaluate(lm, "pppl", EvalOptions(max_tokens=150, seqlen=48))
     assert result.status == "ok" and result.n_tokens == 150
     assert result.details["sliced_head"] is True
@@ -46,7 +46,7 @@ def test_pppl_matches_one_mask_at_a_time_loop(tiny_dirs):
 
 
 def test_pppl_not_applicable_without_mlm_head():
-    result = evaluate(load_model("zoo:minilm"), "pppl")
+    result = evaluate(load("zoo:minilm"), "pppl")
     assert result.status == "not_applicable" and result.value is None
     assert result.note == "not applicable: no MLM head"
     assert result.to_dict()["metrics"] == {"pppl": None}
@@ -64,24 +64,24 @@ def test_embed_fidelity_metrics():
 def test_embed_reference_from_prune_report(tiny_dirs, tmp_path):
     pruned_dir = tmp_path / "pruned"
     shutil.copytree(tiny_dirs["bert"], pruned_dir)
-    lm = load_model(str(pruned_dir))
+    lm = load(str(pruned_dir))
     with torch.no_grad():
         for m in lm.prunable:
             w = m.weight(lm.model)
             w[w.abs() < w.abs().median()] = 0.0
     lm.model.save_pretrained(pruned_dir, safe_serialization=True)
     (pruned_dir / "prune_report.json").write_text(json.dumps({"model": str(tiny_dirs["bert"])}))
-    result = evaluate(load_model(str(pruned_dir)), "embed", EvalOptions(max_examples=40))
+    result = evaluate(load(str(pruned_dir)), "embed", EvalOptions(max_examples=40))
     assert result.details["reference_from"] == "prune_report.json"
     assert result.details["reference"] == str(tiny_dirs["bert"])
     assert result.details["model_zero_fraction"] >= 0.49
     # A random tiny BERT is dominated by its (unpruned) embeddings + residuals, so the drop is small but real.
     assert result.value < 1 - 1e-5 and result.metrics["spearman_pairwise"] < 1 - 1e-5
-    dense = evaluate(load_model(str(tiny_dirs["bert"])), "embed", EvalOptions(max_examples=40))
+    dense = evaluate(load(str(tiny_dirs["bert"])), "embed", EvalOptions(max_examples=40))
     assert dense.value == pytest.approx(1.0) and dense.details["reference_from"] == "source checkpoint"
 
 
 def test_embed_rejects_non_encoder_reference(tiny_dirs):
-    lm = load_model(str(tiny_dirs["bert"]))
+    lm = load(str(tiny_dirs["bert"]))
     with pytest.raises(ConfigError, match="pass an encoder"):
         evaluate(lm, "embed", EvalOptions(max_examples=8, reference=str(tiny_dirs["gpt2"])))

@@ -9,7 +9,7 @@ from prunelab.data.glue import read_glue
 from prunelab.errors import DataError
 from prunelab.evaluation import EvalOptions, evaluate
 from prunelab.evaluation import finetune as ft
-from prunelab.models import load_model
+from prunelab.storage import load
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -59,7 +59,7 @@ def test_reader_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("arch, task", [("bert", "sst2"), ("gpt2", "mrpc"), ("t5", "sst2")])
 def test_probe_runs_for_every_family(tiny_dirs, arch, task):
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     result = evaluate(lm, task, EvalOptions(train_limit=120, max_examples=60))
     assert result.status == "ok" and result.n_examples == 60 and result.details["train_examples"] == 120
     assert 0.0 <= result.value <= 1.0
@@ -71,7 +71,7 @@ def test_probe_runs_for_every_family(tiny_dirs, arch, task):
 
 @pytest.mark.parametrize("arch", ["bert", "llama", "bart"])
 def test_finetune_keeps_masks_exactly(tiny_dirs, arch):
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     zero_half(lm)
     zeros = prunable_zeros(lm)
     before = {m.name: m.weight(lm.model).clone() for m in lm.prunable}
@@ -88,7 +88,7 @@ def test_finetune_keeps_masks_exactly(tiny_dirs, arch):
 
 def test_finetune_without_mask_reapplication_is_caught(tiny_dirs, monkeypatch):
     """The guard can fail: disable the mask hooks and the zeros refill, which must raise."""
-    lm = load_model(str(tiny_dirs["bert"]))
+    lm = load(str(tiny_dirs["bert"]))
     zero_half(lm)
     monkeypatch.setattr(ft, "mask_grads", lambda masks: None)
     monkeypatch.setattr(ft, "apply_masks", lambda masks: None)
@@ -98,7 +98,7 @@ def test_finetune_without_mask_reapplication_is_caught(tiny_dirs, monkeypatch):
 
 @pytest.mark.slow
 def test_minilm_pruned_finetune_keeps_sparsity_exactly():
-    lm = load_model("zoo:minilm")
+    lm = load("zoo:minilm")
     how = zero_half(lm)
     zeros = prunable_zeros(lm)
     total = sum(m.numel for m in lm.prunable)
@@ -114,5 +114,5 @@ def test_minilm_pruned_finetune_keeps_sparsity_exactly():
 
 @pytest.mark.slow
 def test_minilm_sst2_probe_is_a_real_baseline():
-    result = evaluate(load_model("zoo:minilm"), "sst2", EvalOptions())
+    result = evaluate(load("zoo:minilm"), "sst2", EvalOptions())
     assert result.value >= 0.75

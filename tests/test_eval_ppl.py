@@ -10,7 +10,7 @@ import torch
 
 from prunelab.evaluation import EvalOptions, evaluate
 from prunelab.evaluation.common import CausalScorer
-from prunelab.models import load_model
+from prunelab.storage import load
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
@@ -32,7 +32,7 @@ def reference_ppl(lm, data_dir: Path, seqlen: int, n_windows: int) -> tuple[floa
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_ppl_matches_plain_loop_on_tiny_models(tiny_dirs, data_dir, arch):
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     result = evaluate(lm, "ppl", EvalOptions(seqlen=64, max_tokens=6 * 64, batch_size=4))
     expected, count = reference_ppl(lm, data_dir, 64, 6)
     assert result.n_tokens == count == 6 * 63
@@ -44,7 +44,7 @@ def test_ppl_matches_plain_loop_on_tiny_models(tiny_dirs, data_dir, arch):
 
 
 def test_sliced_head_equals_full_logits(tiny_dirs):
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     ids = torch.randint(0, lm.model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     sliced = CausalScorer(lm.model, chunk_tokens=7)  # slices that straddle window boundaries
     full = CausalScorer(lm.model)
@@ -56,7 +56,7 @@ def test_sliced_head_equals_full_logits(tiny_dirs):
 
 
 def test_default_seqlen_prefix_windows_and_batching(tiny_dirs):
-    lm = load_model(str(tiny_dirs["gpt2"]))
+    lm = load(str(tiny_dirs["gpt2"]))
     short = evaluate(lm, "ppl", EvalOptions(max_tokens=2 * 128))
     assert short.seqlen == 128  # tiny gpt2 has n_positions 128 < 2048
     assert short.n_examples == 2 and short.n_tokens == 2 * 127
@@ -75,7 +75,7 @@ def test_default_seqlen_prefix_windows_and_batching(tiny_dirs):
 
 @pytest.mark.slow
 def test_ppl_matches_plain_loop_on_smollm2(data_dir):
-    lm = load_model("zoo:smollm2")
+    lm = load("zoo:smollm2")
     result = evaluate(lm, "ppl", EvalOptions(seqlen=512, max_tokens=8 * 512))
     expected, count = reference_ppl(lm, data_dir, 512, 8)
     assert result.n_tokens == count

@@ -19,14 +19,14 @@ from prunelab.evaluation.seq2seq_ppl import (
     t5_span_corrupt,
     task_for,
 )
-from prunelab.models import load_model
+from prunelab.storage import load
 
 pytestmark = pytest.mark.usefixtures("one_thread_unless_slow")
 
 
 @pytest.fixture(scope="module", params=["bart", "t5"])
 def s2s(request, tiny_dirs):
-    return load_model(str(tiny_dirs[request.param]))
+    return load(str(tiny_dirs[request.param]))
 
 
 def _examples(lm, n=5):
@@ -80,7 +80,7 @@ def test_default_task_uses_pretraining_corruption(s2s):
 
 
 def test_t5_span_corruption_reconstructs_the_chunk(tiny_dirs):
-    lm = load_model(str(tiny_dirs["t5"]))
+    lm = load(str(tiny_dirs["t5"]))
     sentinels = _sentinel_ids(lm.tokenizer)
     assert len(sentinels) == 8
     chunk = list(range(100, 160))
@@ -104,6 +104,6 @@ def test_t5_span_corruption_reconstructs_the_chunk(tiny_dirs):
 def test_seqlen_beyond_context_is_an_error(tiny_dirs):
     from prunelab.errors import ConfigError
 
-    lm = load_model(str(tiny_dirs["bart"]))
+    lm = load(str(tiny_dirs["bart"]))
     with pytest.raises(ConfigError, match="exceeds the model context"):
         evaluate(lm, "seq2seq-ppl", EvalOptions(seqlen=1000))

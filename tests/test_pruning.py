@@ -12,7 +12,6 @@ import copy
 import pytest
 import torch
 
-from prunelab.models import load_model
 from prunelab.pruning import PruneConfig, PruningError, prune, save_pruned
 from prunelab.pruning.patterns import (
     check_nm,
@@ -25,6 +24,7 @@ from prunelab.pruning.patterns import (
 )
 from prunelab.pruning.sparsegpt import HessianStats, sparsegpt_matrix
 from prunelab.pruning.wanda import NormStats
+from prunelab.storage import load
 
 ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
 METHODS = ("magnitude", "magnitude-layer", "wanda", "sparsegpt")
@@ -119,7 +119,7 @@ def test_select_mask_rounding_matches_torch():
 def test_method_pattern_arch(tiny_dirs, tmp_path, arch, method, pattern):
     import transformers
 
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     dense = {m.name: m.weight(lm.model).detach().clone() for m in lm.prunable}
     result = prune(lm, PruneConfig(method=method, sparsity=0.5, pattern=pattern, **SMALL))
     total_expected = 0
@@ -158,7 +158,7 @@ def test_method_pattern_arch(tiny_dirs, tmp_path, arch, method, pattern):
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.9, 0.95, 0.99])
 def test_any_sparsity_exact(tiny_dirs, sparsity):
     for method in ("magnitude-layer", "wanda"):
-        lm = load_model(str(tiny_dirs["llama"]))
+        lm = load(str(tiny_dirs["llama"]))
         result = prune(lm, PruneConfig(method=method, sparsity=sparsity, **SMALL))
         for r in result.matrices:
             assert r.pruned == round(sparsity * r.numel)
@@ -167,7 +167,7 @@ def test_any_sparsity_exact(tiny_dirs, sparsity):
 
 def test_deterministic_given_seed(tiny_dirs):
     def masks(seed):
-        lm = load_model(str(tiny_dirs["bart"]))
+        lm = load(str(tiny_dirs["bart"]))
         return prune(lm, PruneConfig(method="wanda", sparsity=0.6, seed=seed, **SMALL)).masks
 
     a, b, c = masks(0), masks(0), masks(1)
@@ -185,7 +185,7 @@ def test_deterministic_given_seed(tiny_dirs):
 def test_global_magnitude_equals_torch_prune(tiny_dirs, arch, amount):
     import torch.nn.utils.prune as tprune
 
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     ref_model = copy.deepcopy(lm.model)
     params = [(ref_model.get_submodule(m.name), "weight") for m in lm.prunable]
     tprune.global_unstructured(params, pruning_method=tprune.L1Unstructured, amount=amount)
@@ -232,8 +232,8 @@ def test_sequential_runner_matches_naive_reference(tiny_dirs, arch, method):
     from prunelab.data.calibration import calibration_inputs
 
     config = PruneConfig(method=method, sparsity=0.5, nsamples=3, seqlen=24, seed=3)
-    lm = load_model(str(tiny_dirs[arch]))
-    ref_lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
+    ref_lm = load(str(tiny_dirs[arch]))
     calib = calibration_inputs(lm, config)
     result = prune(lm, config)
     ref_masks = _naive_reference(ref_lm, calib, method, 0.5, None)
@@ -251,7 +251,7 @@ def test_chunked_two_pass_mode(tiny_dirs, monkeypatch):
     real = seq.plan_chunks
     monkeypatch.setattr(seq, "plan_chunks", lambda lm, calib, budget_bytes=None: calls.append(1) or 2)
     for arch in ("gpt2", "t5"):
-        lm = load_model(str(tiny_dirs[arch]))
+        lm = load(str(tiny_dirs[arch]))
         result = prune(lm, PruneConfig(method="sparsegpt", sparsity=0.5, **SMALL))
         assert all(r.pruned == round(0.5 * r.numel) for r in result.matrices)
         assert torch.isfinite(_forward(lm.model, arch)).all()
@@ -324,7 +324,7 @@ def test_dampening_warning_lands_in_result(tiny_dirs, monkeypatch):
         return H
 
     monkeypatch.setattr(sg.HessianStats, "hessian", indefinite)
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     result = prune(lm, PruneConfig(method="sparsegpt", sparsity=0.5, **SMALL))
     assert result.warnings and all("dampening raised" in w for w in result.warnings)
     assert all(r.pruned == round(0.5 * r.numel) for r in result.matrices)
@@ -341,7 +341,7 @@ def test_owl_block_sparsities(tiny_dirs):
     s = owl_sparsities({("decoder", 0): 0.01, ("decoder", 1): 0.03, ("decoder", 2): 0.02}, 0.6, 0.08)
     assert s[("decoder", 0)] == pytest.approx(0.68) and s[("decoder", 1)] == pytest.approx(0.52)
     assert sum(s.values()) / 3 == pytest.approx(0.6)
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     result = prune(lm, PruneConfig(method="wanda", sparsity=0.5, owl=True, **SMALL))
     by_block = {}
     for r in result.matrices:
@@ -358,7 +358,7 @@ def test_bad_input(tiny_dirs):
                    {"pattern": "2-4"}, {"method": "nope"}):
         with pytest.raises(ConfigError):
             PruneConfig(**kwargs)
-    lm = load_model(str(tiny_dirs["gpt2"]))
+    lm = load(str(tiny_dirs["gpt2"]))
     with pytest.raises(ConfigError, match="--owl"):
         prune(lm, PruneConfig(method="magnitude", owl=True))
     lm.prunable = []
@@ -383,8 +383,8 @@ def test_mixed_attention_layer_types_get_their_own_masks(tmp_path):
     model.save_pretrained(tmp_path / "q")
     byte_tokenizer().save_pretrained(tmp_path / "q")
     config = PruneConfig(method="wanda", sparsity=0.5, nsamples=3, seqlen=24)
-    lm = load_model(str(tmp_path / "q"))
-    ref_lm = load_model(str(tmp_path / "q"))
+    lm = load(str(tmp_path / "q"))
+    ref_lm = load(str(tmp_path / "q"))
     calib = calibration_inputs(lm, config)
     result = prune(lm, config)
     ref_masks = _naive_reference(ref_lm, calib, "wanda", 0.5, None)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunelab.models import load_model
 from prunelab.pruning import PruneConfig, prune, save_pruned
 from prunelab.pruning.patterns import check_nm
+from prunelab.storage import load
 
 
 def _check_exact(lm, result, nm=None):
@@ -25,7 +25,7 @@ def _check_exact(lm, result, nm=None):
 @pytest.mark.slow
 def test_minilm_wanda_and_sparsegpt():
     for method, pattern in (("wanda", "unstructured"), ("sparsegpt", "2:4")):
-        lm = load_model("zoo:minilm")
+        lm = load("zoo:minilm")
         ids = lm.tokenizer(["The cat sat on the mat.", "Stocks fell sharply today."], return_tensors="pt",
                            padding=True)
         with torch.no_grad():
@@ -48,7 +48,7 @@ def test_smollm2_wanda_beats_magnitude_layer():
             "century. ") * 3
     losses = {}
     for method in ("dense", "magnitude-layer", "wanda"):
-        lm = load_model("zoo:smollm2")
+        lm = load("zoo:smollm2")
         if method != "dense":
             result = prune(lm, PruneConfig(method=method, sparsity=0.5, nsamples=8, seqlen=128))
             _check_exact(lm, result)
@@ -60,10 +60,10 @@ def test_smollm2_wanda_beats_magnitude_layer():
 
 @pytest.mark.slow
 def test_sparse_format_roundtrip(tiny_dirs, tmp_path):
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     result = prune(lm, PruneConfig(method="wanda", sparsity=0.7, nsamples=2, seqlen=32))
     out = save_pruned(lm, result, tmp_path / "sparse", format="sparse")
     assert (out / "prune_report.json").is_file()
-    back = load_model(str(out))
+    back = load(str(out))
     for m in lm.prunable:
         assert torch.equal(m.weight(back.model), m.weight(lm.model))

@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunelab.models import load_model
-from prunelab.storage import is_sparse_checkpoint, load_sparse, save_sparse, size_report
+from prunelab.storage import is_sparse_checkpoint, load, save, size_report
 
 pytestmark = pytest.mark.slow
 
 
 def test_smollm2_round_trip_and_size(tmp_path: Path) -> None:
-    lm = load_model("zoo:smollm2")
+    lm = load("zoo:smollm2")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for i, m in enumerate(lm.prunable):
@@ -25,14 +24,14 @@ def test_smollm2_round_trip_and_size(tmp_path: Path) -> None:
                 w.masked_fill_(~keep.reshape(w.shape), 0.0)
             else:
                 w.masked_fill_(torch.rand(w.shape, generator=gen) < 0.95, 0.0)
-    out = save_sparse(lm, tmp_path / "ck")
+    out = save(lm, tmp_path / "ck", format="sparse")
     assert is_sparse_checkpoint(out)
     rep = size_report(out)
     pruned = rep["totals"]["pruned"]
     assert pruned["count"] == len(lm.prunable)
     assert pruned["encodings"].get("nm(2:4)") == len(lm.prunable) // 2
     assert pruned["stored_vs_bitmask_bound"] <= 1.02
-    loaded = load_sparse(out)
+    loaded = load(out).model
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     before, after = lm.model.state_dict(), loaded.state_dict()
     assert before.keys() == after.keys()

@@ -40,17 +40,17 @@ def _prune_report_model(source: Path) -> str | None:
 
 def resolve_reference(lm: LoadedModel, reference: Any) -> tuple[LoadedModel, str]:
     """(dense reference model, how it was chosen)."""
-    from prunelab.models import load_model
+    from prunelab.storage import load
 
     if isinstance(reference, LoadedModel):
         return reference, "given"
     if isinstance(reference, str):
-        return load_model(reference), "given"
+        return load(reference), "given"
     recorded = _prune_report_model(lm.source)
     if recorded:
-        return load_model(recorded), "prune_report.json"
+        return load(recorded), "prune_report.json"
     if (Path(lm.source) / "config.json").is_file():
-        return load_model(str(lm.source)), "source checkpoint"
+        return load(str(lm.source)), "source checkpoint"
     raise ConfigError(f"embed needs the dense model to compare {lm.name} with: pass --reference MODEL")
 
 
