@@ -71,9 +71,9 @@ def main() -> int:
     lm_s.prunable = list(lm.prunable)
     t0 = time.perf_counter()
     result = prune(lm_s, PruneConfig(method="structured", sparsity=args.fraction, nsamples=args.nsamples,
-                                     seqlen=args.seqlen, structured_target=args.target))
+                                     seqlen=args.seqlen, options={"target": args.target}))
     prune_s = time.perf_counter() - t0
-    report: dict[str, Any] = dict(getattr(lm_s, "structured_report", {}))
+    report: dict[str, Any] = dict(result.extra.get("structured", {}))
     with tempfile.TemporaryDirectory(prefix="structured-") as tmp:
         lm_s.model.save_pretrained(tmp, safe_serialization=True)
         size_small = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors"))

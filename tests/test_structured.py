@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from prunelab.errors import ConfigError
-from prunelab.models import load_model
 from prunelab.pruning.structured import (
     expected_params_removed,
     mlp_groups,
     structured_prune,
 )
+from prunelab.storage import load
 
 ARCHS = ["llama", "gpt2", "bert", "bart", "t5"]
 
@@ -56,7 +56,7 @@ def _auto_class(lm):
 def test_mlp_pruning_shrinks_matches_masked_reference_and_reloads(tiny_dirs, tmp_path, arch, monkeypatch):
     from prunelab.pruning import structured as st
 
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     ref = copy.deepcopy(lm)
     calib = _calib(lm)
     expected = expected_params_removed(lm, 0.25)
@@ -88,7 +88,7 @@ def test_mlp_pruning_shrinks_matches_masked_reference_and_reloads(tiny_dirs, tmp
 
 
 def test_removing_zero_neurons_is_identity(tiny_dirs):
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     sample = _calib(lm, 1)[0]
     before = _logits(lm.model, sample)
     report = structured_prune(lm, 0.0, _calib(lm))
@@ -97,7 +97,7 @@ def test_removing_zero_neurons_is_identity(tiny_dirs):
 
 
 def test_gqa_heads_removed_as_whole_kv_groups(tiny_dirs, tmp_path):
-    lm = load_model(str(tiny_dirs["llama"]))  # 4 query heads, 2 KV heads, head_dim 16
+    lm = load(str(tiny_dirs["llama"]))  # 4 query heads, 2 KV heads, head_dim 16
     ref = copy.deepcopy(lm)
     calib = _calib(lm)
     expected = expected_params_removed(lm, 0.5, "heads")
@@ -127,7 +127,7 @@ def test_gqa_heads_removed_as_whole_kv_groups(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_heads_on_derived_head_size_is_a_clear_error(tiny_dirs, arch):
-    lm = load_model(str(tiny_dirs[arch]))
+    lm = load(str(tiny_dirs[arch]))
     with pytest.raises(ConfigError, match="structured-target mlp"):
         structured_prune(lm, 0.25, _calib(lm), target="heads")
 
@@ -137,7 +137,7 @@ def test_registry_method_through_prune_engine(tiny_dirs, monkeypatch):
     import prunelab.data.calibration as cal
     import prunelab.pruning as pruning
 
-    lm = load_model(str(tiny_dirs["llama"]))
+    lm = load(str(tiny_dirs["llama"]))
     calib = _calib(lm)
 
     class _Set:
@@ -151,3 +151,5 @@ def test_registry_method_through_prune_engine(tiny_dirs, monkeypatch):
     result = pruning.prune(lm, pruning.PruneConfig(method="structured", sparsity=0.25, nsamples=3, seqlen=16))
     assert result.total_params == before - expected
     assert lm.model.config.intermediate_size == 96
+    assert result.extra["structured"]["params_removed"] == expected  # the report travels in the result
+    assert not hasattr(lm, "structured_report")

@@ -2,16 +2,33 @@
 
 - `magnitude` (global |w| ranking), `magnitude-layer` (per-matrix |w|) — magnitude.py
 - `wanda` (|W|·‖X‖ per output row) — wanda.py; `sparsegpt` (OBS reconstruction) — sparsegpt.py
+- `structured` (remove neurons / heads, a smaller dense model) — structured.py
 - N:M and exact-k mask selection — patterns.py; OWL per-block ratios — owl.py
 - the block-by-block calibration runner shared by calibrated methods — sequential.py
-- method registry (name → "module:function", lazy) — registry.py
+- the method registry (`MethodSpec`, `METHODS`, `register_method`) — registry.py
+
+Names are imported on first use (PEP 562), so `import prunelab.pruning.registry` (the CLI's
+`--method` help) does not import torch.
 """
 
-from prunelab.pruning.engine import peak_rss_bytes, prune, save_pruned
-from prunelab.pruning.registry import METHOD_REGISTRY, PruneWarning, get_method
-from prunelab.pruning.types import METHODS, MatrixReport, PruneConfig, PruneResult, PruningError, parse_pattern
+from __future__ import annotations
 
-__all__ = [
-    "METHODS", "METHOD_REGISTRY", "MatrixReport", "PruneConfig", "PruneResult", "PruneWarning", "PruningError",
-    "get_method", "parse_pattern", "peak_rss_bytes", "prune", "save_pruned",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "prune": "engine", "save_pruned": "engine", "peak_rss_bytes": "engine",
+    "METHODS": "registry", "MethodOutput": "registry", "MethodSpec": "registry", "NoOptions": "registry",
+    "PruneWarning": "registry", "get_method": "registry", "get_method_spec": "registry",
+    "method_option_names": "registry", "register_method": "registry",
+    "MatrixReport": "types", "PruneConfig": "types", "PruneResult": "types", "PruningError": "types",
+    "parse_pattern": "types",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'prunelab.pruning' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"prunelab.pruning.{module}"), name)

@@ -20,11 +20,9 @@ from prunelab.errors import ConfigError
 from prunelab.io import atomic_dir, write_json
 from prunelab.models.types import LoadedModel
 from prunelab.pruning.patterns import nm_target_count, target_count
-from prunelab.pruning.registry import PruneWarning, get_method
+from prunelab.pruning.registry import MethodOutput, MethodSpec, PruneWarning
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import MatrixReport, PruneConfig, PruneResult, PruningError
-
-OWL_METHODS = ("wanda", "sparsegpt")
 
 
 def peak_rss_bytes() -> int:
@@ -34,13 +32,10 @@ def peak_rss_bytes() -> int:
 
 
 def _validate(lm: LoadedModel, config: PruneConfig) -> None:
+    """Method, pattern, OWL and the method's options are checked by `PruneConfig.validate` (from the spec)."""
     config.validate()
     if not lm.prunable:
         raise ConfigError(f"{lm.name} has no prunable matrices (no linears inside numbered transformer blocks)")
-    if config.owl and config.method not in OWL_METHODS:
-        raise ConfigError(f"--owl applies to {' and '.join(OWL_METHODS)}, not to {config.method}")
-    if config.blocksize < 1 or not config.percdamp > 0:
-        raise ConfigError("sparsegpt needs blocksize ≥ 1 and percdamp > 0")
 
 
 def _is_noop(config: PruneConfig) -> bool:
@@ -54,11 +49,12 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     Deterministic given `config.seed`.
     """
     _validate(lm, config)
+    spec = config.spec
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     result = PruneResult(config=config)
     calib = None
-    if config.needs_calibration and not _is_noop(config):
+    if spec.needs_calibration and not _is_noop(config):
         from prunelab.data.calibration import calibration_set
 
         if progress:
@@ -69,7 +65,7 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
         result.warnings.extend(cs.warnings)
     result.timings["calibration_data"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    fn = get_method(config.method)
+    fn = spec.load()
     was_training = lm.model.training
     lm.model.eval()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -78,10 +74,13 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
             masks = {m.name: torch.ones(m.out_features, m.in_features, dtype=torch.bool) for m in lm.prunable}
         else:
             masks = fn(lm, config, calib, progress)
+    if isinstance(masks, MethodOutput):
+        masks, result.extra = masks.masks, dict(masks.extra)
     lm.model.train(was_training)
     result.warnings.extend(str(w.message) for w in caught if issubclass(w.category, PruneWarning))
     result.timings["pruning"] = time.perf_counter() - t1
     _account(lm, config, masks, result)
+    _check_exact(spec, config, result)
     result.timings["total"] = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
@@ -128,18 +127,18 @@ def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor
     if config.owl:  # per-block requested sparsity: recover it from the mask counts
         for r in result.matrices:
             r.requested = r.pruned / r.numel
-    _check_exact(config, result)
 
 
-def _check_exact(config: PruneConfig, result: PruneResult) -> None:
-    """Every method except `structured` must hit its target count exactly; a miss is a bug, not a user error."""
-    if config.method == "structured":
+def _check_exact(spec: MethodSpec, config: PruneConfig, result: PruneResult) -> None:
+    """A method whose spec says `exact_counts` must hit its target count exactly (per matrix, or over all
+    prunable weights for `count_scope="global"`); a miss is a bug, not a user error."""
+    if not spec.exact_counts:
         return
-    if config.method == "magnitude" and config.nm is None:
+    if spec.count_scope == "global" and config.nm is None:
         got = sum(r.pruned for r in result.matrices)
         expect = target_count(config.sparsity, result.prunable_params)
         if got != expect:
-            raise PruningError(f"global magnitude pruned {got} entries, expected {expect} (internal error)")
+            raise PruningError(f"{config.method} pruned {got} entries in all, expected {expect} (internal error)")
         return
     for r in result.matrices:
         mask = result.masks[r.name]
@@ -158,28 +157,16 @@ def save_pruned(lm: LoadedModel, result: PruneResult | None, out_dir: str | Path
     """Write the pruned model atomically: checkpoint + tokenizer/processor + `prune_report.json`.
 
     `format="hf"`: `save_pretrained` with safetensors (loads with `AutoModel*.from_pretrained`);
-    `format="sparse"`: `prunelab.storage.save_sparse` (compressed sparse formats).
+    `format="sparse"`: compressed sparse formats; both written by `prunelab.storage.save`.
     """
     if format not in ("hf", "sparse"):
         raise ConfigError(f"unknown --format '{format}': use hf or sparse")
-    save_sparse = None
-    if format == "sparse":
-        try:
-            from prunelab.storage import save_sparse
-        except ImportError as exc:
-            raise ConfigError("--format sparse needs prunelab.storage.save_sparse, which this checkout lacks; "
-                              "use --format hf") from exc
+    from prunelab.storage import save as save_checkpoint
+
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
-        if save_sparse is not None:
-            save_sparse(lm, tmp)
-        else:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-        if lm.tokenizer is not None:
-            lm.tokenizer.save_pretrained(tmp)
-        if lm.processor is not None:
-            lm.processor.save_pretrained(tmp)
+        save_checkpoint(lm, tmp, format=format)  # type: ignore[arg-type]  # with tokenizer/processor
         report: dict[str, Any] = {
             "model": lm.spec.raw,
             "model_spec": {"raw": lm.spec.raw, "kind": lm.spec.kind, "target": lm.spec.target},

@@ -19,6 +19,9 @@ Encoder-decoder models: the encoder stack is pruned first; the pruned encoder is
 in full (final layer norm included) and its output feeds the decoder's cross-attention while
 the decoder stack is pruned the same way.
 
+`SequentialRunner` names these steps (`capture_inputs`, `block_stats`, `prune_block`,
+`propagate`); `run_sequential` is the one-call form the methods use.
+
 Memory is the model plus one block's activations for the calibration set; nothing is ever
 sized by `max_position_embeddings`.
 """
@@ -28,7 +31,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -295,43 +298,96 @@ class _Hooks:
         self._last = None
 
 
-def _process_stack(
-    lm: LoadedModel,
-    blocks: list[BlockRef],
-    inputs: list[BlockInput],
-    make_stats: MakeStats,
-    prune_one: PruneOne | None,
-    after_block: AfterBlock | None,
-    progress: ProgressFn | None,
-    done: int,
-    total: int,
-    runners: list[Callable[[], Any]] | None = None,
-) -> list[BlockInput]:
-    per_block: list[list[dict[str, Any]]] | None = None
-    if runners is not None and _mixed_layer_types(lm.config):
-        per_block = [capture_block_kwargs(r, blocks) for r in runners]  # [chunk][block]
-    for bi, block in enumerate(blocks):
-        if per_block is not None:
-            for ci, inp in enumerate(inputs):
-                inp.kwargs = per_block[ci][bi]
-        hooks = _Hooks(lm, block, make_stats, prune_one)
+Runner = Callable[[], Any]  # one chunk's forward pass through the whole model
+
+
+class SequentialRunner:
+    """Pushes the calibration set through one model block by block; each step is a named method.
+
+    Per stack (encoder, then decoder): `capture_inputs` (what the stack's first block receives,
+    per chunk), then per block `block_stats` (a statistics pass: the hooks accumulate every
+    linear's inputs), `prune_block` (prune its matrices from those statistics) and `propagate`
+    (the block's pruned outputs become the next block's inputs). When the calibration set is a
+    single chunk (or nothing is pruned), statistics, pruning and outputs happen in one pass
+    (`one_pass`): each linear is pruned by its hook just before it computes ("true sequential").
+    """
+
+    def __init__(self, lm: LoadedModel, make_stats: MakeStats, prune_one: PruneOne | None = None, *,
+                 after_block: AfterBlock | None = None, progress: ProgressFn | None = None) -> None:
+        self.lm, self.make_stats, self.prune_one = lm, make_stats, prune_one
+        self.after_block, self.progress = after_block, progress
+        self.done = 0
+        self.total = 0
+
+    def run(self, calib: list[dict[str, torch.Tensor]], chunk_size: int | None = None) -> None:
+        """Calibrate (and prune) every stack of the model in execution order."""
+        if not calib:
+            raise PruningError("no calibration samples")
+        batches = _batches(calib, chunk_size or plan_chunks(self.lm, calib))
+        with torch.no_grad():
+            for blocks, runners in self.stacks(batches):
+                self.run_stack(blocks, runners)
+
+    def stacks(self, batches: list[dict[str, Any]]) -> Iterator[tuple[list[BlockRef], list[Runner]]]:
+        """(blocks, runners) per stack. A generator on purpose: the decoder's runners are built after
+        the encoder stack was pruned, so the decoder calibrates on the pruned encoder's output."""
+        lm, model = self.lm, self.lm.model
+        if lm.family != "encoder-decoder":
+            blocks = stack_blocks(lm, "encoder" if lm.family == "encoder" else "decoder")
+            if not blocks:
+                raise PruningError("no transformer blocks with prunable matrices")
+            self.total = len(blocks)
+            kw_extra = {"use_cache": False} if lm.family == "decoder" else {}
+            yield blocks, [lambda b=b: model(**b, **kw_extra) for b in batches]
+            return
+        enc_blocks, dec_blocks = stack_blocks(lm, "encoder"), stack_blocks(lm, "decoder")
+        self.total = len(enc_blocks) + len(dec_blocks)
+        encoder = model.get_encoder()
+        enc_batches = [{k: v for k, v in b.items() if not k.startswith("decoder_")} for b in batches]
+        if enc_blocks:
+            yield enc_blocks, [lambda b=b: encoder(**b) for b in enc_batches]
+        if dec_blocks:
+            yield dec_blocks, self._decoder_runners(encoder, batches, enc_batches)
+
+    def _decoder_runners(self, encoder: nn.Module, batches: list[dict[str, Any]],
+                         enc_batches: list[dict[str, Any]]) -> list[Runner]:
+        """Full-model passes fed with the (pruned) encoder's output, final norm included."""
+        from transformers.modeling_outputs import BaseModelOutput
+
+        model = self.lm.model
+        runners: list[Runner] = []
+        for b, eb in zip(batches, enc_batches, strict=True):
+            enc_out = encoder(**eb).last_hidden_state
+            kw = dict(b, encoder_outputs=BaseModelOutput(last_hidden_state=enc_out), use_cache=False)
+            for k in ("input_ids", "input_features", "inputs_embeds"):
+                kw.pop(k, None)
+            runners.append(lambda kw=kw: model(**kw))
+        return runners
+
+    def capture_inputs(self, blocks: list[BlockRef], runners: list[Runner]) -> list[BlockInput]:
+        """What the stack's first block receives, per chunk."""
+        return [capture_inputs(r, blocks[0].module) for r in runners]
+
+    def run_stack(self, blocks: list[BlockRef], runners: list[Runner]) -> None:
+        inputs = self.capture_inputs(blocks, runners)
+        per_block: list[list[dict[str, Any]]] | None = None
+        if _mixed_layer_types(self.lm.config):
+            per_block = [capture_block_kwargs(r, blocks) for r in runners]  # [chunk][block]
+        for bi, block in enumerate(blocks):
+            if per_block is not None:
+                for ci, inp in enumerate(inputs):
+                    inp.kwargs = per_block[ci][bi]
+            self.run_block(block, inputs)
+
+    def run_block(self, block: BlockRef, inputs: list[BlockInput]) -> None:
+        hooks = _Hooks(self.lm, block, self.make_stats, self.prune_one)
         try:
-            if len(inputs) == 1 or prune_one is None:
-                # One pass: statistics, pruning (inline, in execution order) and outputs together.
-                hooks.prune_inline = True
-                outs = []
-                for inp in inputs:
-                    outs.append(_call_block(block.module, inp))
-                    hooks.end_pass()
+            if len(inputs) == 1 or self.prune_one is None:
+                outs = self.one_pass(block, hooks, inputs)
             else:
-                for inp in inputs:
-                    _call_block(block.module, inp)
-                    hooks.end_pass()
+                self.block_stats(block, hooks, inputs)
                 hooks.remove()
-                for m in block.matrices:
-                    if m.name in hooks.stats:
-                        prune_one(m, hooks.stats[m.name])
-                        hooks.pruned.add(m.name)
+                self.prune_block(block, hooks)
                 outs = [_call_block(block.module, inp) for inp in inputs]
         finally:
             hooks.remove()
@@ -341,16 +397,44 @@ def _process_stack(
                 f"{block.label}: calibration never reached {', '.join(missing)}; this architecture does not "
                 "use those linears in its forward pass (use --method magnitude-layer)"
             )
-        if after_block is not None:
-            after_block(block, hooks.stats)
+        if self.after_block is not None:
+            self.after_block(block, hooks.stats)
+        self.propagate(block, inputs, outs)
+
+    def one_pass(self, block: BlockRef, hooks: _Hooks, inputs: list[BlockInput]) -> list[torch.Tensor]:
+        """Statistics, pruning (inline, in execution order) and outputs together."""
+        hooks.prune_inline = True
+        outs = []
+        for inp in inputs:
+            outs.append(_call_block(block.module, inp))
+            hooks.end_pass()
+        return outs
+
+    def block_stats(self, block: BlockRef, hooks: _Hooks, inputs: list[BlockInput]) -> None:
+        """A statistics-only pass of every chunk through the block (outputs discarded)."""
+        for inp in inputs:
+            _call_block(block.module, inp)
+            hooks.end_pass()
+
+    def prune_block(self, block: BlockRef, hooks: _Hooks) -> None:
+        """Prune the block's matrices from the statistics their hooks collected."""
+        prune_one = self.prune_one
+        if prune_one is None:
+            return
+        for m in block.matrices:
+            if m.name in hooks.stats:
+                prune_one(m, hooks.stats[m.name])
+                hooks.pruned.add(m.name)
+
+    def propagate(self, block: BlockRef, inputs: list[BlockInput], outs: list[torch.Tensor]) -> None:
+        """The block's pruned outputs become the next block's inputs."""
         for inp, out in zip(inputs, outs, strict=True):
             if not torch.isfinite(out).all():
                 raise PruningError(f"{block.label}: non-finite activations after pruning; lower the sparsity")
             inp.hidden = out
-        done += 1
-        if progress is not None:
-            progress(block.label, done, total)
-    return inputs
+        self.done += 1
+        if self.progress is not None:
+            self.progress(block.label, self.done, self.total)
 
 
 def run_sequential(
@@ -369,43 +453,4 @@ def run_sequential(
     prunes one matrix in place (None = statistics only, e.g. OWL's dense pre-pass);
     `after_block(block, stats_by_name)` runs once per block after its matrices are done.
     """
-    if not calib:
-        raise PruningError("no calibration samples")
-    model = lm.model
-    size = chunk_size or plan_chunks(lm, calib)
-    batches = _batches(calib, size)
-    with torch.no_grad():
-        if lm.family == "encoder-decoder":
-            enc_blocks = stack_blocks(lm, "encoder")
-            dec_blocks = stack_blocks(lm, "decoder")
-            total = len(enc_blocks) + len(dec_blocks)
-            encoder = model.get_encoder()
-            enc_batches = [{k: v for k, v in b.items() if not k.startswith("decoder_")} for b in batches]
-            done = 0
-            if enc_blocks:
-                runners = [lambda b=b: encoder(**b) for b in enc_batches]
-                inputs = [capture_inputs(r, enc_blocks[0].module) for r in runners]
-                _process_stack(lm, enc_blocks, inputs, make_stats, prune_one, after_block, progress, 0, total, runners)
-                done = len(enc_blocks)
-            if dec_blocks:
-                from transformers.modeling_outputs import BaseModelOutput
-
-                runners = []
-                for b, eb in zip(batches, enc_batches, strict=True):
-                    enc_out = encoder(**eb).last_hidden_state  # the pruned encoder, final norm included
-                    kw = dict(b, encoder_outputs=BaseModelOutput(last_hidden_state=enc_out), use_cache=False)
-                    for k in ("input_ids", "input_features", "inputs_embeds"):
-                        kw.pop(k, None)
-                    runners.append(lambda kw=kw: model(**kw))
-                inputs = [capture_inputs(r, dec_blocks[0].module) for r in runners]
-                _process_stack(lm, dec_blocks, inputs, make_stats, prune_one, after_block, progress, done, total,
-                               runners)
-        else:
-            stack: Stack = "encoder" if lm.family == "encoder" else "decoder"
-            blocks = stack_blocks(lm, stack)
-            if not blocks:
-                raise PruningError("no transformer blocks with prunable matrices")
-            kw_extra = {"use_cache": False} if lm.family == "decoder" else {}
-            runners = [lambda b=b: model(**b, **kw_extra) for b in batches]
-            inputs = [capture_inputs(r, blocks[0].module) for r in runners]
-            _process_stack(lm, blocks, inputs, make_stats, prune_one, after_block, progress, 0, len(blocks), runners)
+    SequentialRunner(lm, make_stats, prune_one, after_block=after_block, progress=progress).run(calib, chunk_size)

@@ -12,9 +12,11 @@ masks are chosen per group of M columns as the sweep reaches it.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 
+from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel, PrunableMatrix
 from prunelab.pruning.patterns import lowest_k_mask, nm_mask, target_count
 from prunelab.pruning.registry import PruneWarning
@@ -22,6 +24,19 @@ from prunelab.pruning.sequential import ProgressFn, run_sequential
 from prunelab.pruning.types import PruneConfig, PruningError
 
 DAMP_RETRIES = 4  # dampening ×10 up to this many times before giving up
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    """SparseGPT's own settings: the column block of the lazy update and the Hessian dampening."""
+
+    blocksize: int = 128  # columns per lazily-updated block
+    percdamp: float = 0.01  # dampening, as a fraction of the mean Hessian diagonal
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1 \
+                or not isinstance(self.percdamp, (int, float)) or not self.percdamp > 0:
+            raise ConfigError("sparsegpt needs blocksize ≥ 1 and percdamp > 0")
 
 
 class HessianStats:
@@ -156,7 +171,8 @@ def prune_sparsegpt(
         w = m.weight(lm.model)
         new, mask = sparsegpt_matrix(
             w, stats.hessian(), sparsity[(m.stack, m.block)], config.nm,
-            blocksize=config.blocksize, percdamp=config.percdamp, name=m.name, hinv_cache=stats.hinv_cache,
+            blocksize=config.options.blocksize, percdamp=config.options.percdamp, name=m.name,
+            hinv_cache=stats.hinv_cache,
         )
         w.copy_(new)
         w.masked_fill_(~mask, 0)

@@ -6,7 +6,7 @@ result is a smaller *dense* Hugging Face model (same architecture, smaller
 `AutoModel*.from_pretrained` loads, and that is faster on any hardware.
 
 **What `sparsity` means here**: the fraction of MLP neurons removed from every block (and,
-with `structured_target` "heads"/"both", the fraction of attention heads -- KV groups for
+with the option `target` "heads"/"both", the fraction of attention heads -- KV groups for
 GQA models -- removed from every block). Every block keeps the *same* count, because a
 Hugging Face config has one `intermediate_size` (per stack for BART/Whisper, one `d_ff` for
 T5); counts are exact, `keep = n - round(sparsity * n)`, not rounded to a multiple of 8
@@ -37,6 +37,7 @@ bias across layers, which forbids per-layer head choices. Those raise a clear er
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from torch import nn
 
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel, PrunableMatrix
+from prunelab.pruning.registry import MethodOutput, PruneWarning
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -54,6 +56,22 @@ _IN_SIDE = ("gate", "up")  # neuron = output row
 _OUT_SIDE = ("down",)  # neuron = input column
 # config attributes that hold the MLP width (BART/Whisper use encoder_/decoder_ffn_dim, handled apart)
 _MLP_ATTRS = ("intermediate_size", "n_inner", "d_ff", "ffn_dim")
+TARGETS = ("mlp", "heads", "both")
+
+
+@dataclass(frozen=True)
+class StructuredOptions:
+    """What structured pruning removes: MLP neurons (`mlp`), KV-head groups (`heads`) or both."""
+
+    target: str = "mlp"
+
+    def __post_init__(self) -> None:
+        _check_target(self.target)
+
+
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ConfigError(f"unknown structured target '{target}': use mlp, heads or both")
 
 
 @dataclass
@@ -347,8 +365,7 @@ def structured_prune(
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Score, choose and slice: `lm.model` becomes a smaller dense model in place. Returns a report."""
-    if target not in ("mlp", "heads", "both"):
-        raise ConfigError(f"unknown structured target '{target}': use mlp, heads or both")
+    _check_target(target)
     if not calib:
         raise ConfigError("structured pruning needs calibration inputs (activation-aware scores)")
     mlp, heads = target in ("mlp", "both"), target in ("heads", "both")
@@ -363,25 +380,19 @@ def structured_prune(
 
 def prune_structured(
     lm: LoadedModel, config: Any, calib: list[dict[str, torch.Tensor]] | None, progress: ProgressFn | None = None
-) -> dict[str, torch.Tensor]:
+) -> MethodOutput:
     """Registry entry (`--method structured`): shrink the model; masks describe the *new* matrices (all kept).
 
     The model's matrices change shape, so `lm.prunable` is refreshed in place and the
-    returned masks have the new shapes. What was removed is in `lm.structured_report`
-    (parameters before/after, new widths/head counts).
+    returned masks have the new shapes. What was removed (parameters before/after, new
+    widths/head counts) is the `structured` section of the result's `extra`.
     """
-    if config.nm is not None:
-        raise ConfigError("structured pruning removes whole neurons: N:M patterns do not apply (use unstructured)")
-    report = structured_prune(lm, float(config.sparsity), calib or [], target=config.structured_target,
+    report = structured_prune(lm, float(config.sparsity), calib or [], target=config.options.target,
                               progress=progress)
-    lm.structured_report = report  # type: ignore[attr-defined]
-    import warnings
-
-    from prunelab.pruning.registry import PruneWarning
-
     warnings.warn(
         f"structured: removed {report['params_removed']} parameters "
         f"({report['params_before']} -> {report['params_after']}); the model is now smaller and dense",
         PruneWarning, stacklevel=2,
     )
-    return {m.name: torch.ones(m.out_features, m.in_features, dtype=torch.bool) for m in lm.prunable}
+    masks = {m.name: torch.ones(m.out_features, m.in_features, dtype=torch.bool) for m in lm.prunable}
+    return MethodOutput(masks, {"structured": report})

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
-import torch
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import ConfigError, PrunelabError
+from prunelab.pruning.registry import METHODS, MethodSpec, get_method_spec, method_option_names
 
-METHODS = ("magnitude", "magnitude-layer", "wanda", "sparsegpt", "structured")
+if TYPE_CHECKING:
+    import torch
+
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -33,7 +34,10 @@ class PruneConfig:
 
     For an N:M pattern the sparsity is N/M by construction and `sparsity` is ignored
     (recorded as N/M). `calib` is a path or HF dataset name; None means the offline default
-    (MRPC training sentences from ../shared/data/glue-mrpc/train.tsv).
+    (MRPC training sentences from ../shared/data/glue-mrpc/train.tsv). The fields here are
+    common to all methods; a method's own settings are `options`, an instance of its
+    `MethodSpec.options` dataclass (None or a mapping is turned into one on validation).
+    `PruneConfig.from_settings` takes both kinds as flat keywords.
     """
 
     method: str = "magnitude"
@@ -44,28 +48,47 @@ class PruneConfig:
     nsamples: int = 64
     seqlen: int = 512
     seed: int = 0
-    owl: bool = False  # outlier-weighted layerwise ratios (wanda/sparsegpt)
-    blocksize: int = 128  # sparsegpt
-    percdamp: float = 0.01  # sparsegpt
-    structured_target: str = "mlp"  # structured: "mlp", "heads" or "both"
+    owl: bool = False  # outlier-weighted layerwise ratios (methods whose spec says owl)
     owl_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score exceeds owl_m × the block mean
     owl_lambda: float = 0.08  # OWL: per-block sparsities spread over [s - λ, s + λ]
+    options: Any = None  # the method's settings dataclass instance
 
     def __post_init__(self) -> None:
         self.validate()
 
+    @classmethod
+    def from_settings(cls, method: str, **settings: Any) -> PruneConfig:
+        """`from_settings("sparsegpt", sparsity=0.5, nsamples=8, blocksize=64)`: common fields and the
+        method's own options as flat keywords (how the CLI and studies spell them)."""
+        own = get_method_spec(method).option_fields()
+        common = {f.name for f in fields(cls)} - {"method", "options"}
+        unknown = [k for k in settings if k not in own and k not in common]
+        if unknown:
+            allowed = ("sparsity", "pattern", "seed", *method_option_names(method))
+            raise ConfigError(f"method {method} has no option '{unknown[0]}': allowed {', '.join(allowed)}")
+        options = {k: v for k, v in settings.items() if k in own}
+        return cls(method=method, options=options, **{k: v for k, v in settings.items() if k not in own})
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method_spec(self.method)
+
     def validate(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method '{self.method}': choose one of {', '.join(METHODS)}")
+        spec = self.spec
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise ConfigError(f"sparsity {self.sparsity} is outside [0, 1): pass e.g. 0.5 for 50 %")
         nm = parse_pattern(self.pattern)
+        if not spec.supports(self.pattern):
+            raise ConfigError(f"{self.method} does not support the pattern {self.pattern}: "
+                              f"use {' or '.join(spec.patterns)}")
         if nm is not None:
             self.sparsity = nm[0] / nm[1]
-        if self.structured_target not in ("mlp", "heads", "both"):
-            raise ConfigError(f"unknown structured target '{self.structured_target}': use mlp, heads or both")
+        if self.owl and not spec.owl:
+            owl_methods = [name for name, s in METHODS.items() if s.owl]
+            raise ConfigError(f"--owl applies to {' and '.join(owl_methods)}, not to {self.method}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("calibration needs --nsamples ≥ 1 and --seqlen ≥ 2")
+        self.options = spec.make_options(self.options)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -73,10 +96,12 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("wanda", "sparsegpt", "structured")
+        return self.spec.needs_calibration
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        d["options"] = asdict(self.options)
+        return d
 
 
 class PruningError(PrunelabError):
@@ -96,6 +121,11 @@ class MatrixReport:
     zeros: int = 0  # entries that are exactly zero in the weight afterwards (≥ pruned if zeros pre-existed)
 
 
+_CORE_KEYS = ("config", "requested_sparsity", "achieved_sparsity_prunable", "achieved_sparsity_total",
+              "prunable_params", "prunable_zeros", "total_params", "total_zeros", "calibration", "timings_s",
+              "peak_rss_bytes", "warnings", "matrices")
+
+
 @dataclass
 class PruneResult:
     """What was pruned. `masks[name]` is a bool tensor in (out, in) orientation, True = kept."""
@@ -111,6 +141,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds: calibration, pruning, total
     peak_rss_bytes: int | None = None
     warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # the method's own report (`MethodOutput.extra`)
 
     @property
     def sparsity_prunable(self) -> float:
@@ -121,6 +152,7 @@ class PruneResult:
         return self.total_zeros / max(1, self.total_params)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON of prune_report.json; the method's `extra` sections sit beside the core keys."""
         return {
             "config": self.config.to_dict(),
             "requested_sparsity": self.config.sparsity,
@@ -135,4 +167,5 @@ class PruneResult:
             "peak_rss_bytes": self.peak_rss_bytes,
             "warnings": self.warnings,
             "matrices": [asdict(m) for m in self.matrices],
+            **{k: v for k, v in self.extra.items() if k not in _CORE_KEYS},
         }
