@@ -8,7 +8,7 @@ import pytest
 
 from cli_helpers import run_cli
 from prunelab.evaluation import BENCHMARKS, default_benchmarks
-from prunelab.models import load_model
+from prunelab.storage import load
 
 REQUIRED = {"model", "family", "bench", "metrics", "primary", "value", "n_tokens", "n_examples", "seqlen", "seed",
             "wall_time_s", "data_sha256", "status", "note"}
@@ -28,7 +28,7 @@ def test_default_benchmarks(tiny_dirs):
     assert default_benchmarks("decoder") == ["ppl", "sst2"]
     assert default_benchmarks("encoder") == ["sst2", "mrpc", "embed"]
     assert default_benchmarks("encoder-decoder") == ["seq2seq-ppl"]
-    assert default_benchmarks(load_model(str(tiny_dirs["bart"]))) == ["seq2seq-ppl"]
+    assert default_benchmarks(load(str(tiny_dirs["bart"]))) == ["seq2seq-ppl"]
 
     class Speech:
         family = "encoder-decoder"

@@ -196,16 +196,16 @@ def prune(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from prunelab.models import load_model
     from prunelab.pruning import PruneConfig, save_pruned
     from prunelab.pruning import prune as run_prune
+    from prunelab.storage import load
 
     if fmt not in ("hf", "sparse"):
         fail(f"unknown --format '{fmt}': use hf or sparse")
     config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_column=calib_column,
                          nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl, structured_target=structured_target)
     t0 = _time.perf_counter()
-    lm = load_model(model)
+    lm = load(model)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(f"{method} {pattern}", total=None)

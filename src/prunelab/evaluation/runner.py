@@ -20,9 +20,9 @@ def evaluate(lm: LoadedModel | str, bench: str, options: EvalOptions | None = No
     options = options or EvalOptions()
     spec = get_bench(bench)
     if isinstance(lm, str):
-        from prunelab.models import load_model
+        from prunelab.storage import load
 
-        lm = load_model(lm)
+        lm = load(lm)
     if lm.family not in spec.families:
         others = ", ".join(benches_for(lm.family)) or "none"
         raise ConfigError(
@@ -61,13 +61,13 @@ def run_benchmarks(
     for name in benches or []:
         get_bench(name)
     if isinstance(model, str):
-        from prunelab.models import load_model
+        from prunelab.storage import load
 
-        model = load_model(model)
+        model = load(model)
     if reference is not None and options.reference is None:
-        from prunelab.models import load_model
+        from prunelab.storage import load
 
-        options.reference = load_model(reference)
+        options.reference = load(reference)
     names = list(benches) if benches else default_benchmarks(model)
     results = []
     for name in names:
