@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 
 from prunelab.errors import PrunelabError
+from prunelab.pruning.registry import methods_help
 
 app = typer.Typer(
     name="prunelab",
@@ -175,8 +176,7 @@ def size(
 @app.command()
 def prune(
     model: str = typer.Argument(..., help="Model spec: zoo:<alias>, a local HF directory, a .gguf file or a hub id."),
-    method: str = typer.Option("wanda", "--method", "-m",
-                               help="magnitude, magnitude-layer, wanda, sparsegpt, structured."),
+    method: str = typer.Option("wanda", "--method", "-m", help=f"Pruning method: {methods_help()}."),
     sparsity: float = typer.Option(0.5, "--sparsity", "-s", help="Fraction of prunable weights to zero, in [0, 1)."),
     pattern: str = typer.Option("unstructured", "--pattern", help="unstructured, or N:M (N zeros in every M inputs)."),
     calib: str | None = typer.Option(None, "--calib", help="Text file, .tsv/.jsonl (with --calib-column) or HF "
@@ -185,9 +185,11 @@ def prune(
     nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows."),
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window (capped at the model context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
-    owl: bool = typer.Option(False, "--owl", help="Outlier-weighted per-block sparsities (wanda, sparsegpt)."),
-    structured_target: str = typer.Option("mlp", "--structured-target",
-                                          help="structured: remove MLP neurons (mlp), KV-head groups (heads) or both."),
+    owl: bool = typer.Option(False, "--owl", help=f"Outlier-weighted per-block sparsities ({methods_help(owl=True)})."),
+    structured_target: str | None = typer.Option(None, "--structured-target", help="structured: remove MLP neurons "
+                                                 "(mlp, the default), KV-head groups (heads) or both."),
+    opts: list[str] = typer.Option([], "--opt", help="A method option KEY=VALUE (repeatable), e.g. blocksize=64 "
+                                   "(sparsegpt), owl_lambda=0.1 (with --owl); a wrong key lists the method's options."),
     fmt: str = typer.Option("hf", "--format", help="hf (save_pretrained, safetensors) or sparse (compressed)."),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
 ) -> None:
@@ -198,12 +200,15 @@ def prune(
 
     from prunelab.pruning import PruneConfig, save_pruned
     from prunelab.pruning import prune as run_prune
+    from prunelab.pruning.registry import parse_options
     from prunelab.storage import load
 
     if fmt not in ("hf", "sparse"):
         fail(f"unknown --format '{fmt}': use hf or sparse")
-    config = PruneConfig(method=method, sparsity=sparsity, pattern=pattern, calib=calib, calib_column=calib_column,
-                         nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl, structured_target=structured_target)
+    settings = parse_options(opts) | ({"target": structured_target} if structured_target is not None else {})
+    config = PruneConfig.from_settings(method, sparsity=sparsity, pattern=pattern, calib=calib,
+                                       calib_column=calib_column, nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl,
+                                       **settings)
     t0 = _time.perf_counter()
     lm = load(model)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -214,9 +219,8 @@ def prune(
             bar.update(task, description=f"{method}: {message}", completed=done, total=total)
 
         result = run_prune(lm, config, progress=progress)
-    shrunk = getattr(lm, "structured_report", None)
-    extra = {"wall_time_s": _time.perf_counter() - t0, **({"structured": shrunk} if shrunk else {})}
-    save_pruned(lm, result, out_dir, format=fmt, extra=extra)
+    shrunk = result.extra.get("structured")  # the method's own report, also in prune_report.json
+    save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     rss = (result.peak_rss_bytes or 0) / 2**20
