@@ -245,6 +245,7 @@ def eval_cmd(
     seqlen: int | None = typer.Option(None, "--seqlen", help="Window / sequence length (default per bench)."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="Evaluate a prefix of this many tokens."),
     max_examples: int | None = typer.Option(None, "--max-examples", help="Cap on dev examples."),
+    limit: int | None = typer.Option(None, "--limit", help="zeroshot: examples per task (first N; default all)."),
     train_limit: int | None = typer.Option(None, "--train-limit", help="Training rows for probe/finetune "
                                           "(default 2000, 0 = all)."),
     mode: str = typer.Option("probe", "--mode", help="GLUE mode: probe (frozen) or finetune (masks kept)."),
@@ -254,7 +255,10 @@ def eval_cmd(
     data: str | None = typer.Option(None, "--data", help="Override the dataset file / directory."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Cap on fine-tuning optimizer steps."),
 ) -> None:
-    """Evaluate a model: perplexity, pseudo-perplexity, embedding fidelity, GLUE SST-2 / MRPC."""
+    """Evaluate a model: perplexity, pseudo-perplexity, embedding fidelity, GLUE SST-2 / MRPC, zero-shot accuracy.
+
+    `--bench zeroshot` runs lm-evaluation-harness on seven tasks offline; `--bench zeroshot:hellaswag,piqa` picks tasks.
+    """
     from rich.table import Table
 
     from prunelab.errors import ConfigError
@@ -265,7 +269,7 @@ def eval_cmd(
         raise ConfigError(f"unknown --mode '{mode}': use probe or finetune")
     options = EvalOptions(seqlen=seqlen, max_tokens=max_tokens, max_examples=max_examples, train_limit=train_limit,
                           mode=mode, seed=seed, batch_size=batch_size, data=data,  # type: ignore[arg-type]
-                          finetune_max_steps=max_steps)
+                          finetune_max_steps=max_steps, limit=limit)
 
     def _progress(name: str, result: object) -> None:
         console.print(f"[green]done[/] {name}: {getattr(result, 'primary', '')} = {getattr(result, 'value', None)} "

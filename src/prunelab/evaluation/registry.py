@@ -25,11 +25,24 @@ class BenchSpec:
     target: str  # "package.module:function"
     families: set[str] = field(default_factory=lambda: set(ALL_FAMILIES))
     description: str = ""
+    arg_parser: str | None = None  # "module:function"(arg, options) -> options, for the `name:arg` form
 
     def load(self) -> Callable[..., Any]:
-        module_name, _, func_name = self.target.partition(":")
-        module = importlib.import_module(module_name)
-        return getattr(module, func_name)
+        return _import_target(self.target)
+
+    def with_arg(self, bench: str, options: Any) -> Any:
+        """`options` for `bench` as written (`zeroshot:hellaswag,piqa` sets its tasks); checks the argument."""
+        _, sep, arg = bench.partition(":")
+        if not sep:
+            return options
+        if self.arg_parser is None:
+            raise ConfigError(f"bench '{self.name}' takes no ':' argument (got '{bench}')")
+        return _import_target(self.arg_parser)(arg, options)
+
+
+def _import_target(target: str) -> Callable[..., Any]:
+    module_name, _, func_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), func_name)
 
 
 BENCHMARKS: dict[str, BenchSpec] = {
@@ -58,12 +71,18 @@ BENCHMARKS: dict[str, BenchSpec] = {
         "GLUE MRPC accuracy and F1: frozen-feature logistic-regression probe, or mask-preserving fine-tuning",
     ),
     "asr": BenchSpec("asr", "prunelab.evaluation.asr:evaluate_asr", {"encoder-decoder"}, "speech: WER, transcript ppl"),
+    "zeroshot": BenchSpec(
+        "zeroshot", "prunelab.evaluation.zeroshot:evaluate_zeroshot", {"decoder"},
+        "zero-shot acc/acc_norm by lm-evaluation-harness on local validation splits (boolq, rte, hellaswag, "
+        "winogrande, arc_easy, arc_challenge, openbookqa; piqa on request: zeroshot:hellaswag,piqa)",
+        arg_parser="prunelab.evaluation.zeroshot:parse_tasks",
+    ),
 }
 
 
 def get_bench(name: str) -> BenchSpec:
     """The registered benchmark `name`, or a one-line error listing the known ones."""
-    spec = BENCHMARKS.get(name)
+    spec = BENCHMARKS.get(name.partition(":")[0])
     if spec is None:
         raise ConfigError(f"unknown bench '{name}': choose one of {', '.join(sorted(BENCHMARKS))}")
     return spec

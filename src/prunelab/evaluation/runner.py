@@ -19,6 +19,7 @@ def evaluate(lm: LoadedModel | str, bench: str, options: EvalOptions | None = No
     """
     options = options or EvalOptions()
     spec = get_bench(bench)
+    options = spec.with_arg(bench, options)
     if isinstance(lm, str):
         from prunelab.storage import load
 
@@ -59,7 +60,7 @@ def run_benchmarks(
 
     options = options or EvalOptions()
     for name in benches or []:
-        get_bench(name)
+        get_bench(name).with_arg(name, options)
     if isinstance(model, str):
         from prunelab.storage import load
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from prunelab.errors import ConfigError
 from prunelab.io import file_sha256  # noqa: F401  (re-exported: results carry data hashes)
 
 Status = Literal["ok", "not_applicable"]
@@ -26,6 +27,14 @@ class EvalOptions:
     finetune_epochs: float = 1.0
     finetune_lr: float = 5e-5
     finetune_max_steps: int | None = None  # cap on optimizer steps (finetune mode)
+    limit: int | None = None  # examples per task (zeroshot); None = max_examples, else all
+    tasks: list[str] | None = None  # zeroshot tasks (`--bench zeroshot:hellaswag,piqa`); None = the paper seven
+
+    def __post_init__(self) -> None:
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise ConfigError(f"--limit {self.limit} is not a positive number of examples per task: "
+                              "pass e.g. --limit 100")
 
 
 @dataclass
