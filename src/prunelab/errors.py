@@ -24,3 +24,9 @@ class DataError(PrunelabError):
 
 class CheckpointError(PrunelabError):
     """A checkpoint file is corrupt, truncated or in an unexpected format."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type name): what a one-line error quotes."""
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__

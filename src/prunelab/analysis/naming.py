@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prunelab.errors import ModelLoadError
+from prunelab.errors import ModelLoadError, first_line
 from prunelab.models.types import Family, Stack
 
 #: Display order of module types: attention, cross-attention, MLP, then the --all extras.
@@ -73,7 +73,7 @@ def build_meta_model(source: Path, config: Any, family: Family) -> Any:
         with torch.device("meta"):
             return cls.from_config(config)
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise ModelLoadError(
             f"cannot build the architecture of {source} from its config.json ({first}): "
             "is it a transformers model?"

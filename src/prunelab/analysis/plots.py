@@ -65,6 +65,20 @@ def _mark_thresholds(ax: Any, lo: float, hi: float) -> None:
             ax.axvline(t, color="0.55", lw=0.8, ls=":", zorder=0)
 
 
+def _cdf_axes(ax: Any, lo: float, hi: float, ylabel: str) -> None:
+    """The axes both CDF plots share: threshold marks, log x over [lo, hi], percent y, grid."""
+    from matplotlib.ticker import PercentFormatter
+
+    _mark_thresholds(ax, lo, hi)
+    ax.set_xscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("threshold x on |w| (log scale)")
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.grid(True, alpha=0.3)
+
+
 def plot_hist(stats: dict[str, Any], path: Path) -> None:
     """Share of weights per log-spaced |w| bin: the whole scope filled, each module type as a line."""
     plt = _plt()
@@ -126,18 +140,9 @@ def plot_cdf(stats: dict[str, Any], path: Path) -> None:
             ax.annotate(f"{f:.1%} below {key}", (t, f), textcoords="offset points",
                         xytext=(6, -14) if high else (-4, 8), fontsize=8, ha="left" if high else "right",
                         bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
-    _mark_thresholds(ax, lo, hi)
-    ax.set_xscale("log")
-    ax.set_xlim(lo, hi)
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("threshold x on |w| (log scale)")
-    ax.set_ylabel("fraction of weights with |w| < x")
-    from matplotlib.ticker import PercentFormatter
-
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    _cdf_axes(ax, lo, hi, "fraction of weights with |w| < x")
     ax.set_title(f"{stats['model']}: cumulative distribution of |w| over {_scope_text(stats)}\n"
                  "(reading: a magnitude pruner removing that fraction cuts every |w| below x)", fontsize=10)
-    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="upper left")
     fig.tight_layout()
     fig.savefig(path)
@@ -159,7 +164,7 @@ def plot_cdf_by_block(stats: dict[str, Any], path: Path) -> None:
     """One CDF per transformer block, coloured by depth; one panel per stack (encoder, decoder)."""
     plt = _plt()
     from matplotlib.colors import Normalize
-    from matplotlib.ticker import MaxNLocator, PercentFormatter
+    from matplotlib.ticker import MaxNLocator
 
     edges = _edges(stats)
     lo, hi = _xlim(stats, edges)
@@ -171,15 +176,8 @@ def plot_cdf_by_block(stats: dict[str, Any], path: Path) -> None:
         norm = Normalize(vmin=0, vmax=max(b for b, _ in blocks) or 1)
         for b, key in blocks:
             ax.plot(edges, _cdf(stats["by_block"][key]), color=cmap(norm(b)), lw=1.0)
-        _mark_thresholds(ax, lo, hi)
-        ax.set_xscale("log")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("threshold x on |w| (log scale)")
-        ax.set_ylabel("fraction of the block's weights with |w| < x")
+        _cdf_axes(ax, lo, hi, "fraction of the block's weights with |w| < x")
         ax.set_title(f"{stack} stack: {len(blocks)} blocks", fontsize=10)
-        ax.grid(True, alpha=0.3)
-        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
         sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
         cb = fig.colorbar(sm, ax=ax, pad=0.01)
         cb.locator = MaxNLocator(integer=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prunelab.errors import DataError
+from prunelab.errors import DataError, first_line
 from prunelab.io import file_sha256
 from prunelab.paths import shared_data_dir
 
@@ -55,7 +55,7 @@ def _load_hf(name: str) -> TextCorpus:
 
         ds = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise DataError(
             f"cannot load the HF dataset '{name}' ({reason}); offline, omit --data to use "
             f"{default_wikitext_path()}"

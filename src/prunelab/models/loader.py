@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from prunelab.errors import ModelLoadError
+from prunelab.errors import ModelLoadError, first_line
 from prunelab.models.discovery import find_prunable
 from prunelab.models.family import detect_family
 from prunelab.models.spec import parse_spec
@@ -30,7 +30,7 @@ def _download_from_hub(repo_id: str, *, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise ModelLoadError(
             f"cannot download '{repo_id}' from the Hugging Face Hub ({reason}); "
             "check the id and your network, or pass a local directory / zoo: alias"
@@ -153,7 +153,7 @@ def load_dense(
             str(source), dtype=dtype or "auto", trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise ModelLoadError(f"cannot load {label} with {cls.__name__}: {first}") from exc
     return model.eval()
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from prunelab.errors import CheckpointError, ConfigError
+from prunelab.errors import CheckpointError, ConfigError, first_line
 from prunelab.io import atomic_dir, write_json
 from prunelab.models import auto_class_for, detect_family, find_prunable
 from prunelab.storage.encodings import (
@@ -490,7 +490,7 @@ def sparse_model(directory: str | os.PathLike[str], config: Any, *, dtype: torch
             output_loading_info=True,
         )
     except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise CheckpointError(f"cannot build {cls.__name__} from the sparse checkpoint {directory}: {first}") from exc
     _check_loading_info(directory, cls, info, state)
     model.config.name_or_path = str(directory)
