@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prunelab.data.wikitext import TextCorpus
 from prunelab.errors import ConfigError
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
@@ -41,6 +42,22 @@ def resolve_seqlen(lm: LoadedModel, requested: int | None, cap: int, fallback: i
 def new_result(lm: LoadedModel, bench: str, options: EvalOptions, **kwargs: Any) -> EvalResult:
     """An `EvalResult` with the identity fields filled in (timing is added by `evaluate`)."""
     return EvalResult(model=lm.name, family=lm.family, bench=bench, seed=options.seed, **kwargs)
+
+
+def ppl_result(lm: LoadedModel, bench: str, options: EvalOptions, *, metric: str, nll: float, count: int,
+               note: str, n_examples: int, seqlen: int, corpus: TextCorpus, details: dict[str, Any]) -> EvalResult:
+    """A perplexity-style result: `metric` = exp(mean NLL over `count` scored tokens), lower is better.
+
+    ppl, pppl and seq2seq-ppl report the same fields (NLL per token, token and example counts,
+    the WikiText-2 file and its hash); only what counts as a scored token differs.
+    """
+    return new_result(
+        lm, bench, options,
+        metrics={metric: ppl_from_nll(nll, count), "nll_per_token": nll / count},
+        primary=metric, higher_is_better=False, note=note,
+        n_tokens=count, n_examples=n_examples, seqlen=seqlen,
+        data_path=corpus.path, data_sha256=corpus.sha256, details=details,
+    )
 
 
 def require_tokenizer(lm: LoadedModel, bench: str) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from prunelab.data.wikitext import load_wikitext, token_stream
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import CausalScorer, new_result, ppl_from_nll, require_tokenizer, resolve_seqlen
+from prunelab.evaluation.common import CausalScorer, ppl_result, require_tokenizer, resolve_seqlen
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -40,15 +40,11 @@ def evaluate_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         nll, n = scorer.window_nll(windows[start : start + per_batch])
         nll_sum += nll
         count += n
-    ppl = ppl_from_nll(nll_sum, count)
-    return new_result(
-        lm, "ppl", options,
-        metrics={"ppl": ppl, "nll_per_token": nll_sum / count},
-        primary="ppl", higher_is_better=False,
+    return ppl_result(
+        lm, "ppl", options, metric="ppl", nll=nll_sum, count=count,
         note=(f"WikiText-2 raw test rows joined by '\\n\\n', tokenized once; {n_windows} non-overlapping windows "
               f"of {seqlen} tokens; mean NLL over {count} predicted tokens"),
-        n_tokens=count, n_examples=n_windows, seqlen=seqlen,
-        data_path=corpus.path, data_sha256=corpus.sha256,
+        n_examples=n_windows, seqlen=seqlen, corpus=corpus,
         details={
             "protocol": "wikitext2-raw-joined-nonoverlapping",
             "windows": n_windows,

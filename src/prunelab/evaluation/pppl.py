@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from prunelab.data.wikitext import load_wikitext
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import backbone, new_result, ppl_from_nll, require_tokenizer, resolve_seqlen
+from prunelab.evaluation.common import backbone, new_result, ppl_result, require_tokenizer, resolve_seqlen
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -106,13 +106,10 @@ def evaluate_pppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         nll += scorer.sentence_nll(ids, positions, tokenizer.mask_token_id)
         count += len(positions)
         sentences += 1
-    return new_result(
-        lm, "pppl", options,
-        metrics={"pppl": ppl_from_nll(nll, count), "nll_per_token": nll / count},
-        primary="pppl", higher_is_better=False,
+    return ppl_result(
+        lm, "pppl", options, metric="pppl", nll=nll, count=count,
         note=(f"pseudo-perplexity: each non-special token masked in turn; {sentences} WikiText-2 test rows "
               f"(headings skipped) truncated to {seqlen} tokens, first {count} scored tokens"),
-        n_tokens=count, n_examples=sentences, seqlen=seqlen,
-        data_path=corpus.path, data_sha256=corpus.sha256,
+        n_examples=sentences, seqlen=seqlen, corpus=corpus,
         details={"max_tokens": budget, "sliced_head": scorer.head is not None},
     )

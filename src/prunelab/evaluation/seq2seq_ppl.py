@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from prunelab.data.wikitext import load_wikitext, token_stream
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import new_result, ppl_from_nll, require_tokenizer
+from prunelab.evaluation.common import ppl_result, require_tokenizer
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -219,14 +219,11 @@ def evaluate_seq2seq_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         "bart-mask": "BART token masking (15 % of tokens -> <mask>); target = the clean chunk with <s> … </s>",
         "copy": "identity reconstruction (no pretraining corruption known for this model); target = chunk + </s>",
     }
-    return new_result(
-        lm, "seq2seq-ppl", options,
-        metrics={"ppl": ppl_from_nll(nll, count), "nll_per_token": nll / count},
-        primary="ppl", higher_is_better=False,
+    return ppl_result(
+        lm, "seq2seq-ppl", options, metric="ppl", nll=nll, count=count,
         note=(f"teacher-forced NLL over target tokens only (-100 on padding and prompt); task: {descriptions[task]}; "
               f"{n_chunks} WikiText-2 chunks of {chunk_len} tokens, corruption seeded by (seed, chunk index)"),
-        n_tokens=count, n_examples=n_chunks, seqlen=seqlen,
-        data_path=corpus.path, data_sha256=corpus.sha256,
+        n_examples=n_chunks, seqlen=seqlen, corpus=corpus,
         details={"task": task, "chunk_tokens": chunk_len, "noise_density": NOISE_DENSITY,
                  "mean_span": MEAN_SPAN if task == "t5-span" else None,
                  "input_tokens": sum(len(e.input_ids) for e in examples), "text_sha256": corpus.text_sha256},
