@@ -47,7 +47,9 @@ class Cell:
       - `speed`: dense-vs-sparse prefill/decode timing of the pruned checkpoint.
 
     `prune` holds the pruning options that matter for this method (calibration size only for
-    methods that calibrate); `options` holds the benchmark / size / speed options.
+    methods that calibrate); `options` holds the benchmark / size / speed options. `plugins`
+    (the study's plug-in modules, which register methods) travel to the worker with the cell
+    but are not part of its identity, like `resources`.
     """
 
     kind: str
@@ -60,6 +62,7 @@ class Cell:
     prune: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, float] = field(default_factory=dict, compare=False)
+    plugins: tuple[str, ...] = field(default=(), compare=False)
 
     # -- identity -------------------------------------------------------------------------
     def point_dict(self) -> dict[str, Any]:
@@ -123,10 +126,13 @@ class Cell:
             sparsity=float(d.get("sparsity", 0.0)), bench=d.get("bench", ""),
             method_options=dict(d.get("method_options") or {}), prune=dict(d.get("prune") or {}),
             options=dict(d.get("options") or {}), resources=dict(d.get("resources") or {}),
+            plugins=tuple(d.get("plugins") or ()),
         )
 
     def payload(self) -> dict[str, Any]:
         """What travels to a worker (picklable, JSON-able)."""
         d = self.to_dict()
         d["resources"] = dict(self.resources)
+        if self.plugins:
+            d["plugins"] = list(self.plugins)
         return d

@@ -1,7 +1,7 @@
 """Study configuration: YAML or dict → a validated grid, checked before any work starts.
 
-Every entry is checked up front — models, methods and their options, patterns, sparsities,
-benchmarks, top-level keys — and the first bad one is named in a one-line `ConfigError`
+Every entry is checked up front — plug-ins, models, methods and their options, patterns,
+sparsities, benchmarks, top-level keys — and the first bad one is named in a one-line `ConfigError`
 (`models[1] 'zoo:nope' ...`). Only then does `plan()` touch the models (to learn each one's
 family and pick its default benchmarks) and expand the grid into `Cell`s.
 
@@ -19,28 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.errors import ConfigError, PrunelabError
+from prunelab.pruning.registry import CALIBRATION_OPTIONS, METHODS, get_method_spec, load_plugins, method_option_names
 from prunelab.study.cells import DENSE, Cell, norm_sparsity
 
 DEFAULT_MODELS = ["zoo:minilm", "zoo:smollm2", "zoo:whisper-tiny-en"]
 DEFAULT_METHODS = ["magnitude", "wanda", "sparsegpt"]
 DEFAULT_SPARSITIES = [0.1, 0.5, 0.9, 0.95, 0.99]
 
-# Benchmarks known by the evaluation contract; the live registry is preferred when importable.
-KNOWN_BENCHMARKS = ("ppl", "seq2seq-ppl", "pppl", "embed", "sst2", "mrpc", "asr")
-BENCH_FAMILIES = {
-    "ppl": {"decoder"}, "seq2seq-ppl": {"encoder-decoder"}, "pppl": {"encoder"},
-    "embed": {"encoder"}, "sst2": {"encoder", "decoder", "encoder-decoder"},
-    "mrpc": {"encoder", "decoder", "encoder-decoder"}, "asr": {"encoder-decoder"},
-}
-# Options a method entry may carry (PruneConfig fields other than method/sparsity/pattern).
-METHOD_OPTIONS = ("owl", "blocksize", "percdamp", "structured_target", "nsamples", "seqlen", "calib", "calib_column")
-CALIBRATION_KEYS = ("nsamples", "seqlen", "calib", "calib_column")
+# A method entry may carry `method_option_names(name)` (pruning registry); these are the calibration ones.
+CALIBRATION_KEYS = CALIBRATION_OPTIONS
 EVAL_KEYS = ("seqlen", "max_tokens", "max_examples", "train_limit", "mode", "batch_size", "data",
              "finetune_epochs", "finetune_lr")
 SPEED_KEYS = ("sparsities", "methods", "prefill_tokens", "decode_tokens", "repeats", "measure_rss", "measure_size")
 SIZE_KEYS = ("sparsities", "methods")
 TOP_KEYS = ("models", "methods", "patterns", "sparsities", "benchmarks", "analyze", "size", "speed", "calibration",
-            "eval", "seed", "resources", "preset", "allow_hub", "keep_checkpoints", "threads", "model_overrides")
+            "eval", "seed", "resources", "preset", "allow_hub", "keep_checkpoints", "threads", "model_overrides",
+            "plugins")
 # Speech encoders see 1500 frames per clip: 2 clips already give 3000 calibration positions per layer.
 SPEECH_CALIBRATION = {"zoo:whisper-tiny-en": {"calibration": {"nsamples": 2}}}
 
@@ -136,6 +130,7 @@ class StudyConfig:
     keep_checkpoints: bool = False
     threads: int | None = None
     model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> calibration/eval
+    plugins: list[str] = field(default_factory=list)  # modules that register methods (imported by every worker)
 
     def calibration_for(self, model: str) -> dict[str, Any]:
         return {**self.calibration, **self.model_overrides.get(model, {}).get("calibration", {})}
@@ -163,36 +158,24 @@ class StudyConfig:
             "keep_checkpoints": self.keep_checkpoints,
             "threads": self.threads,
             "model_overrides": copy.deepcopy(self.model_overrides),
+            **({"plugins": list(self.plugins)} if self.plugins else {}),
         }
 
 
 # ---------------------------------------------------------------------------------------------
-# Registries (live when the other parts are installed, contract fallbacks otherwise)
+# Registries: the pruning methods and the benchmarks are whatever their registries hold
 # ---------------------------------------------------------------------------------------------
 
 
 def known_methods() -> list[str]:
-    try:
-        from prunelab.pruning.registry import METHOD_REGISTRY
-
-        return list(METHOD_REGISTRY)
-    except ImportError:
-        from prunelab.pruning.types import METHODS
-
-        return list(METHODS)
+    return list(METHODS)
 
 
 def known_benchmarks() -> dict[str, set[str]]:
     """Benchmark name → families it applies to."""
-    try:
-        from prunelab.evaluation.registry import BENCHMARKS
+    from prunelab.evaluation.registry import BENCHMARKS
 
-        out = {name: set(spec.families) for name, spec in BENCHMARKS.items()}
-    except ImportError:
-        out = {}
-    for name in KNOWN_BENCHMARKS:  # asr may land later than the registry
-        out.setdefault(name, set(BENCH_FAMILIES[name]))
-    return out
+    return {name: set(spec.families) for name, spec in BENCHMARKS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,6 +234,7 @@ def load_config(
     merged = _deep_merge(_deep_merge(base, PRESETS[preset_name]), {k: v for k, v in raw.items() if k != "preset"})
 
     allow_hub = _bool(merged["allow_hub"], "allow_hub")
+    plugins = _check_plugins(merged.get("plugins") or [])
     models = _check_models(merged["models"], allow_hub)
     methods = _check_methods(merged["methods"])
     patterns = _check_patterns(merged["patterns"])
@@ -273,7 +257,7 @@ def load_config(
         analyze=_bool(merged["analyze"], "analyze"), size=size, speed=speed, calibration=calibration,
         eval=eval_opts, seed=seed, resources=resources, preset=preset_name, allow_hub=allow_hub,
         keep_checkpoints=_bool(merged["keep_checkpoints"], "keep_checkpoints"), threads=threads,
-        model_overrides=overrides,
+        model_overrides=overrides, plugins=plugins,
     )
 
 
@@ -323,6 +307,22 @@ def _in_hf_cache(repo_id: str) -> bool:
         return False
 
 
+def _check_plugins(value: Any) -> list[str]:
+    """Modules that register pruning methods: imported now (so `methods:` may name their methods) and
+    by every worker before it runs a cell (they must be importable there: installed or on PYTHONPATH)."""
+    if value in (None, [], ()):
+        return []
+    modules = _as_list(value, "plugins")
+    for i, module in enumerate(modules):
+        if not isinstance(module, str) or not module:
+            raise ConfigError(f"study config: plugins[{i}] {module!r} must be a module name")
+        try:
+            load_plugins([module])
+        except PrunelabError as exc:
+            raise ConfigError(f"study config: plugins[{i}]: {exc}") from exc
+    return list(dict.fromkeys(modules))
+
+
 def _check_methods(value: Any) -> list[MethodEntry]:
     known = known_methods()
     out: list[MethodEntry] = []
@@ -339,17 +339,16 @@ def _check_methods(value: Any) -> list[MethodEntry]:
         if name not in known:
             raise ConfigError(f"study config: methods[{i}] '{name}' is not a known method: choose one of "
                               f"{', '.join(known)}")
+        allowed = method_option_names(name)
         for key in opts:
-            if key not in METHOD_OPTIONS:
+            if key not in allowed:
                 raise ConfigError(f"study config: methods[{i}] '{name}' has unknown option '{key}': allowed "
-                                  f"{', '.join(METHOD_OPTIONS)}")
+                                  f"{', '.join(allowed) if allowed else 'none'}")
         try:  # let PruneConfig check option values (types, ranges)
             from prunelab.pruning.types import PruneConfig
 
-            PruneConfig(method=name, sparsity=0.5, **opts)
-        except TypeError as exc:
-            raise ConfigError(f"study config: methods[{i}] '{name}': {exc}") from exc
-        except PrunelabError as exc:
+            PruneConfig.from_settings(name, sparsity=0.5, **opts)
+        except (TypeError, PrunelabError) as exc:
             raise ConfigError(f"study config: methods[{i}] '{name}': {exc}") from exc
         out.append(MethodEntry(name, dict(opts)))
     return out
@@ -492,31 +491,29 @@ def _check_resources(value: Any) -> dict[str, float]:
 def model_family(spec: str) -> tuple[str, bool]:
     """(family, is_speech) from the model's config.json (converting zoo models into the cache)."""
     from prunelab.models import detect_family, read_config, resolve_source
+    from prunelab.models.types import is_speech_config
 
     config = read_config(resolve_source(spec))
-    is_speech = getattr(config, "model_type", "") == "whisper" or hasattr(config, "num_mel_bins")
-    return detect_family(config), is_speech
+    return detect_family(config), is_speech_config(config)
 
 
 def default_benchmarks_for(family: str, is_speech: bool) -> list[str]:
-    """The two defaults per family from the evaluation contract (speech enc-dec → asr)."""
+    """The family's defaults from the benchmark registry (speech enc-dec → asr)."""
+    from prunelab.evaluation.registry import default_benchmarks
+
     if family == "encoder-decoder" and is_speech:
         return ["asr"]
-    try:
-        from prunelab.evaluation import default_benchmarks
-
-        return list(default_benchmarks(family))
-    except ImportError:
-        return {"decoder": ["ppl", "sst2"], "encoder": ["sst2", "mrpc", "embed"],
-                "encoder-decoder": ["seq2seq-ppl"]}[family]
+    return list(default_benchmarks(family))
 
 
 def _prune_params(config: StudyConfig, method: MethodEntry, model: str) -> dict[str, Any]:
+    """Seed, plus the calibration settings for methods that calibrate (so magnitude cells do not
+    depend on them)."""
     from prunelab.pruning.types import PruneConfig
 
     params: dict[str, Any] = {"seed": config.seed}
     calib = {**config.calibration_for(model), **{k: v for k, v in method.options.items() if k in CALIBRATION_KEYS}}
-    if PruneConfig(method=method.name, sparsity=0.5).needs_calibration:
+    if get_method_spec(method.name).needs_calibration:
         defaults = PruneConfig(method=method.name, sparsity=0.5)
         for key in CALIBRATION_KEYS:
             params[key] = calib.get(key, getattr(defaults, key))
@@ -571,7 +568,7 @@ def plan(config: StudyConfig, *, families: dict[str, tuple[str, bool]] | None = 
                 for sparsity in points:
                     base = {"model": model, "method": method.name, "pattern": pattern,
                             "sparsity": norm_sparsity(sparsity), "method_options": mopts, "prune": prune,
-                            "resources": resources}
+                            "resources": resources, "plugins": tuple(config.plugins)}
                     cells.append(Cell("prune", **base))
                     for bench in benches:
                         opts = {**config.eval_for(model, bench), "seed": config.seed}

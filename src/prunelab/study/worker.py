@@ -176,10 +176,12 @@ def checkpoint_complete(path: Path) -> bool:
 
 
 def prune_config_for(cell: Cell) -> Any:
+    from prunelab.pruning.registry import load_plugins
     from prunelab.pruning.types import PruneConfig
 
+    load_plugins(cell.plugins)  # the study's plug-in methods: a fresh worker process has not registered them
     kwargs = {**cell.prune, **cell.method_options}
-    return PruneConfig(method=cell.method, sparsity=cell.sparsity, pattern=cell.pattern, **kwargs)
+    return PruneConfig.from_settings(cell.method, sparsity=cell.sparsity, pattern=cell.pattern, **kwargs)
 
 
 def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
