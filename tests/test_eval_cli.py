@@ -32,7 +32,7 @@ def test_default_benchmarks(tiny_dirs):
 
     class Speech:
         family = "encoder-decoder"
-        processor = object()
+        is_speech = True  # what LoadedModel says when it has a feature extractor
 
     assert default_benchmarks(Speech()) == ["asr"]
 

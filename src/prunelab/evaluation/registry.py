@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import ConfigError
+
+if TYPE_CHECKING:
+    from prunelab.models.types import LoadedModel
 
 ALL_FAMILIES = {"encoder", "decoder", "encoder-decoder"}
 
@@ -45,38 +48,32 @@ def _import_target(target: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module_name), func_name)
 
 
+def _builtin(name: str, target: str, families: set[str], description: str, **kw: Any) -> BenchSpec:
+    return BenchSpec(name, f"prunelab.evaluation.{target}", families, description, **kw)
+
+
 BENCHMARKS: dict[str, BenchSpec] = {
-    "ppl": BenchSpec(
-        "ppl", "prunelab.evaluation.ppl:evaluate_ppl", {"decoder"},
-        "causal-LM perplexity on WikiText-2 raw test (joined rows, non-overlapping windows, token-level NLL)",
-    ),
-    "seq2seq-ppl": BenchSpec(
-        "seq2seq-ppl", "prunelab.evaluation.seq2seq_ppl:evaluate_seq2seq_ppl", {"encoder-decoder"},
-        "teacher-forced perplexity over target tokens only, on WikiText-2 chunks rebuilt from a corrupted copy",
-    ),
-    "pppl": BenchSpec(
-        "pppl", "prunelab.evaluation.pppl:evaluate_pppl", {"encoder"},
-        "masked-LM pseudo-perplexity (mask each token in turn) on WikiText-2 rows; needs an MLM head",
-    ),
-    "embed": BenchSpec(
-        "embed", "prunelab.evaluation.embed:evaluate_embed", {"encoder"},
-        "embedding fidelity vs the dense model on SST-2 dev sentences: mean cosine, Spearman of pairwise sims",
-    ),
-    "sst2": BenchSpec(
-        "sst2", "prunelab.evaluation.glue:evaluate_sst2", set(ALL_FAMILIES),
-        "GLUE SST-2 accuracy: frozen-feature logistic-regression probe, or mask-preserving fine-tuning",
-    ),
-    "mrpc": BenchSpec(
-        "mrpc", "prunelab.evaluation.glue:evaluate_mrpc", set(ALL_FAMILIES),
-        "GLUE MRPC accuracy and F1: frozen-feature logistic-regression probe, or mask-preserving fine-tuning",
-    ),
-    "asr": BenchSpec("asr", "prunelab.evaluation.asr:evaluate_asr", {"encoder-decoder"}, "speech: WER, transcript ppl"),
-    "zeroshot": BenchSpec(
-        "zeroshot", "prunelab.evaluation.zeroshot:evaluate_zeroshot", {"decoder"},
-        "zero-shot acc/acc_norm by lm-evaluation-harness on local validation splits (boolq, rte, hellaswag, "
-        "winogrande, arc_easy, arc_challenge, openbookqa; piqa on request: zeroshot:hellaswag,piqa)",
-        arg_parser="prunelab.evaluation.zeroshot:parse_tasks",
-    ),
+    s.name: s
+    for s in (
+        _builtin("ppl", "ppl:evaluate_ppl", {"decoder"},
+                 "causal-LM perplexity on WikiText-2 raw test (joined rows, non-overlapping windows, token-level NLL)"),
+        _builtin("seq2seq-ppl", "seq2seq_ppl:evaluate_seq2seq_ppl", {"encoder-decoder"},
+                 "teacher-forced perplexity over target tokens only, on WikiText-2 chunks rebuilt from a corrupted "
+                 "copy"),
+        _builtin("pppl", "pppl:evaluate_pppl", {"encoder"},
+                 "masked-LM pseudo-perplexity (mask each token in turn) on WikiText-2 rows; needs an MLM head"),
+        _builtin("embed", "embed:evaluate_embed", {"encoder"}, "embedding fidelity vs the dense model on SST-2 dev "
+                 "sentences: mean cosine, Spearman of pairwise sims"),
+        _builtin("sst2", "glue:evaluate_sst2", set(ALL_FAMILIES),
+                 "GLUE SST-2 accuracy: frozen-feature logistic-regression probe, or mask-preserving fine-tuning"),
+        _builtin("mrpc", "glue:evaluate_mrpc", set(ALL_FAMILIES),
+                 "GLUE MRPC accuracy and F1: frozen-feature logistic-regression probe, or mask-preserving fine-tuning"),
+        _builtin("asr", "asr:evaluate_asr", {"encoder-decoder"}, "speech: WER, transcript ppl"),
+        _builtin("zeroshot", "zeroshot:evaluate_zeroshot", {"decoder"},
+                 "zero-shot acc/acc_norm by lm-evaluation-harness on local validation splits (boolq, rte, hellaswag, "
+                 "winogrande, arc_easy, arc_challenge, openbookqa; piqa on request: zeroshot:hellaswag,piqa)",
+                 arg_parser="prunelab.evaluation.zeroshot:parse_tasks"),
+    )
 }
 
 
@@ -92,26 +89,19 @@ def benches_for(family: str) -> list[str]:
     return [name for name, spec in BENCHMARKS.items() if family in spec.families]
 
 
-def _is_speech(lm: Any) -> bool:
-    if getattr(lm, "processor", None) is not None:
-        return True
-    config = getattr(getattr(lm, "model", None), "config", None)
-    return getattr(config, "model_type", "") in {"whisper", "speech_to_text", "speecht5"}
-
-
-def default_benchmarks(lm_or_family: Any) -> list[str]:
+def default_benchmarks(lm_or_family: LoadedModel | str) -> list[str]:
     """The benchmarks a study runs for a model (or a family name) when none are named.
 
     decoder → ppl, sst2; encoder → sst2, mrpc, embed; encoder-decoder → asr for speech
     models, seq2seq-ppl otherwise.
     """
-    family = lm_or_family if isinstance(lm_or_family, str) else getattr(lm_or_family, "family", None)
+    family = lm_or_family if isinstance(lm_or_family, str) else lm_or_family.family
     if family == "decoder":
         return ["ppl", "sst2"]
     if family == "encoder":
         return ["sst2", "mrpc", "embed"]
     if family == "encoder-decoder":
-        if not isinstance(lm_or_family, str) and _is_speech(lm_or_family):
+        if not isinstance(lm_or_family, str) and lm_or_family.is_speech:
             return ["asr"]
         return ["seq2seq-ppl"]
     raise ConfigError(f"unknown family '{family}': expected encoder, decoder or encoder-decoder")

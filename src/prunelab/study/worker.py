@@ -27,14 +27,17 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prunelab.study.cells import Cell, canonical_json
 from prunelab.study.results import CellResult, Sizes, error_line
 
+if TYPE_CHECKING:  # importing models pulls in torch: a worker imports it when a cell runs
+    from prunelab.models.types import LoadedModel
+
 POINT_MARKER = "study_point.json"
 SPEED_KWARGS = ("prefill_tokens", "decode_tokens", "repeats", "measure_rss", "measure_size")
-_MODELS: dict[str, Any] = {}  # path -> LoadedModel (this process's cache)
+_MODELS: dict[str, LoadedModel] = {}  # path -> model (this process's cache)
 _MAX_CACHED = 2  # the pruned checkpoint and the dense reference
 _VERSIONS: dict[str, str] | None = None
 _PROGRESS: list[Any] = [None]  # progress(message, done, total) of the running cell, in-process runs only
@@ -143,7 +146,7 @@ def _capture(log_path: Path) -> Iterator[io.TextIOBase]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _load(spec: str) -> Any:
+def _load(spec: str) -> LoadedModel:
     """Load a model, reusing this process's cache."""
     if spec in _MODELS:
         return _MODELS[spec]
@@ -246,7 +249,7 @@ def _run_analyze(cell: Cell, study_dir: Path) -> Measured:
     out = study_dir / "analysis" / slug(cell.model)
     stats = analyze(cell.model, out)
     files = {p.name: str(p.relative_to(study_dir)) for p in sorted(out.glob("*")) if p.is_file()}
-    summary = {k: stats.get(k) for k in ("model", "family", "overall") if isinstance(stats, dict)}
+    summary = {k: stats.get(k) for k in ("model", "family", "overall")}
     return Measured({**summary, "files": files, "out_dir": str(out.relative_to(study_dir))})
 
 
@@ -282,20 +285,14 @@ def _run_bench(cell: Cell, study_dir: Path) -> Measured:
     return Measured(d)
 
 
-def _clamp_seqlen(lm: Any, opts: dict[str, Any]) -> int | None:
+def _clamp_seqlen(lm: LoadedModel, opts: dict[str, Any]) -> int | None:
     """A preset's window (e.g. 512) may exceed a small model's context: use the context instead.
 
     Deterministic given the model, so the cell hash still identifies the result; recorded in
     the metrics as `seqlen_clamped_to`.
     """
     seqlen = opts.get("seqlen")
-    config = getattr(lm.model, "config", None)
-    context = None
-    for attr in ("max_position_embeddings", "n_positions", "max_target_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            context = value
-            break
+    context = lm.context_length
     if isinstance(seqlen, int) and context is not None and seqlen > context:
         opts["seqlen"] = context
         return context
@@ -316,20 +313,18 @@ def _run_size(cell: Cell, study_dir: Path) -> Measured:
     report = size_report(out)
     sparse_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     shutil.rmtree(out, ignore_errors=True)  # the number is what the study keeps, not the copy
-    checkpoint = report.get("checkpoint", {}) if isinstance(report, dict) else {}
-    totals = (report.get("totals", {}) if isinstance(report, dict) else {}).get("all", {})
+    totals = report["totals"]["all"]
     sizes = Sizes(
         dense_bytes=_dir_bytes(ckpt),  # the pruned HF checkpoint: dense tensors with zeros
-        sparse_bytes=checkpoint.get("total_file_bytes", sparse_bytes),
+        sparse_bytes=report["checkpoint"]["total_file_bytes"],
         sparse_dir_bytes=sparse_bytes,
-        entropy_bound_bytes=totals.get("entropy_bound_bytes"),
-        bitmask_bound_bytes=totals.get("bitmask_bound_bytes"),
-        tensor_dense_bytes=totals.get("dense_bytes"),
-        tensor_stored_bytes=totals.get("stored_bytes"),
+        entropy_bound_bytes=totals["entropy_bound_bytes"],
+        bitmask_bound_bytes=totals["bitmask_bound_bytes"],
+        tensor_dense_bytes=totals["dense_bytes"],
+        tensor_stored_bytes=totals["stored_bytes"],
         save_s=save_s,
     )
-    slim = {k: v for k, v in report.items() if k != "tensors"} if isinstance(report, dict) else {"report": report}
-    return Measured({"size_report": slim}, sizes)
+    return Measured({"size_report": {k: v for k, v in report.items() if k != "tensors"}}, sizes)
 
 
 def _run_speed(cell: Cell, study_dir: Path) -> Measured:
@@ -343,7 +338,7 @@ def _run_speed(cell: Cell, study_dir: Path) -> Measured:
     kwargs.setdefault("measure_rss", False)  # a subprocess per cell: opt in with speed.measure_rss
     result = bench_model(lm, progress=_progress, **kwargs)
     del lm
-    return Measured(result if isinstance(result, dict) else {"result": result})
+    return Measured(result)
 
 
 KIND_FUNCS = {"analyze": _run_analyze, "prune": _run_prune, "bench": _run_bench, "size": _run_size,
