@@ -105,6 +105,22 @@ def test_report_has_every_figure_embedded(tmp_path):
     assert table[0].split("|")[2].strip() == "dense" and len(table) == 5
 
 
+def test_methods_legend_reads_the_method_registry(tmp_path):
+    from prunelab.pruning.registry import get_method_spec
+
+    synthetic_study(tmp_path)
+    with Store(tmp_path) as store:  # a method this installation does not know must not break the report
+        odd = Cell("bench", "zoo:dec", method="no-such-method", sparsity=0.5, bench="ppl")
+        store.mark_running(odd)
+        store.finish(odd, CellResult("done", metrics={"value": 30.0, "primary": "ppl", "status": "ok"}))
+        store.set_meta(plan=[*store.get_meta("plan"), odd.hash])
+    md = build_report(tmp_path)["markdown"].read_text()
+    legend = md[md.index("## Methods"):].split("\n\n")[1].splitlines()
+    described = {m: get_method_spec(m).description.replace("|", "\\|") for m in ("magnitude", "wanda")}
+    described["no-such-method"] = "not in this installation's method registry"
+    assert legend[2:] == [f"| {m} | {m} | {d} |" for m, d in sorted(described.items())]
+
+
 def test_size_numbers_pick_store_fields():
     cell = Cell("size", "m", method="magnitude", sparsity=0.5)
 

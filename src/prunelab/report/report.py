@@ -4,7 +4,7 @@ Everything comes from the results store (the rows of the last planned study) and
 `analyze` outputs under DIR/analysis. The HTML embeds every image as a base64 data URI so
 the one file can be mailed or archived; the Markdown links the same PNGs in DIR/report_files.
 
-Sections: summary table; per model the weight-distribution plots from `analyze`
+Sections: summary table; the methods (from the method registry); per model the weight-distribution plots from `analyze`
 (log-scale |w| histogram, CDF, CDF per block), metric vs sparsity per benchmark (one line per
 method, dense as a dashed reference, log y for perplexities), size on disk vs sparsity (dense
 vs sparse format vs information bound), decode speed vs sparsity; failed cells; the preset's
@@ -16,6 +16,7 @@ The report is built as a list of parts (headings, text, tables, figures, notes, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -23,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prunelab.errors import ConfigError
 from prunelab.report.document import Code, Figure, Heading, Notes, Part, Table, Text, render_html, render_markdown
 from prunelab.report.figures import metric_vs_sparsity, size_vs_sparsity, speed_vs_sparsity
+from prunelab.study.cells import DENSE
 from prunelab.study.results import finite
 from prunelab.study.store import Row, Store
 
@@ -105,13 +108,13 @@ def _bench_figure(model: str, tag: str, bench: str, mrows: list[Row]) -> tuple[F
     """Benchmark value vs sparsity, one line per method, the dense model as a dashed reference."""
     rows = [r for r in mrows if r.kind == "bench" and r.bench == bench]
     outcomes = [(r, r.bench_outcome()) for r in rows if r.status == "done"]
-    dense = next((o.value for r, o in outcomes if r.method == "dense"), None)
+    dense = next((o.value for r, o in outcomes if r.method == DENSE), None)
     series: dict[str, list[tuple[float, float]]] = {}
     primary, hib = None, None
     for r, o in outcomes:
         primary = primary or o.primary
         hib = o.higher_is_better if o.higher_is_better is not None else hib
-        if r.method != "dense" and o.value is not None:
+        if r.method != DENSE and o.value is not None:
             series.setdefault(r.method_label, []).append((r.sparsity, o.value))
     notes = []
     na = [o for _, o in outcomes if not o.applicable]
@@ -254,7 +257,7 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
     points: dict[tuple[str, str, float], dict[str, Any]] = {}
     for r in rows:
         if r.kind != "analyze":
-            _add_to_point(points.setdefault((r.model, r.method_label if r.method != "dense" else "dense",
+            _add_to_point(points.setdefault((r.model, r.method_label if r.method != DENSE else DENSE,
                                              r.sparsity), {}), r)
     order = {m: i for i, m in enumerate(models)}
     body = []
@@ -321,6 +324,32 @@ def _intro(study: StudyData) -> list[str]:
     ]
 
 
+def _method_description(name: str) -> str:
+    """The registry's one line on a method, or why there is none (an old name, a plug-in not importable here)."""
+    from prunelab.pruning.registry import get_method_spec
+
+    try:
+        return get_method_spec(name).description or "–"
+    except ConfigError:
+        return "not in this installation's method registry"
+
+
+def _methods_legend(study: StudyData) -> list[Part]:
+    """What each pruning method in the results does, in the method registry's own words."""
+    from prunelab.pruning.registry import load_plugins
+
+    labels: dict[str, set[str]] = {}
+    for r in study.rows:
+        if r.method != DENSE:
+            labels.setdefault(r.method, set()).add(r.method_label)
+    if not labels:
+        return []
+    with contextlib.suppress(ConfigError):  # plug-in methods describe themselves once imported
+        load_plugins(study.config.get("plugins") or [])
+    body = [[name, ", ".join(sorted(labels[name])), _method_description(name)] for name in sorted(labels)]
+    return [Heading("Methods"), Table(["method", "in this study as", "description"], body)]
+
+
 def _appendix(study: StudyData) -> list[Part]:
     """Failed cells, the preset's data sizes, the exact configuration and the library versions."""
     import yaml
@@ -343,7 +372,7 @@ def _appendix(study: StudyData) -> list[Part]:
 
 def _document(study: StudyData, sections: list[Section]) -> list[Part]:
     parts: list[Part] = [Text(_intro(study), hard_breaks=True), Heading("Summary"),
-                         Table(*summary_table(study.rows, study.models))]
+                         Table(*summary_table(study.rows, study.models)), *_methods_legend(study)]
     for sec in sections:
         parts += sec.parts()
     return parts + _appendix(study)
