@@ -8,8 +8,10 @@ cells run in spawned worker processes (which learn the method from the study's `
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -162,6 +164,14 @@ def test_toy_method_through_a_study_and_the_report(tiny_dirs, small_text, tmp_pa
     assert code == 0, text
     md = (out / "report.md").read_text()
     assert "toy-half[keep_every=2]" in md and "magnitude-layer" in md
+    # A fresh `prunelab report` process never registered the toy (the plug-in is importable, not imported).
+    (out / "report.md").unlink()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", "from prunelab.cli import main; main()", "report", str(out)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    fresh = (out / "report.md").read_text()
+    assert fresh.count("toy-half[keep_every=2]") == md.count("toy-half[keep_every=2]") > 0
 
 
 def test_study_accepts_owl_options_and_rejects_foreign_ones(tiny_dirs):
