@@ -224,28 +224,38 @@ def _model_sections(rows: list[Row], out_dir: Path, models: list[str]) -> list[S
 # ---------------------------------------------------------------------------------------------
 
 
-def _add_to_point(point: dict[str, Any], r: Row) -> None:
-    """Put what row `r` measured into its point's line of the summary table."""
-    if r.status != "done":
-        if r.kind == "bench":
-            point[r.bench] = r.status
-        return
-    if r.kind == "prune":
-        point["achieved"] = r.achieved_sparsity
-    elif r.kind == "bench":
-        v = r.bench_outcome().value
-        point[r.bench] = v if v is not None else "n/a"
-    elif r.kind == "size":
-        n = size_numbers(r)
-        if n["sparse"] is not None:
-            point["size"] = n["sparse"] / 1e6
-            if n["dense"]:
-                point["ratio"] = n["sparse"] / n["dense"]
-    elif r.kind == "speed":
-        o = r.speed_outcome()
-        if o.sparse is not None and o.dense is not None:
-            unit = "ms/tok" if o.is_decode else "tok/s prefill"
-            point["speed"] = f"{o.sparse:.3g} / {o.dense:.3g} {unit}"
+@dataclass
+class _Point:
+    """One line of the summary table: a (model, method, sparsity) point and what its cells measured."""
+
+    achieved: float | None = None
+    benches: dict[str, float | str] = field(default_factory=dict)  # value, "n/a", or the status of a cell not done
+    size_mb: float | None = None
+    ratio: float | None = None
+    speed: str = "–"
+
+    def add(self, r: Row) -> None:
+        """Put what row `r` measured into this line."""
+        if r.status != "done":
+            if r.kind == "bench":
+                self.benches[r.bench] = r.status
+            return
+        if r.kind == "prune":
+            self.achieved = r.achieved_sparsity
+        elif r.kind == "bench":
+            v = r.bench_outcome().value
+            self.benches[r.bench] = v if v is not None else "n/a"
+        elif r.kind == "size":
+            n = size_numbers(r)
+            if n["sparse"] is not None:
+                self.size_mb = n["sparse"] / 1e6
+                if n["dense"]:
+                    self.ratio = n["sparse"] / n["dense"]
+        elif r.kind == "speed":
+            o = r.speed_outcome()
+            if o.sparse is not None and o.dense is not None:
+                unit = "ms/tok" if o.is_decode else "tok/s prefill"
+                self.speed = f"{o.sparse:.3g} / {o.dense:.3g} {unit}"
 
 
 def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -254,19 +264,18 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
     all_benches = sorted({b for bs in benches_by_model.values() for b in bs})
     header = ["model", "method", "sparsity", "achieved", *all_benches, "size MB (sparse)", "size ratio",
               "speed (sparse / dense)"]
-    points: dict[tuple[str, str, float], dict[str, Any]] = {}
+    points: dict[tuple[str, str, float], _Point] = {}
     for r in rows:
         if r.kind != "analyze":
-            _add_to_point(points.setdefault((r.model, r.method_label if r.method != DENSE else DENSE,
-                                             r.sparsity), {}), r)
+            points.setdefault((r.model, r.method_label if r.method != DENSE else DENSE, r.sparsity), _Point()).add(r)
     order = {m: i for i, m in enumerate(models)}
     body = []
     for (model, method, sparsity), p in sorted(points.items(), key=lambda kv: (order.get(kv[0][0], 99),
                                                                                kv[0][1] != "dense", kv[0][1],
                                                                                kv[0][2])):
-        line = [_short(model), method, f"{sparsity:g}", _fmt(p.get("achieved"))]
-        line += [_fmt(p.get(b)) if b in benches_by_model.get(model, []) else "" for b in all_benches]
-        line += [_fmt(p.get("size")), _fmt(p.get("ratio"), 3), p.get("speed", "–")]
+        line = [_short(model), method, f"{sparsity:g}", _fmt(p.achieved)]
+        line += [_fmt(p.benches.get(b)) if b in benches_by_model.get(model, []) else "" for b in all_benches]
+        line += [_fmt(p.size_mb), _fmt(p.ratio, 3), p.speed]
         body.append(line)
     return header, body
 
