@@ -25,7 +25,7 @@ import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -197,7 +197,7 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def _result_or_crash(get: Any) -> CellResult:
+def _result_or_crash(get: Callable[[], CellResult]) -> CellResult:
     """The cell's result, or a failed one when its worker process died (OOM kill, segfault)."""
     try:
         return get()
