@@ -33,17 +33,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numba
 import numpy as np
+from llvmlite import ir as _ir
 
-try:  # numba is a declared dependency; the fallback keeps the module importable without it.
-    import numba
-
-    _njit = numba.njit(nogil=True, cache=True)
-except ImportError:  # pragma: no cover
-    numba = None
-
-    def _njit(fn):  # type: ignore[no-redef]
-        return fn
+_njit = numba.njit(nogil=True, cache=True)
 
 
 LOG10_LO = -10
@@ -105,10 +99,7 @@ N_ACC = A_BELOW + len(THRESHOLDS)
 #: Most values folded into the int32 fine histogram between two `_fold`s.
 MAX_CHUNK_VALUES = 1 << 30
 
-if numba is not None:
-    _njit_fast = numba.njit(nogil=True, cache=True, fastmath=_FM)
-else:  # pragma: no cover
-    _njit_fast = _njit
+_njit_fast = numba.njit(nogil=True, cache=True, fastmath=_FM)
 
 
 @_njit_fast
@@ -226,11 +217,11 @@ def _accumulate(x, shift_k, t, fine, acc, sums):
         _pass_b(p, fine)
 
 
-if numba is not None and hasattr(os, "pread"):
+if hasattr(os, "pread"):
     _pread = numba.types.ExternalFunction(
         "pread", numba.types.intp(numba.types.int32, numba.types.voidptr, numba.types.uintp, numba.types.int64)
     )
-else:  # pragma: no cover - no pread (Windows) or no numba: callers use the Python reader instead
+else:  # pragma: no cover - no pread (Windows): callers use the Python reader instead
     _pread = None
 
 #: Kinds of weights `_scan_fd` reads itself.
@@ -251,20 +242,18 @@ def _read_exact(fd, ptr, nbytes, off):
     return 0
 
 
-if numba is not None:
-    from llvmlite import ir as _ir
+@numba.extending.intrinsic
+def _f32_bits(typingctx, x):  # type: ignore[no-redef]
+    """The uint32 bit pattern of a float32 scalar (an LLVM bitcast: free, and vectorisable)."""
+    sig = numba.types.uint32(numba.types.float32)
+    return sig, lambda context, builder, signature, args: builder.bitcast(args[0], _ir.IntType(32))
 
-    @numba.extending.intrinsic
-    def _f32_bits(typingctx, x):  # type: ignore[no-redef]
-        """The uint32 bit pattern of a float32 scalar (an LLVM bitcast: free, and vectorisable)."""
-        sig = numba.types.uint32(numba.types.float32)
-        return sig, lambda context, builder, signature, args: builder.bitcast(args[0], _ir.IntType(32))
 
-    @numba.extending.intrinsic
-    def _bits_f32(typingctx, x):  # type: ignore[no-redef]
-        """The float32 whose bit pattern is a uint32 scalar."""
-        sig = numba.types.float32(numba.types.uint32)
-        return sig, lambda context, builder, signature, args: builder.bitcast(args[0], _ir.FloatType())
+@numba.extending.intrinsic
+def _bits_f32(typingctx, x):  # type: ignore[no-redef]
+    """The float32 whose bit pattern is a uint32 scalar."""
+    sig = numba.types.float32(numba.types.uint32)
+    return sig, lambda context, builder, signature, args: builder.bitcast(args[0], _ir.FloatType())
 
 
 @_njit
