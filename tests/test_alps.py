@@ -11,13 +11,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from prunelab.errors import ConfigError
+from prunelab.pruning import PruneConfig, prune
 from prunelab.pruning.alps import AlpsOptions, alps_matrix, pcg_on_support
 from prunelab.pruning.patterns import check_nm, nm_target_count, select_mask, target_count
 from prunelab.pruning.refine import reconstruction_error, refine_rows, row_errors
 from prunelab.pruning.sparsegpt import sparsegpt_matrix
 from prunelab.pruning.types import PruningError
+from prunelab.storage import load
 
 CASES = [(0.5, None), (0.7, None), (0.5, (2, 4))]
+ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
 
 
 def _problem(rows: int = 48, cols: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,3 +134,107 @@ def test_refine_after_reconstruction_uses_the_dense_target():
     assert bool((row_errors(W, swapped, H) <= row_errors(W, sg, H)).all())
     assert torch.equal(new.sum(1), keep.sum(1))
     assert torch.equal(refine_rows(W, H, keep, max_swaps=0), keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# One real block: the same calibration inputs for every method
+# ---------------------------------------------------------------------------------------------
+
+
+def _block_hessians(lm, nsamples: int, seqlen: int, block: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(dense weight, H = XᵀX/n) of every prunable matrix of block `block` (each stack), from one dense forward."""
+    from prunelab.data.calibration import calibration_inputs
+
+    calib = calibration_inputs(lm, PruneConfig(method="sparsegpt", nsamples=nsamples, seqlen=seqlen, seed=1))
+    mats = [m for m in lm.prunable if m.block == block]
+    acc: dict[str, list] = {m.name: [0, 0] for m in mats}
+
+    def hook_for(name):
+        def hook(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            acc[name][0] = acc[name][0] + x.t() @ x
+            acc[name][1] += x.shape[0]
+        return hook
+
+    handles = [m.module(lm.model).register_forward_pre_hook(hook_for(m.name)) for m in mats]
+    try:
+        with torch.no_grad():
+            for c in calib:
+                lm.model(**c, **({"use_cache": False} if lm.family == "decoder" else {}))
+    finally:
+        for h in handles:
+            h.remove()
+    return {m.name: (m.weight(lm.model).detach().float().clone(), acc[m.name][0] / acc[m.name][1]) for m in mats}
+
+
+def _compare_block(hessians, sparsity: float, nm) -> dict[str, float]:
+    """Per matrix alps ≤ sparsegpt with identical exact counts; returns the block sums per method."""
+    totals = dict.fromkeys(("alps", "sparsegpt", "wanda", "magnitude"), 0.0)
+    for name, (W, H) in hessians.items():
+        sg, sg_keep = sparsegpt_matrix(W, H, sparsity, nm)
+        al, keep = alps_matrix(W, H, sparsity, nm, name=name)
+        assert int((~keep).sum()) == int((~sg_keep).sum()) == _expected_pruned(W.shape, sparsity, nm), name
+        e_al, e_sg = reconstruction_error(W, al, H), reconstruction_error(W, sg, H)
+        assert e_al <= e_sg, (name, e_al, e_sg)
+        wanda = select_mask(W.abs() * torch.diagonal(H).float().sqrt(), sparsity, nm, rowwise=True)
+        mag = select_mask(W.abs(), sparsity, nm, rowwise=False)
+        for key, err in (("alps", e_al), ("sparsegpt", e_sg), ("wanda", reconstruction_error(W, W * wanda, H)),
+                         ("magnitude", reconstruction_error(W, W * mag, H))):
+            totals[key] += err
+    assert totals["alps"] < totals["sparsegpt"] and totals["alps"] <= min(totals["wanda"], totals["magnitude"])
+    return totals
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_alps_beats_sparsegpt_on_every_matrix_of_a_tiny_block(tiny_dirs, arch, one_thread_unless_slow):
+    """Random-init tiny models: their input features have near-equal norms, so Wanda carries no information
+    over magnitude there (either wins by a few %); the full ordering is checked on SmolLM2 below."""
+    hessians = _block_hessians(load(str(tiny_dirs[arch])), nsamples=4, seqlen=32)
+    for sparsity, nm in CASES:
+        _compare_block(hessians, sparsity, nm)
+
+
+@pytest.mark.slow
+def test_alps_beats_sparsegpt_on_every_matrix_of_a_smollm2_block():
+    hessians = _block_hessians(load("zoo:smollm2"), nsamples=8, seqlen=256, block=3)
+    for sparsity, nm in CASES:
+        totals = _compare_block(hessians, sparsity, nm)
+        assert totals["sparsegpt"] <= totals["wanda"] <= totals["magnitude"], (sparsity, nm, totals)
+        assert totals["alps"] < 0.8 * totals["sparsegpt"], (sparsity, nm, totals)  # a real gain, not a tie
+
+
+# ---------------------------------------------------------------------------------------------
+# Through prune()
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "settings"), [
+    ("llama", {"sparsity": 0.5}),
+    ("gpt2", {"pattern": "2:4"}),
+    ("t5", {"sparsity": 0.6, "owl": True}),
+])
+def test_prune_alps_end_to_end(tiny_dirs, arch, settings, one_thread_unless_slow):
+    lm = load(str(tiny_dirs[arch]))
+    config = PruneConfig.from_settings("alps", nsamples=4, seqlen=32, seed=3, max_iters=30, **settings)
+    result = prune(lm, config)
+    for r in result.matrices:
+        mask = result.masks[r.name]
+        if config.nm is not None:
+            assert r.pruned == nm_target_count(*mask.shape, *config.nm) and check_nm(mask, *config.nm)
+        elif not config.owl:
+            assert r.pruned == target_count(config.sparsity, r.numel)
+    if config.owl:
+        assert len({round(r.requested, 4) for r in result.matrices}) > 1
+        assert abs(result.sparsity_prunable - config.sparsity) < 0.02
+    ids = torch.arange(5, 25).unsqueeze(0)
+    kw = {"decoder_input_ids": ids[:, :8]} if arch == "t5" else {}
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(input_ids=ids, **kw).logits).all()
+    assert result.to_dict()["config"]["options"]["max_iters"] == 30
+
+
+def test_alps_options_are_validated():
+    with pytest.raises(ConfigError, match="alps option rho0"):
+        PruneConfig.from_settings("alps", rho0=0)
+    with pytest.raises(ConfigError, match="no option 'blocksize'"):
+        PruneConfig.from_settings("alps", blocksize=64)
