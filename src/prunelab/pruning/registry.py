@@ -146,13 +146,13 @@ METHODS: dict[str, MethodSpec] = {
         _builtin("sparsegpt", "sparsegpt", "prune_sparsegpt",
                  "SparseGPT: OBS-style one-shot pruning with weight reconstruction",
                  needs_calibration=True, owl=True, options="prunelab.pruning.sparsegpt:SparseGPTOptions"),
-        _builtin("alps", "alps", "prune_alps",
-                 "ALPS: ADMM layer reconstruction from the SparseGPT solution, then PCG on the support",
-                 needs_calibration=True, owl=True, options="prunelab.pruning.alps:AlpsOptions"),
         _builtin("structured", "structured", "prune_structured",
                  "structured: remove whole MLP neurons / attention heads, a smaller dense model",
                  needs_calibration=True, patterns=("unstructured",), exact_counts=False,
                  options="prunelab.pruning.structured:StructuredOptions"),
+        _builtin("alps", "alps", "prune_alps",
+                 "ALPS: ADMM layer reconstruction from the SparseGPT solution, then PCG on the support",
+                 needs_calibration=True, owl=True, options="prunelab.pruning.alps:AlpsOptions"),
     )
 }
 
