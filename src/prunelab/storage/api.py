@@ -34,9 +34,9 @@ from prunelab.storage.checkpoint import (
     is_sparse_checkpoint,
     iter_decoded,
     model_parts,
-    save_sparse,
     sparse_model,
     write_preprocessors,
+    write_sparse,
 )
 
 Format = Literal["hf", "sparse"]
@@ -61,7 +61,7 @@ def save(
     directory *replaces* `directory` as a whole. Returns `directory`. `load` reads both.
     """
     if format == "sparse":
-        return save_sparse(lm_or_model, directory, tokenizer=tokenizer, extra_files=extra_files,
+        return write_sparse(lm_or_model, directory, tokenizer=tokenizer, extra_files=extra_files,
                            max_shard_bytes=max_shard_bytes)
     if format != "hf":
         raise ConfigError(f"unknown --format '{format}': use {' or '.join(FORMATS)}")

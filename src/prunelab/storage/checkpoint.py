@@ -200,7 +200,7 @@ def _build_index(model: torch.nn.Module, tensors: dict[str, torch.Tensor], entri
     }
 
 
-def save_sparse(
+def write_sparse(
     model_or_loaded: Any,
     out_dir: str | os.PathLike[str],
     *,
