@@ -8,14 +8,18 @@ summed over the block.
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
+from cli_helpers import run_cli
 from prunelab.errors import ConfigError
 from prunelab.pruning import PruneConfig, prune
-from prunelab.pruning.alps import AlpsOptions, alps_matrix, pcg_on_support
+from prunelab.pruning.alps import AlpsOptions, alps_matrix
 from prunelab.pruning.patterns import check_nm, nm_target_count, select_mask, target_count
-from prunelab.pruning.refine import reconstruction_error, refine_rows, row_errors
+from prunelab.pruning.refine import pcg_on_support, reconstruction_error, refine_matrix, refine_rows, row_errors
 from prunelab.pruning.sparsegpt import sparsegpt_matrix
 from prunelab.pruning.types import PruningError
 from prunelab.storage import load
@@ -136,6 +140,20 @@ def test_refine_after_reconstruction_uses_the_dense_target():
     assert torch.equal(refine_rows(W, H, keep, max_swaps=0), keep)
 
 
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_refine_matrix_after_wanda_and_after_sparsegpt(nm):
+    W, H = _problem(seed=8)
+    wanda = select_mask(W.abs() * torch.diagonal(H).sqrt(), 0.5, nm, rowwise=True)
+    w_new, k_new = refine_matrix(W, W * wanda, H, wanda, nm, reconstruct=False)
+    assert torch.equal(w_new, W * k_new) and torch.equal(k_new.sum(1), wanda.sum(1))
+    assert reconstruction_error(W, w_new, H) < reconstruction_error(W, W * wanda, H)
+    sg, keep = sparsegpt_matrix(W, H, 0.5, nm)
+    w_new, k_new = refine_matrix(W, sg, H, keep, nm, reconstruct=True)
+    assert torch.equal(k_new.sum(1), keep.sum(1)) and bool((w_new[~k_new] == 0).all())
+    assert nm is None or check_nm(k_new, *nm)
+    assert reconstruction_error(W, w_new, H) < reconstruction_error(W, sg, H)
+
+
 # ---------------------------------------------------------------------------------------------
 # One real block: the same calibration inputs for every method
 # ---------------------------------------------------------------------------------------------
@@ -238,3 +256,33 @@ def test_alps_options_are_validated():
         PruneConfig.from_settings("alps", rho0=0)
     with pytest.raises(ConfigError, match="no option 'blocksize'"):
         PruneConfig.from_settings("alps", blocksize=64)
+
+
+def test_cli_prune_alps_writes_report_with_its_options(tiny_dirs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pruned"
+    code, text = run_cli(monkeypatch, capsys, "prune", str(tiny_dirs["llama"]), "--method", "alps", "--pattern", "2:4",
+                         "--nsamples", "2", "--seqlen", "16", "--opt", "max_iters=6", "--out", str(out))
+    assert code == 0, text
+    report = json.loads((out / "prune_report.json").read_text())
+    assert report["method"] == "alps" and report["config"]["options"]["max_iters"] == 6
+    assert all(m["pruned"] == m["numel"] // 2 for m in report["matrices"])
+
+
+def test_cli_alps_singular_hessian_is_a_one_line_error_and_writes_nothing(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import prunelab.pruning.alps as alps
+
+    real = alps.AlpsStats.hessian
+
+    def singular(self):
+        H = real(self)
+        H[0, 0] = -1e6  # no dampening makes this positive definite
+        return H
+
+    monkeypatch.setattr(alps.AlpsStats, "hessian", singular)
+    out = tmp_path / "out"
+    code, text = run_cli(monkeypatch, capsys, "prune", str(tiny_dirs["llama"]), "--method", "alps",
+                         "--nsamples", "2", "--seqlen", "16", "--out", str(out))
+    flat = " ".join(text.split())
+    assert code == 2 and flat.startswith("error:") and flat.count("error:") == 1, text
+    assert re.search(r"alps model\.layers\.0\.\S+: Hessian still singular", flat) and "Traceback" not in text
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -33,7 +33,7 @@ from prunelab.models.types import LoadedModel, PrunableMatrix
 from prunelab.pruning.magnitude import prune_outside_blocks
 from prunelab.pruning.owl import block_sparsities
 from prunelab.pruning.patterns import lowest_k_mask, nm_mask, nm_target_count, target_count
-from prunelab.pruning.refine import row_errors
+from prunelab.pruning.refine import pcg_on_support, row_errors
 from prunelab.pruning.registry import PruneWarning
 from prunelab.pruning.sequential import ProgressFn, run_sequential
 from prunelab.pruning.sparsegpt import DAMP_RETRIES, HessianStats, sparsegpt_matrix
@@ -156,42 +156,6 @@ def admm_support(
         rho = _next_rho(rho, changed, opts)
         inv = fac.inverse(rho)
     return mask, B, it
-
-
-def pcg_on_support(
-    target: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, X0: torch.Tensor, *, iters: int = 15,
-    rtol: float = 1e-4,
-) -> torch.Tensor:
-    """argmin over X with X = 0 off `mask` of tr((target − X) H (target − X)ᵀ), every row at once, in H's dtype.
-
-    Conjugate gradient on each row's kept coordinates, Jacobi-preconditioned by diag(H) and
-    started from X0 (restricted to the mask): each iteration costs one (rows × in × in)
-    product, and CG never raises the objective, so a good start (SparseGPT's or ADMM's
-    weights) only gets better.
-    """
-    Hd = H
-    m = mask.to(H.dtype)
-    X = X0.to(H.dtype) * m
-    R = (target.to(H.dtype) - X) @ Hd * m  # minus half the gradient, on the support
-    dinv = 1.0 / torch.diagonal(Hd).clamp_min(1e-300)
-    Z = R * dinv
-    P = Z
-    rz = (R * Z).sum(1)
-    stop = rtol * R.norm(dim=1)
-    for _ in range(max(0, iters)):
-        AP = (P @ Hd) * m
-        pap = (P * AP).sum(1)
-        alpha = torch.where(pap > 0, rz / pap.clamp_min(1e-300), torch.zeros_like(pap))
-        X = X + alpha.unsqueeze(1) * P
-        R = R - alpha.unsqueeze(1) * AP
-        if bool((R.norm(dim=1) <= stop).all()):
-            break
-        Z = R * dinv
-        rz_new = (R * Z).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
-        P = Z + beta.unsqueeze(1) * P
-        rz = rz_new
-    return X
 
 
 def _factor_with_retries(H: torch.Tensor, percdamp: float, name: str, cache: dict[float, _Factor]) -> _Factor:

@@ -15,7 +15,8 @@ keeps its count and stays valid. After a swap g is updated by two rows of H (O(i
 so a round costs O(out · in), not a matrix product.
 
 Methods that reconstruct weights (sparsegpt, alps) pass the dense weight as `dense`: the swap
-restores the dense value, and the caller re-solves the weights on the new support afterwards.
+restores the dense value, and the weights are re-solved on the new support afterwards by
+`pcg_on_support` (shared with alps): `refine_matrix` is that whole step for one matrix.
 """
 
 from __future__ import annotations
@@ -34,6 +35,42 @@ def row_errors(dense: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> to
 def reconstruction_error(dense: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> float:
     """‖WX − ŴX‖² / n = tr((W − Ŵ) H (W − Ŵ)ᵀ), summed over rows."""
     return float(row_errors(dense, weight, H).sum())
+
+
+def pcg_on_support(
+    target: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, X0: torch.Tensor, *, iters: int = 15,
+    rtol: float = 1e-4,
+) -> torch.Tensor:
+    """argmin over X with X = 0 off `mask` of tr((target − X) H (target − X)ᵀ), every row at once, in H's dtype.
+
+    Conjugate gradient on each row's kept coordinates, Jacobi-preconditioned by diag(H) and
+    started from X0 (restricted to the mask): each iteration costs one (rows × in × in)
+    product, and CG never raises the objective, so a good start (SparseGPT's or ADMM's
+    weights) only gets better.
+    """
+    Hd = H
+    m = mask.to(H.dtype)
+    X = X0.to(H.dtype) * m
+    R = (target.to(H.dtype) - X) @ Hd * m  # minus half the gradient, on the support
+    dinv = 1.0 / torch.diagonal(Hd).clamp_min(1e-300)
+    Z = R * dinv
+    P = Z
+    rz = (R * Z).sum(1)
+    stop = rtol * R.norm(dim=1)
+    for _ in range(max(0, iters)):
+        AP = (P @ Hd) * m
+        pap = (P * AP).sum(1)
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(1e-300), torch.zeros_like(pap))
+        X = X + alpha.unsqueeze(1) * P
+        R = R - alpha.unsqueeze(1) * AP
+        if bool((R.norm(dim=1) <= stop).all()):
+            break
+        Z = R * dinv
+        rz_new = (R * Z).sum(1)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        P = Z + beta.unsqueeze(1) * P
+        rz = rz_new
+    return X
 
 
 class _RowState:
@@ -156,3 +193,37 @@ def refine_rows(
         st.apply(active[good], i[good], j[good])
         active = active[good]
     return st.keep
+
+
+def refine_matrix(
+    dense: torch.Tensor,
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    keep_mask: torch.Tensor,
+    nm: tuple[int, int] | None = None,
+    *,
+    reconstruct: bool,
+    max_swaps: int = 100,
+    percdamp: float = 0.01,
+    pcg_iters: int = 15,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One matrix after any method: (new weight, new keep-mask) with the same counts and a lower error.
+
+    Prune-only methods (`reconstruct=False`): swaps on the dense values, the weight is dense ⊙ mask.
+    Reconstructing methods: swaps against the dense target from the method's weights, then the
+    weights are re-solved on the new support (PCG, dampened H, from the swapped weights); if
+    that is not better on the undamped H than the method's own result, the input is returned.
+    """
+    keep = keep_mask.bool()
+    if not reconstruct:
+        new = refine_rows(dense, H, keep, nm, max_swaps=max_swaps)
+        return (dense * new).to(weight.dtype), new
+    new = refine_rows(weight, H, keep, nm, max_swaps=max_swaps, dense=dense)
+    start = torch.where(keep, weight.float(), dense.float()) * new
+    Hd = H.double().clone()
+    Hd.diagonal().add_(percdamp * float(torch.diagonal(H).double().mean()))
+    solved = pcg_on_support(dense.float(), Hd.float(), new, start, iters=pcg_iters).float() * new
+    before = reconstruction_error(dense, weight, H)
+    if not torch.isfinite(solved).all() or reconstruction_error(dense, solved, H) > before:
+        return weight, keep
+    return solved.to(weight.dtype), new
