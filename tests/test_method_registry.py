@@ -72,7 +72,7 @@ def test_prune_config_options_come_from_the_spec():
         ("sparsegpt", {"blocksize": 0}, "blocksize ≥ 1"),
         ("structured", {"target": "rows"}, "unknown structured target 'rows'"),
         ("structured", {"pattern": "2:4"}, "structured does not support the pattern 2:4"),
-        ("magnitude", {"owl": True}, "--owl applies to wanda and sparsegpt and alps, not to magnitude"),
+        ("magnitude", {"owl": True}, "--owl applies to wanda, sparsegpt, alps, not to magnitude"),
     ]:
         with pytest.raises(ConfigError, match=fragment):
             PruneConfig.from_settings(method, **settings)

@@ -85,7 +85,7 @@ class PruneConfig:
             self.sparsity = nm[0] / nm[1]
         if self.owl and not spec.owl:
             owl_methods = [name for name, s in METHODS.items() if s.owl]
-            raise ConfigError(f"--owl applies to {' and '.join(owl_methods)}, not to {self.method}")
+            raise ConfigError(f"--owl applies to {', '.join(owl_methods)}, not to {self.method}")
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("calibration needs --nsamples ≥ 1 and --seqlen ≥ 2")
         self.options = spec.make_options(self.options)
