@@ -77,8 +77,11 @@ SCHEMA_ADAPTERS = {"boolq": _boolq_labels}  # only where the local copy's column
 
 def lm_eval_task_config(task: str) -> dict[str, Any]:
     """lm-eval's own config for `task`, loaded from the installed package's YAML (functions resolved)."""
-    import lm_eval.tasks
-    from lm_eval.tasks._yaml_loader import load_yaml
+    try:  # a private module of lm-eval 0.4.13: the loader that resolves `!function` the way lm-eval does
+        import lm_eval.tasks
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError as exc:
+        raise ConfigError(f"lm-eval's task loader is missing ({exc}): install {LM_EVAL_PIN}") from exc
 
     path = Path(lm_eval.tasks.__file__).parent / TASK_YAMLS[task]
     if not path.is_file():
@@ -136,6 +139,22 @@ def offline_quiet() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """simple_evaluate reseeds python, numpy and torch globally; put the caller's generators back afterwards."""
+    import random
+
+    import torch
+
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
 
 
 @contextmanager
@@ -230,7 +249,7 @@ def evaluate_zeroshot(lm: LoadedModel, options: EvalOptions) -> EvalResult:
     limit = resolve_limit(options)
     splits = {t: zeroshot_split(t, options.data) for t in tasks}  # all data checked before the first forward
     per_task: dict[str, dict[str, Any]] = {}
-    with offline_quiet():
+    with offline_quiet(), preserved_rng():
         hflm = HFLM(pretrained=lm.model, tokenizer=tokenizer, batch_size=options.batch_size)
         for task in tasks:
             per_task[task] = run_task(hflm, task, splits[task], limit)
