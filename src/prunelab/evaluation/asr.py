@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from prunelab.data import speech
+from prunelab.evaluation.common import ratio_interval_data
 from prunelab.evaluation.types import EvalOptions, EvalResult, file_sha256
 
 DEFAULT_CLIPS = 16
@@ -156,6 +157,16 @@ def word_errors(references: list[str], hypotheses: list[str]) -> dict[str, float
             "insertions": out.insertions, "hits": out.hits, "reference_words": sum(len(r.split()) for r in refs)}
 
 
+def per_clip_errors(references: list[str], hypotheses: list[str]) -> list[tuple[float, int]]:
+    """(word errors, reference words) per clip: corpus WER is their ratio of sums, the bootstrap's unit."""
+    out = []
+    for ref, hyp in zip(references, hypotheses, strict=True):
+        e = word_errors([ref], [hyp])
+        out.append((float(e["substitutions"] + e["deletions"] + e["insertions"]),
+                    int(e["hits"] + e["substitutions"] + e["deletions"])))
+    return out
+
+
 def evaluate_asr(lm: Any, options: EvalOptions | None = None) -> EvalResult:
     """Greedy-transcription WER and teacher-forced transcript perplexity on synthesised speech clips."""
     options = options or EvalOptions()
@@ -199,6 +210,7 @@ def evaluate_asr(lm: Any, options: EvalOptions | None = None) -> EvalResult:
         details={
             "audio_seconds": round(sum(c.seconds for c in clips), 2),
             "word_errors": errors,
+            "interval_data": ratio_interval_data("clips", per_clip_errors(texts, hyps), None),
             "max_new_tokens": MAX_NEW_TOKENS,
             "examples": [{"reference": r, "hypothesis": h} for r, h in list(zip(texts, hyps, strict=True))[:4]],
             "speech_version": speech.SPEECH_VERSION,

@@ -22,6 +22,48 @@ from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+BLOCK_TOKENS = 128  # perplexity's resampling unit: consecutive predicted tokens of one window
+Blocks = list[tuple[float, int]]  # (summed NLL, scored tokens) per resampling unit
+
+
+def ratio_interval_data(units: str, blocks: Blocks, transform: str | None) -> dict[str, Any]:
+    """What a bootstrap over `units` needs: per-unit numerators and denominators of a ratio statistic.
+
+    The statistic is sum(num) / sum(den) (exp of it for perplexities, `transform="exp"`); the report
+    resamples the units to draw its interval. Stored compactly (4 decimals), never used for the value.
+    """
+    return {"kind": "ratio", "units": units, "transform": transform,
+            "num": [round(float(a), 4) for a, _ in blocks], "den": [int(b) for _, b in blocks]}
+
+
+def binomial_interval_data(labels: Any, preds: Any) -> dict[str, Any]:
+    """Accuracy as counts (correct of n): what a Wilson interval needs, plus the per-example hits."""
+    hits = (np.asarray(labels) == np.asarray(preds)).astype(int)
+    return {"kind": "binomial", "units": "examples", "correct": int(hits.sum()), "n": int(hits.size),
+            "hits": "".join(map(str, hits.tolist()))}
+
+
+def per_token_blocks(losses: torch.Tensor, block: int = BLOCK_TOKENS) -> Blocks:
+    """Split each row of per-token NLLs (every position scored) into consecutive blocks of `block` tokens."""
+    out: Blocks = []
+    for row in losses:
+        for start in range(0, row.shape[0], block):
+            part = row[start : start + block]
+            out.append((float(part.sum()), int(part.numel())))
+    return out
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor, per_token: list[torch.Tensor] | None = None,
+               ignore_index: int = -100) -> float:
+    """Summed cross-entropy, bitwise equal to `F.cross_entropy(..., reduction="sum")`.
+
+    cross_entropy is nll_loss(log_softmax) in ATen, so computing log_softmax once also yields the
+    per-token NLLs (appended to `per_token`) without changing the sum the metric is built from.
+    """
+    logp = F.log_softmax(logits, dim=-1)
+    if per_token is not None:
+        per_token.append(F.nll_loss(logp, targets, ignore_index=ignore_index, reduction="none"))
+    return float(F.nll_loss(logp, targets, ignore_index=ignore_index, reduction="sum"))
 
 
 def resolve_seqlen(lm: LoadedModel, requested: int | None, cap: int, fallback: int = 512) -> int:
@@ -103,25 +145,31 @@ class CausalScorer:
         return full.shape == sliced.shape and torch.allclose(full, sliced, rtol=1e-4, atol=1e-4)
 
     @torch.inference_mode()
-    def window_nll(self, input_ids: torch.Tensor) -> tuple[float, int]:
-        """(sum of NLL, number of predicted tokens) over a batch of full windows (no padding)."""
+    def window_nll(self, input_ids: torch.Tensor, blocks: Blocks | None = None) -> tuple[float, int]:
+        """(sum of NLL, number of predicted tokens) over a batch of full windows (no padding).
+
+        With `blocks`, also append (NLL, tokens) per `BLOCK_TOKENS` predicted tokens of each window,
+        the units the report's bootstrap interval resamples.
+        """
         if self.sliced is None:
             self.sliced = self._check_sliced(input_ids)
         targets = input_ids[:, 1:]
+        per_token: list[torch.Tensor] | None = [] if blocks is not None else None
         if not self.sliced:
             logits = self.model(input_ids=input_ids).logits[:, :-1].float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-            return float(nll), int(targets.numel())
-        hidden = backbone(self.model)(input_ids=input_ids).last_hidden_state[:, :-1]
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        flat_targets = targets.reshape(-1)
-        head = self.model.get_output_embeddings()
-        total = 0.0
-        for start in range(0, hidden.shape[0], self.chunk_tokens):
-            stop = start + self.chunk_tokens
-            logits = head(hidden[start:stop]).float()
-            total += float(F.cross_entropy(logits, flat_targets[start:stop], reduction="sum"))
-        return total, int(flat_targets.numel())
+            total = summed_nll(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), per_token)
+        else:
+            hidden = backbone(self.model)(input_ids=input_ids).last_hidden_state[:, :-1]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            flat_targets = targets.reshape(-1)
+            head = self.model.get_output_embeddings()
+            total = 0.0
+            for start in range(0, hidden.shape[0], self.chunk_tokens):
+                stop = start + self.chunk_tokens
+                total += summed_nll(head(hidden[start:stop]).float(), flat_targets[start:stop], per_token)
+        if blocks is not None and per_token is not None:
+            blocks += per_token_blocks(torch.cat(per_token).view(targets.shape))
+        return total, int(targets.numel())
 
 
 def ppl_from_nll(nll_sum: float, count: int) -> float:

@@ -67,12 +67,17 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.clip(np.linalg.norm(x, axis=1, keepdims=True), 1e-12, None)
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `a` with the same row of `b` (float64)."""
+    return (_normalize(a.astype(np.float64)) * _normalize(b.astype(np.float64))).sum(1)
+
+
 def fidelity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Mean cosine of matching rows, and Spearman of the two pairwise-cosine upper triangles."""
     from scipy.stats import spearmanr
 
     na, nb = _normalize(a.astype(np.float64)), _normalize(b.astype(np.float64))
-    cosine = (na * nb).sum(1)
+    cosine = row_cosines(a, b)
     iu = np.triu_indices(len(a), k=1)
     sims_a, sims_b = (na @ na.T)[iu], (nb @ nb.T)[iu]
     rho = float(spearmanr(sims_a, sims_b).statistic) if len(sims_a) > 1 else float("nan")
@@ -99,6 +104,7 @@ def evaluate_embed(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         raise ConfigError(f"embed: {lm.name} and reference {reference.name} have different widths "
                           f"({ours.shape[1]} vs {theirs.shape[1]}): pass the dense version with --reference")
     metrics = fidelity(ours, theirs)
+    per_sentence = row_cosines(ours, theirs)  # the bootstrap's units for the report's interval
     ref_sparsity = _zero_fraction(reference)
     note = (f"mean-pooled embeddings of {len(dev)} SST-2 dev sentences vs reference {reference.name} ({how}); "
             "mean cosine per sentence and Spearman of pairwise cosine similarities")
@@ -108,5 +114,7 @@ def evaluate_embed(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         lm, "embed", options, metrics=metrics, primary="mean_cosine", higher_is_better=True,
         note=note, n_examples=len(dev), seqlen=max_length, data_path=dev.path, data_sha256=dev.sha256,
         details={"reference": reference.name, "reference_from": how, "reference_zero_fraction": ref_sparsity,
-                 "model_zero_fraction": _zero_fraction(lm)},
+                 "model_zero_fraction": _zero_fraction(lm),
+                 "interval_data": {"kind": "mean", "units": "sentences",
+                                   "values": [round(float(c), 6) for c in per_sentence]}},
     )

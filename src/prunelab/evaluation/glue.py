@@ -21,7 +21,14 @@ import warnings
 import numpy as np
 
 from prunelab.data.glue import GlueSplit, read_glue
-from prunelab.evaluation.common import encode_texts, new_result, pooled_features, require_tokenizer, text_max_length
+from prunelab.evaluation.common import (
+    binomial_interval_data,
+    encode_texts,
+    new_result,
+    pooled_features,
+    require_tokenizer,
+    text_max_length,
+)
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -109,6 +116,8 @@ def evaluate_glue(lm: LoadedModel, options: EvalOptions, task: str) -> EvalResul
 
         raise ConfigError(f"unknown --mode '{options.mode}': use probe or finetune")
     metrics = _metrics(task, dev.labels, preds)
+    details["interval_data"] = binomial_interval_data(dev.labels, preds)
+    details["num_classes"] = 2  # SST-2 and MRPC are binary: chance is 1/2
     return new_result(
         lm, task, options, metrics=metrics, primary="accuracy", higher_is_better=True,
         note=f"GLUE {task.upper()} dev; {how}; trained on {len(train)} of {len(train_full)} train rows (seeded)",

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from prunelab.data.wikitext import load_wikitext, token_stream
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import CausalScorer, ppl_result, require_tokenizer, resolve_seqlen
+from prunelab.evaluation.common import (
+    BLOCK_TOKENS,
+    Blocks,
+    CausalScorer,
+    ppl_result,
+    ratio_interval_data,
+    require_tokenizer,
+    resolve_seqlen,
+)
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -36,8 +44,9 @@ def evaluate_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
     per_batch = max(1, min(options.batch_size, TOKEN_BUDGET // seqlen))
     scorer = CausalScorer(lm.model)
     nll_sum, count = 0.0, 0
+    blocks: Blocks = []
     for start in range(0, n_windows, per_batch):
-        nll, n = scorer.window_nll(windows[start : start + per_batch])
+        nll, n = scorer.window_nll(windows[start : start + per_batch], blocks)
         nll_sum += nll
         count += n
     return ppl_result(
@@ -53,5 +62,6 @@ def evaluate_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
             "max_tokens": options.max_tokens,
             "text_sha256": corpus.text_sha256,
             "sliced_lm_head": bool(scorer.sliced),
+            "interval_data": ratio_interval_data(f"{BLOCK_TOKENS}-token blocks of the windows", blocks, "exp"),
         },
     )

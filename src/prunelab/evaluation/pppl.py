@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 from prunelab.data.wikitext import load_wikitext
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import backbone, new_result, ppl_result, require_tokenizer, resolve_seqlen
+from prunelab.evaluation.common import (
+    Blocks,
+    backbone,
+    new_result,
+    ppl_result,
+    ratio_interval_data,
+    require_tokenizer,
+    resolve_seqlen,
+)
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -96,6 +104,7 @@ def evaluate_pppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
     special = set(tokenizer.all_special_ids)
     scorer = MaskedScorer(lm.model)
     nll, count, sentences = 0.0, 0, 0
+    per_sentence: Blocks = []
     for row in rows:
         if count >= budget or (options.max_examples is not None and sentences >= options.max_examples):
             break
@@ -103,7 +112,9 @@ def evaluate_pppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         positions = [i for i, t in enumerate(ids) if t not in special][: budget - count]
         if not positions:
             continue
-        nll += scorer.sentence_nll(ids, positions, tokenizer.mask_token_id)
+        sentence = scorer.sentence_nll(ids, positions, tokenizer.mask_token_id)
+        nll += sentence
+        per_sentence.append((sentence, len(positions)))
         count += len(positions)
         sentences += 1
     return ppl_result(
@@ -111,5 +122,6 @@ def evaluate_pppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         note=(f"pseudo-perplexity: each non-special token masked in turn; {sentences} WikiText-2 test rows "
               f"(headings skipped) truncated to {seqlen} tokens, first {count} scored tokens"),
         n_examples=sentences, seqlen=seqlen, corpus=corpus,
-        details={"max_tokens": budget, "sliced_head": scorer.head is not None},
+        details={"max_tokens": budget, "sliced_head": scorer.head is not None,
+                 "interval_data": ratio_interval_data("sentences", per_sentence, "exp")},
     )

@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from prunelab.data.wikitext import load_wikitext, token_stream
 from prunelab.errors import ConfigError, DataError
-from prunelab.evaluation.common import ppl_result, require_tokenizer
+from prunelab.evaluation.common import Blocks, ppl_result, ratio_interval_data, require_tokenizer, summed_nll
 from prunelab.evaluation.types import EvalOptions, EvalResult
 from prunelab.models.types import LoadedModel
 
@@ -168,8 +167,12 @@ def collate(examples: Sequence[Seq2SeqExample], pad_id: int, decoder_start: int,
 
 @torch.inference_mode()
 def seq2seq_nll(model: torch.nn.Module, examples: Sequence[Seq2SeqExample], *, pad_id: int, batch_size: int = 8,
-                extra_padding: int = 0) -> tuple[float, int]:
-    """(sum of NLL over target tokens, number of target tokens), teacher-forced."""
+                extra_padding: int = 0, per_example: Blocks | None = None) -> tuple[float, int]:
+    """(sum of NLL over target tokens, number of target tokens), teacher-forced.
+
+    With `per_example`, also append each example's (NLL, target tokens) in batch order (the
+    bootstrap units of the report's interval).
+    """
     start = _decoder_start(model)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].target_ids))
     total, count = 0.0, 0
@@ -177,9 +180,12 @@ def seq2seq_nll(model: torch.nn.Module, examples: Sequence[Seq2SeqExample], *, p
         batch = collate([examples[j] for j in order[i : i + batch_size]], pad_id, start, extra_padding)
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum"))
+        per_token: list[torch.Tensor] | None = [] if per_example is not None else None
+        total += summed_nll(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), per_token)
         count += int((labels != -100).sum())
+        if per_example is not None and per_token is not None:
+            rows = per_token[0].view(labels.shape).sum(1).tolist()
+            per_example += list(zip(rows, (labels != -100).sum(1).tolist(), strict=True))
     return total, count
 
 
@@ -213,7 +219,9 @@ def evaluate_seq2seq_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
     chunks = stream[: n_chunks * chunk_len].view(n_chunks, chunk_len).tolist()
     examples, task = build_examples(lm, chunks, options.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else lm.model.config.pad_token_id
-    nll, count = seq2seq_nll(lm.model, examples, pad_id=int(pad_id), batch_size=options.batch_size)
+    per_example: Blocks = []
+    nll, count = seq2seq_nll(lm.model, examples, pad_id=int(pad_id), batch_size=options.batch_size,
+                             per_example=per_example)
     descriptions = {
         "t5-span": "T5 span corruption (15 % noise, mean span 3, sentinels); target = sentinels + dropped spans + </s>",
         "bart-mask": "BART token masking (15 % of tokens -> <mask>); target = the clean chunk with <s> … </s>",
@@ -226,5 +234,6 @@ def evaluate_seq2seq_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
         n_examples=n_chunks, seqlen=seqlen, corpus=corpus,
         details={"task": task, "chunk_tokens": chunk_len, "noise_density": NOISE_DENSITY,
                  "mean_span": MEAN_SPAN if task == "t5-span" else None,
-                 "input_tokens": sum(len(e.input_ids) for e in examples), "text_sha256": corpus.text_sha256},
+                 "input_tokens": sum(len(e.input_ids) for e in examples), "text_sha256": corpus.text_sha256,
+                 "interval_data": ratio_interval_data("examples", per_example, "exp")},
     )

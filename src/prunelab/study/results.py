@@ -73,6 +73,9 @@ class BenchOutcome:
     higher_is_better: bool | None
     applicable: bool
     note: str
+    interval_data: dict[str, Any] | None = None  # the units an interval is drawn from (report.intervals)
+    majority: float | None = None  # accuracy of always answering the dev set's majority class
+    chance: float | None = None  # accuracy of guessing uniformly (1 / number of classes)
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class SpeedOutcome:
     metric: str  # DECODE_METRIC or PREFILL_METRIC
     dense: float | None
     sparse: float | None
+    dense_runs: tuple[float, ...] = ()  # the same metric per timed repeat (its spread)
+    sparse_runs: tuple[float, ...] = ()
+    memory_bytes: float | None = None  # sparse model: RSS growth when measured, else bytes of its weights
+    memory_what: str = ""
 
     @property
     def is_decode(self) -> bool:
@@ -166,13 +173,45 @@ class CellResult:
         m = self.metrics
         applicable = m.get("status") != "not_applicable"
         hib = m.get("higher_is_better")
+        details = m.get("details") or {}
+        chance = 1.0 / details["num_classes"] if details.get("num_classes") else finite(
+            (m.get("metrics") or {}).get("mean_chance"))
         return BenchOutcome(value=finite(m.get("value")) if applicable else None, primary=m.get("primary"),
                             higher_is_better=None if hib is None else bool(hib), applicable=applicable,
-                            note=str(m.get("note") or ""))
+                            note=str(m.get("note") or ""), interval_data=_interval_data(m),
+                            majority=finite(details.get("majority_baseline")), chance=chance)
 
     def speed_outcome(self) -> SpeedOutcome:
         """speed cells: from `runtime.bench_model`'s `speed` section (decode, or prefill for encoders)."""
         speed = self.metrics.get("speed") or {}
         dense, sparse = speed.get("dense") or {}, speed.get("sparse") or {}
         metric = DECODE_METRIC if finite(dense.get(DECODE_METRIC)) is not None else PREFILL_METRIC
-        return SpeedOutcome(metric=metric, dense=finite(dense.get(metric)), sparse=finite(sparse.get(metric)))
+        n_prefill = finite((self.metrics.get("settings") or {}).get("prefill_tokens"))
+        memory = self.metrics.get("memory") or {}
+        rss, weights = finite(memory.get("sparse_rss_delta_bytes")), finite((memory.get("weights_bytes") or {})
+                                                                             .get("sparse"))
+        return SpeedOutcome(metric=metric, dense=finite(dense.get(metric)), sparse=finite(sparse.get(metric)),
+                            dense_runs=_runs(dense, metric, n_prefill), sparse_runs=_runs(sparse, metric, n_prefill),
+                            memory_bytes=rss if rss is not None else weights,
+                            memory_what="RSS growth after load" if rss is not None else
+                            ("weights in memory" if weights is not None else ""))
+
+
+def _runs(variant: Mapping[str, Any], metric: str, n_prefill: float | None) -> tuple[float, ...]:
+    """Per-repeat values of `metric` from `bench_model`'s raw timings (ms/token, or tokens/s)."""
+    if metric == DECODE_METRIC:
+        return tuple(1e3 * x for x in variant.get("decode_s_per_token_runs") or [] if finite(x) is not None)
+    return tuple(n_prefill / x for x in variant.get("prefill_s_runs") or [] if finite(x) and n_prefill)
+
+
+def _interval_data(m: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the bench recorded for an interval; for lm-eval's zero-shot mean, its per-task standard errors."""
+    details = m.get("details") or {}
+    if details.get("interval_data"):
+        return dict(details["interval_data"])
+    tasks = details.get("tasks")
+    if m.get("primary") == "mean_acc" and isinstance(tasks, dict) and tasks:
+        errs = [finite(t.get("acc_stderr")) for t in tasks.values() if isinstance(t, dict)]
+        if errs and None not in errs and finite(m.get("value")) is not None:
+            return {"kind": "normal_mean", "value": m.get("value"), "stderr": errs}
+    return None
