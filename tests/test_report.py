@@ -89,19 +89,20 @@ def test_report_has_every_figure_embedded(tmp_path):
     paths = build_report(tmp_path)
     html = paths["html"].read_text()
     md = paths["markdown"].read_text()
-    # per model: 3 analysis plots + 1 benchmark + size + speed
-    assert paths["figures"] == 2 * 6
+    # per model: 3 analysis plots + 1 benchmark + size + speed + 2 trade-offs (quality vs size, vs speed)
+    assert paths["figures"] == 2 * 8
     uris = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", html)
-    assert len(uris) == 12
+    assert len(uris) == 16
     assert all(base64.b64decode(u).startswith(PNG_MAGIC) for u in uris)
     assert "src='http" not in html and "src=\"http" not in html  # self-contained
     for fragment in ("CDF of |w| per block", "ppl vs sparsity", "size on disk", "decode latency", "Summary",
                      "Configuration", "Library versions", "RuntimeError: boom", "preset"):
         assert fragment in html, fragment
     linked = re.findall(r"\]\((report_files/[^)]+)\)", md)
-    assert len(linked) == 12 and all((tmp_path / p).is_file() for p in linked)
+    assert len(linked) == 16 and all((tmp_path / p).is_file() for p in linked)
     # summary: one line per point; the dense reference first
-    table = [line for line in md.splitlines() if line.startswith("| zoo:dec |")]
+    summary = md[md.index("## Summary"):md.index("## Methods")]  # the headline's tables come before it
+    table = [line for line in summary.splitlines() if line.startswith("| zoo:dec |")]
     assert table[0].split("|")[2].strip() == "dense" and len(table) == 5
 
 
@@ -157,7 +158,7 @@ def test_report_html_renders_all_images_in_chromium(tmp_path):
     synthetic_study(tmp_path / "study")
     paths = build_report(tmp_path / "study")
     marker, shot = render_in_chromium(paths["html"], tmp_path)
-    assert marker == "IMAGES 12/12", marker
+    assert marker == "IMAGES 16/16", marker
     assert shot.is_file() and shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 20_000
 
 
@@ -190,10 +191,10 @@ def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     summary = run_study(cfg, tmp_path / "study", progress=False)
     assert summary.failed == 0, summary.failures
     paths = build_report(tmp_path / "study")
-    # per model: 3 analysis plots + 1 benchmark + size + speed
-    assert paths["figures"] == 12
+    # per model: 3 analysis plots + 1 benchmark + size + speed + 2 trade-offs
+    assert paths["figures"] == 16
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 12
+    assert html.count("data:image/png;base64,") == 16
     assert "prefill throughput" in html and "decode latency" in html  # encoder vs decoder speed metric
 
 
@@ -216,4 +217,4 @@ def test_results_and_report_commands(tmp_path):
     assert float(ppl[0]["value"]) == 20.0
     res = runner.invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    assert (tmp_path / "report.html").is_file() and "12 figures" in " ".join(res.output.split())
+    assert (tmp_path / "report.html").is_file() and "16 figures" in " ".join(res.output.split())

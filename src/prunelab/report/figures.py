@@ -9,14 +9,17 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import matplotlib
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 Series = Mapping[str, Sequence[tuple[float, float]]]
+Bands = Mapping[str, Sequence[tuple[float, float, float]]]  # label -> (x, low, high)
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
@@ -32,6 +35,22 @@ def _finite(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
                   if x is not None and y is not None and math.isfinite(float(y)))
 
 
+def _band(ax: matplotlib.axes.Axes, band: Sequence[tuple[float, float, float]] | None, color: str,
+          log_y: bool) -> None:
+    """Shade a 95 % interval along a curve (points without an interval are skipped)."""
+    pts = sorted((float(x), float(lo), float(hi)) for x, lo, hi in band or []
+                 if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi))
+    if not pts:
+        return
+    xs, los, his = zip(*pts, strict=True)
+    if log_y:
+        los, his = tuple(max(v, 1e-12) for v in los), tuple(max(v, 1e-12) for v in his)
+    if len(xs) == 1:
+        ax.errorbar(xs, [(los[0] + his[0]) / 2], yerr=[(his[0] - los[0]) / 2], color=color, capsize=3, fmt="none")
+    else:
+        ax.fill_between(xs, los, his, color=color, alpha=0.18, linewidth=0)
+
+
 def metric_vs_sparsity(
     series: Series,
     *,
@@ -39,8 +58,16 @@ def metric_vs_sparsity(
     ylabel: str,
     dense: float | None = None,
     log_y: bool = False,
+    bands: Bands | None = None,
+    dense_band: tuple[float, float] | None = None,
+    baselines: Mapping[str, float] | None = None,
 ) -> bytes | None:
-    """One line per method; the dense model as a dashed horizontal reference line."""
+    """One line per method; the dense model as a dashed horizontal reference line.
+
+    `bands` (label -> (x, low, high)) shade each method's 95 % interval, `dense_band` dense's;
+    `baselines` (e.g. majority class, chance) are dotted grey lines, so a curve that "rises" to
+    the majority-class accuracy is seen for what it is.
+    """
     cleaned = {k: _finite(v) for k, v in series.items()}
     cleaned = {k: v for k, v in cleaned.items() if v}
     if not cleaned and dense is None:
@@ -50,10 +77,15 @@ def metric_vs_sparsity(
         xs, ys = zip(*pts, strict=True)
         if log_y:
             ys = tuple(max(y, 1e-12) for y in ys)
-        ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=label)
+        line = ax.plot(xs, ys, marker=_MARKERS[i % len(_MARKERS)], label=label)[0]
+        _band(ax, (bands or {}).get(label), line.get_color(), log_y)
     if dense is not None and math.isfinite(dense):
         ax.axhline(max(dense, 1e-12) if log_y else dense, color="black", linestyle="--", linewidth=1,
                    label=f"dense ({dense:.4g})")
+        if dense_band is not None:
+            ax.axhspan(*dense_band, color="black", alpha=0.08, label="dense 95 % interval")
+    for j, (name, level) in enumerate(sorted((baselines or {}).items())):
+        ax.axhline(level, color="grey", linestyle=(0, (1, 2 + j)), linewidth=1.2, label=f"{name} ({level:.3g})")
     if log_y:
         ax.set_yscale("log")
     ax.set_xlabel("sparsity (fraction of prunable weights set to zero)")
@@ -91,6 +123,100 @@ def size_vs_sparsity(
     return _png(fig)
 
 
-def speed_vs_sparsity(series: Series, *, title: str, ylabel: str, dense: float | None = None) -> bytes | None:
-    """Decode latency per token (or any speed number) for the sparse runtime, dense as reference."""
-    return metric_vs_sparsity(series, title=title, ylabel=ylabel, dense=dense, log_y=False)
+def speed_vs_sparsity(series: Series, *, title: str, ylabel: str, dense: float | None = None,
+                      bands: Bands | None = None) -> bytes | None:
+    """Decode latency per token (or any speed number) for the sparse runtime, dense as reference.
+
+    `bands` shade the min–max over the timed repeats.
+    """
+    return metric_vs_sparsity(series, title=title, ylabel=ylabel, dense=dense, log_y=False, bands=bands)
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One (method, sparsity, pattern) point: its cost on x, its quality on y with a 95 % interval."""
+
+    label: str  # the method (colour and legend)
+    tag: str  # written next to the point, e.g. the sparsity
+    x: float
+    y: float
+    low: float | None = None
+    high: float | None = None
+
+
+@dataclass(frozen=True)
+class TradeoffPanel:
+    """One benchmark of a trade-off figure; `dense` is drawn as the reference star."""
+
+    title: str
+    ylabel: str
+    higher_is_better: bool
+    points: list[TradeoffPoint]
+    dense: TradeoffPoint | None = None
+    log_y: bool = False
+
+
+def pareto_front(points: Sequence[tuple[float, float]], *, x_lower_is_better: bool = True,
+                 y_higher_is_better: bool = True) -> list[int]:
+    """Indices of the points no other point beats on both axes (ties on one axis count as not worse)."""
+    def better_or_equal(a: tuple[float, float], b: tuple[float, float]) -> bool:
+        x_ok = a[0] <= b[0] if x_lower_is_better else a[0] >= b[0]
+        y_ok = a[1] >= b[1] if y_higher_is_better else a[1] <= b[1]
+        return x_ok and y_ok
+
+    return [i for i, p in enumerate(points)
+            if not any(j != i and better_or_equal(q, p) and q != p for j, q in enumerate(points))]
+
+
+def _tradeoff_axes(ax: matplotlib.axes.Axes, panel: TradeoffPanel, colors: dict[str, str],
+                   x_lower_is_better: bool) -> None:
+    everything = panel.points + ([panel.dense] if panel.dense else [])
+    for p in panel.points:
+        err = None
+        if p.low is not None and p.high is not None:
+            err = [[max(0.0, p.y - p.low)], [max(0.0, p.high - p.y)]]
+        ax.errorbar([p.x], [p.y], yerr=err, fmt="o", color=colors[p.label], markersize=5, capsize=2, alpha=0.85)
+        ax.annotate(p.tag, (p.x, p.y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    if panel.dense is not None:
+        d = panel.dense
+        ax.plot([d.x], [d.y], marker="*", color="black", markersize=12, linestyle="none")
+        if d.low is not None and d.high is not None:
+            ax.axhspan(d.low, d.high, color="black", alpha=0.06)
+    front = pareto_front([(p.x, p.y) for p in everything], x_lower_is_better=x_lower_is_better,
+                         y_higher_is_better=panel.higher_is_better)
+    pts = sorted((everything[i].x, everything[i].y) for i in front)
+    if pts:
+        xs, ys = zip(*pts, strict=True)
+        ax.step(xs, ys, where="post", color="black", linewidth=1, alpha=0.6)
+        ax.plot(xs, ys, "o", markerfacecolor="none", markeredgecolor="black", markersize=9)
+    if panel.log_y:
+        ax.set_yscale("log")
+    direction = "higher" if panel.higher_is_better else "lower"
+    ax.set_title(panel.title, fontsize=9)
+    ax.set_ylabel(f"{panel.ylabel} ({direction} is better)", fontsize=8)
+    ax.grid(True, alpha=0.3, which="both")
+
+
+def tradeoff(panels: Sequence[TradeoffPanel], *, title: str, xlabel: str,
+             x_lower_is_better: bool = True) -> bytes | None:
+    """Quality against a cost, one panel per benchmark: points per method, dense (★) as reference,
+    the Pareto front (points nothing else beats on both axes) circled and joined."""
+    panels = [p for p in panels if p.points or p.dense]
+    if not panels:
+        return None
+    labels = sorted({p.label for panel in panels for p in panel.points})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {label: cycle[i % len(cycle)] for i, label in enumerate(labels)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        _tradeoff_axes(ax, panel, colors, x_lower_is_better)
+        ax.set_xlabel(xlabel, fontsize=8)
+    handles = [Line2D([], [], marker="o", color=colors[label], linestyle="none", label=label) for label in labels]
+    handles += [Line2D([], [], marker="*", color="black", markersize=10, linestyle="none", label="dense"),
+                Line2D([], [], marker="o", markerfacecolor="none", markeredgecolor="black", color="black",
+                       label="Pareto front")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return _png(fig)

@@ -25,19 +25,30 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.errors import ConfigError
+from prunelab.report.answer import bench_curves, headline_parts
 from prunelab.report.document import Code, Figure, Heading, Notes, Part, Table, Text, render_html, render_markdown
+from prunelab.report.extract import fmt, fmt_measure, fmt_speed, measure_of, short, size_numbers, speed_unit
 from prunelab.report.figures import metric_vs_sparsity, size_vs_sparsity, speed_vs_sparsity
+from prunelab.report.intervals import spread
+from prunelab.report.tradeoffs import LOG_Y_BENCHES, tradeoff_figures
 from prunelab.study.cells import DENSE
-from prunelab.study.results import finite
 from prunelab.study.store import Row, Store
+
+__all__ = ["build_report", "size_numbers", "summary_table"]
 
 ANALYSIS_PLOTS = [
     ("hist_abs_log.png", "|w| histogram (log-scale bins)"),
     ("cdf_abs.png", "CDF of |w|"),
     ("cdf_by_block.png", "CDF of |w| per block"),
 ]
-LOG_Y_BENCHES = {"ppl", "seq2seq-ppl", "pppl"}
 BOUNDS = (("bound", "entropy bound"), ("bitmask", "bitmask bound"))
+SUMMARY_NOTE = (
+    "Benchmark values with their 95 % interval in brackets: Wilson score interval for accuracies (from the number "
+    "of correct dev examples), percentile bootstrap (2000 resamples, seed 0) over the scored units for "
+    "perplexities (128-token blocks of the windows, sentences, or examples), WER (clips) and cosine fidelity "
+    "(sentences); lm-eval's standard errors for zero-shot means. Speed: median, with min–max over the timed "
+    "repeats in parentheses."
+)
 
 
 @dataclass
@@ -55,30 +66,6 @@ class Section:
 
     def parts(self) -> list[Part]:
         return [Heading(self.title), *self.figures, Notes(self.notes)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Extracting numbers from rows
-# ---------------------------------------------------------------------------------------------
-
-
-def size_numbers(row: Row) -> dict[str, float | None]:
-    """Bytes on disk of a size cell: dense HF checkpoint, sparse format, entropy and bitmask bounds."""
-    s = row.sizes
-    return {"dense": finite(s.dense_bytes), "sparse": finite(s.sparse_bytes), "bound": finite(s.entropy_bound_bytes),
-            "bitmask": finite(s.bitmask_bound_bytes)}
-
-
-def _fmt(v: Any, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
-
-
-def _short(model: str) -> str:
-    return model.rstrip("/").split("/")[-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,17 +92,25 @@ def _analysis_figures(model: str, tag: str, mrows: list[Row], out_dir: Path) -> 
 
 
 def _bench_figure(model: str, tag: str, bench: str, mrows: list[Row]) -> tuple[Figure | None, list[str]]:
-    """Benchmark value vs sparsity, one line per method, the dense model as a dashed reference."""
+    """Benchmark value vs sparsity, one line per method with its 95 % band, dense as a dashed reference.
+
+    Accuracy figures also draw the majority-class and chance levels of the dev examples used.
+    """
     rows = [r for r in mrows if r.kind == "bench" and r.bench == bench]
     outcomes = [(r, r.bench_outcome()) for r in rows if r.status == "done"]
-    dense = next((o.value for r, o in outcomes if r.method == DENSE), None)
+    curves = bench_curves(rows).get(bench)
     series: dict[str, list[tuple[float, float]]] = {}
-    primary, hib = None, None
-    for r, o in outcomes:
-        primary = primary or o.primary
-        hib = o.higher_is_better if o.higher_is_better is not None else hib
-        if r.method != DENSE and o.value is not None:
-            series.setdefault(r.method_label, []).append((r.sparsity, o.value))
+    bands: dict[str, list[tuple[float, float, float]]] = {}
+    for method, points in (curves.methods.items() if curves else []):
+        for x, m in points.items():
+            if m is not None:
+                series.setdefault(method, []).append((x, m.value))
+                if m.interval is not None:
+                    bands.setdefault(method, []).append((x, m.interval.low, m.interval.high))
+    dense = curves.dense if curves else None
+    primary = next((o.primary for _, o in outcomes if o.primary), None)
+    hib = curves.higher_is_better if curves else None
+    baselines = _baselines(o for _, o in outcomes)
     notes = []
     na = [o for _, o in outcomes if not o.applicable]
     if na:
@@ -125,10 +120,33 @@ def _bench_figure(model: str, tag: str, bench: str, mrows: list[Row]) -> tuple[F
         notes.append(f"{bench}: {len(failed)} cell(s) not done, e.g. {failed[0].error}")
     direction = "" if hib is None else (" (higher is better)" if hib else " (lower is better)")
     log_y = bench in LOG_Y_BENCHES or "ppl" in str(primary) or "perplexity" in str(primary)
-    png = metric_vs_sparsity(series, title=f"{_short(model)}: {bench} vs sparsity",
-                             ylabel=f"{primary or 'value'}{direction}", dense=dense, log_y=log_y)
-    caption = f"{model}: {bench} {primary or ''} vs sparsity, one line per method" + (" (log y)" if log_y else "")
+    png = metric_vs_sparsity(series, title=f"{short(model)}: {bench} vs sparsity",
+                             ylabel=f"{primary or 'value'}{direction}", dense=dense.value if dense else None,
+                             log_y=log_y, bands=bands,
+                             dense_band=(dense.low, dense.high) if dense and dense.interval else None,
+                             baselines=baselines)
+    how = next((m.interval.method for m in [dense, *(m for pts in (curves.methods.values() if curves else [])
+                                                      for m in pts.values())] if m and m.interval), None)
+    caption = (f"{model}: {bench} {primary or ''} vs sparsity, one line per method" + (" (log y)" if log_y else "")
+               + (f"; shaded: 95 % intervals, {_generic(how)}" if how else "; no interval recorded")
+               + ("; dotted: " + ", ".join(sorted(baselines)) if baselines else ""))
     return (Figure(f"{tag}-bench-{bench}.png", caption, png=png) if png else None), notes
+
+
+def _generic(method: str) -> str:
+    """An interval's method without its counts ("Wilson 95 %", "bootstrap 95 % over sentences")."""
+    return method.split(" (")[0]
+
+
+def _baselines(outcomes: Any) -> dict[str, float]:
+    """Majority-class and chance accuracy of the dev examples used (the same for every cell of a bench)."""
+    out: dict[str, float] = {}
+    for o in outcomes:
+        if o.majority is not None:
+            out.setdefault("majority class", o.majority)
+        if o.chance is not None:
+            out.setdefault("chance", o.chance)
+    return out
 
 
 def _size_series(rows: list[Row]) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
@@ -159,7 +177,7 @@ def _size_figure(model: str, tag: str, mrows: list[Row]) -> tuple[Figure | None,
     if not done:
         return None, ([f"size: no finished cell ({rows[0].error})"] if rows else [])
     series, dense_bytes = _size_series(done)
-    png = size_vs_sparsity(series, title=f"{_short(model)}: size on disk vs sparsity", dense_bytes=dense_bytes)
+    png = size_vs_sparsity(series, title=f"{short(model)}: size on disk vs sparsity", dense_bytes=dense_bytes)
     caption = f"{model}: size on disk (dense vs sparse format vs bound) vs sparsity"
     return (Figure(f"{tag}-size.png", caption, png=png) if png else None), []
 
@@ -171,24 +189,31 @@ def _speed_figure(model: str, tag: str, mrows: list[Row]) -> tuple[Figure | None
     if not done:
         return None, ([f"speed: no finished cell ({rows[0].error})"] if rows else _speed_not_measured(mrows))
     series: dict[str, list[tuple[float, float]]] = {}
+    bands: dict[str, list[tuple[float, float, float]]] = {}
     is_decode = True
     for r in done:
         o = r.speed_outcome()
         is_decode = o.is_decode
-        if o.sparse is not None:
-            series.setdefault(f"sparse runtime ({r.method_label})", []).append((r.sparsity, o.sparse))
-        if o.dense is not None:  # timed interleaved with the sparse run: same machine load
-            series.setdefault("dense (timed alongside)", []).append((r.sparsity, o.dense))
+        for label, value, runs in ((f"sparse runtime ({r.method_label})", o.sparse, o.sparse_runs),
+                                   ("dense (timed alongside)", o.dense, o.dense_runs)):
+            if value is None:  # dense is timed interleaved with the sparse run: same machine load
+                continue
+            series.setdefault(label, []).append((r.sparsity, value))
+            rng = spread(runs)
+            if rng:
+                bands.setdefault(label, []).append((r.sparsity, *rng))
     if is_decode:
         what, ylabel, extra = "decode latency", "decode latency (ms/token, median; lower is better)", ""
     else:
         what, ylabel = "prefill throughput", "prefill throughput (tokens/s, median; higher is better)"
         extra = " (an encoder does not decode)"
     # No global dense line: the per-cell dense series is the reference (a median would mix load levels).
-    png = speed_vs_sparsity(series, title=f"{_short(model)}: {what} vs sparsity", ylabel=ylabel, dense=None)
+    png = speed_vs_sparsity(series, title=f"{short(model)}: {what} vs sparsity", ylabel=ylabel, dense=None,
+                            bands=bands)
     if not png:
         return None, ["speed: no timing in the speed results"]
-    caption = f"{model}: {what} vs sparsity{extra} (sparse runtime vs the dense model timed in the same cell)"
+    caption = (f"{model}: {what} vs sparsity{extra} (sparse runtime vs the dense model timed in the same cell)"
+               + ("; shaded: min–max over the timed repeats" if bands else ""))
     return Figure(f"{tag}-speed.png", caption, png=png), []
 
 
@@ -212,6 +237,9 @@ def _model_section(model: str, tag: str, rows: list[Row], out_dir: Path) -> Sect
         sec.add(*_bench_figure(model, tag, bench, mrows))
     sec.add(*_size_figure(model, tag, mrows))
     sec.add(*_speed_figure(model, tag, mrows))
+    figures, notes = tradeoff_figures(model, tag, mrows)
+    sec.figures += figures
+    sec.notes += notes
     return sec
 
 
@@ -243,8 +271,8 @@ class _Point:
         if r.kind == "prune":
             self.achieved = r.achieved_sparsity
         elif r.kind == "bench":
-            v = r.bench_outcome().value
-            self.benches[r.bench] = v if v is not None else "n/a"
+            m = measure_of(r)
+            self.benches[r.bench] = fmt_measure(m) if m is not None else "n/a"
         elif r.kind == "size":
             n = size_numbers(r)
             if n["sparse"] is not None:
@@ -254,8 +282,8 @@ class _Point:
         elif r.kind == "speed":
             o = r.speed_outcome()
             if o.sparse is not None and o.dense is not None:
-                unit = "ms/tok" if o.is_decode else "tok/s prefill"
-                self.speed = f"{o.sparse:.3g} / {o.dense:.3g} {unit}"
+                unit = speed_unit(o)
+                self.speed = f"{fmt_speed(o.sparse, o.sparse_runs, '')} / {fmt_speed(o.dense, o.dense_runs, unit)}"
 
 
 def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[list[str]]]:
@@ -273,9 +301,9 @@ def summary_table(rows: list[Row], models: list[str]) -> tuple[list[str], list[l
     for (model, method, sparsity), p in sorted(points.items(), key=lambda kv: (order.get(kv[0][0], 99),
                                                                                kv[0][1] != "dense", kv[0][1],
                                                                                kv[0][2])):
-        line = [_short(model), method, f"{sparsity:g}", _fmt(p.achieved)]
-        line += [_fmt(p.benches.get(b)) if b in benches_by_model.get(model, []) else "" for b in all_benches]
-        line += [_fmt(p.size_mb), _fmt(p.ratio, 3), p.speed]
+        line = [short(model), method, f"{sparsity:g}", fmt(p.achieved)]
+        line += [fmt(p.benches.get(b)) if b in benches_by_model.get(model, []) else "" for b in all_benches]
+        line += [fmt(p.size_mb), fmt(p.ratio, 3), p.speed]
         body.append(line)
     return header, body
 
@@ -380,8 +408,9 @@ def _appendix(study: StudyData) -> list[Part]:
 
 
 def _document(study: StudyData, sections: list[Section]) -> list[Part]:
-    parts: list[Part] = [Text(_intro(study), hard_breaks=True), Heading("Summary"),
-                         Table(*summary_table(study.rows, study.models)), *_methods_legend(study)]
+    parts: list[Part] = [Text(_intro(study), hard_breaks=True), *headline_parts(study.rows, study.models),
+                         Heading("Summary"), Text([SUMMARY_NOTE]), Table(*summary_table(study.rows, study.models)),
+                         *_methods_legend(study)]
     for sec in sections:
         parts += sec.parts()
     return parts + _appendix(study)

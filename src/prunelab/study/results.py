@@ -92,6 +92,7 @@ class SpeedOutcome:
     dense_runs: tuple[float, ...] = ()  # the same metric per timed repeat (its spread)
     sparse_runs: tuple[float, ...] = ()
     memory_bytes: float | None = None  # sparse model: RSS growth when measured, else bytes of its weights
+    dense_memory_bytes: float | None = None  # the same measure for the dense model
     memory_what: str = ""
 
     @property
@@ -188,13 +189,15 @@ class CellResult:
         metric = DECODE_METRIC if finite(dense.get(DECODE_METRIC)) is not None else PREFILL_METRIC
         n_prefill = finite((self.metrics.get("settings") or {}).get("prefill_tokens"))
         memory = self.metrics.get("memory") or {}
-        rss, weights = finite(memory.get("sparse_rss_delta_bytes")), finite((memory.get("weights_bytes") or {})
-                                                                             .get("sparse"))
+        weights = memory.get("weights_bytes") or {}
+        rss = finite(memory.get("sparse_rss_delta_bytes"))
+        dense_mem = finite(memory.get("dense_rss_delta_bytes")) if rss is not None else finite(weights.get("dense"))
         return SpeedOutcome(metric=metric, dense=finite(dense.get(metric)), sparse=finite(sparse.get(metric)),
                             dense_runs=_runs(dense, metric, n_prefill), sparse_runs=_runs(sparse, metric, n_prefill),
-                            memory_bytes=rss if rss is not None else weights,
+                            memory_bytes=rss if rss is not None else finite(weights.get("sparse")),
+                            dense_memory_bytes=dense_mem,
                             memory_what="RSS growth after load" if rss is not None else
-                            ("weights in memory" if weights is not None else ""))
+                            ("weights in memory" if finite(weights.get("sparse")) is not None else ""))
 
 
 def _runs(variant: Mapping[str, Any], metric: str, n_prefill: float | None) -> tuple[float, ...]:
