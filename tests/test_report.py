@@ -132,8 +132,11 @@ def test_size_numbers_pick_store_fields():
     assert size_numbers(R()) == {"dense": 10.0, "sparse": 6.0, "bound": 4.5, "bitmask": 5.5}
 
 
-def render_in_chromium(html_path: Path, tmp: Path) -> tuple[str, Path]:
-    """Load the page in headless Chromium; return the marker set by a script that waits for images."""
+def render_in_chromium(html_path: Path, tmp: Path, dom_out: list[str] | None = None) -> tuple[str, Path]:
+    """Load the page in headless Chromium; return the marker set by a script that waits for images.
+
+    `dom_out`, when given, receives the DOM Chromium rendered (to check what the page opens with).
+    """
     probe = tmp / "probe.html"
     script = (
         "<script>function chk(){var im=[].slice.call(document.images);"
@@ -147,6 +150,8 @@ def render_in_chromium(html_path: Path, tmp: Path) -> tuple[str, Path]:
             f"--user-data-dir={tmp / 'profile'}", "--virtual-time-budget=10000"]
     dom = subprocess.run([*base, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
     match = re.search(r"<title>(IMAGES \d+/\d+)</title>", dom.stdout)
+    if dom_out is not None:
+        dom_out.append(dom.stdout)
     shot = tmp / "report.png"
     subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,3000", probe.as_uri()],
                    capture_output=True, text=True, timeout=120)
@@ -218,3 +223,17 @@ def test_results_and_report_commands(tmp_path):
     res = runner.invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "report.html").is_file() and "16 figures" in " ".join(res.output.split())
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium) - cannot render")
+def test_rendered_report_opens_with_the_headline_and_loads_every_image(tmp_path):
+    """Screenshot test: every <img> (figures, trade-offs) decodes in Chromium, the Headline is the first section."""
+    synthetic_study(tmp_path / "study")
+    paths = build_report(tmp_path / "study")
+    n_images = paths["html"].read_text().count("<img ")
+    dom: list[str] = []
+    marker, shot = render_in_chromium(paths["html"], tmp_path, dom)
+    assert marker == f"IMAGES {n_images}/{n_images}", marker
+    assert re.findall(r"<h2>([^<]+)</h2>", dom[0])[:2] == ["Headline", "Summary"]
+    assert dom[0].count("Pareto front circled</figcaption>") == 4  # 2 models x (quality vs size, vs speed)
+    assert shot.is_file() and shot.stat().st_size > 20_000

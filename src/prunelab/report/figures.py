@@ -187,7 +187,8 @@ def _tradeoff_axes(ax: matplotlib.axes.Axes, panel: TradeoffPanel, colors: dict[
     pts = sorted((everything[i].x, everything[i].y) for i in front)
     if pts:
         xs, ys = zip(*pts, strict=True)
-        ax.step(xs, ys, where="post", color="black", linewidth=1, alpha=0.6)
+        # the best quality available at each cost: flat until the next cheaper-or-better point
+        ax.step(xs, ys, where="post" if x_lower_is_better else "pre", color="black", linewidth=1, alpha=0.6)
         ax.plot(xs, ys, "o", markerfacecolor="none", markeredgecolor="black", markersize=9)
     if panel.log_y:
         ax.set_yscale("log")
