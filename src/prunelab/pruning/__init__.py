@@ -3,6 +3,7 @@
 - `magnitude` (global |w| ranking), `magnitude-layer` (per-matrix |w|) — magnitude.py
 - `wanda` (|W|·‖X‖ per output row) — wanda.py; `sparsegpt` (OBS reconstruction) — sparsegpt.py
 - `structured` (remove neurons / heads, a smaller dense model) — structured.py
+- `alps` (ADMM layer reconstruction + PCG on the support) — alps.py; row-swap mask refinement — refine.py
 - N:M and exact-k mask selection — patterns.py; OWL per-block ratios — owl.py
 - the block-by-block calibration runner shared by calibrated methods — sequential.py
 - the method registry (`MethodSpec`, `METHODS`, `register_method`) — registry.py
