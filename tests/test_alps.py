@@ -19,7 +19,15 @@ from prunelab.errors import ConfigError
 from prunelab.pruning import PruneConfig, prune
 from prunelab.pruning.alps import AlpsOptions, alps_matrix
 from prunelab.pruning.patterns import check_nm, nm_target_count, select_mask, target_count
-from prunelab.pruning.refine import pcg_on_support, reconstruction_error, refine_matrix, refine_rows, row_errors
+from prunelab.pruning.refine import (
+    dense_snapshot,
+    pcg_on_support,
+    reconstruction_error,
+    refine_matrix,
+    refine_pruned,
+    refine_rows,
+    row_errors,
+)
 from prunelab.pruning.sparsegpt import sparsegpt_matrix
 from prunelab.pruning.types import PruningError
 from prunelab.storage import load
@@ -249,6 +257,29 @@ def test_prune_alps_end_to_end(tiny_dirs, arch, settings, one_thread_unless_slow
     with torch.no_grad():
         assert torch.isfinite(lm.model(input_ids=ids, **kw).logits).all()
     assert result.to_dict()["config"]["options"]["max_iters"] == 30
+
+
+@pytest.mark.parametrize(("arch", "method", "pattern"), [("llama", "wanda", "unstructured"),
+                                                        ("bart", "sparsegpt", "2:4")])
+def test_refine_pruned_after_a_method_lowers_every_matrix_error(tiny_dirs, arch, method, pattern,
+                                                                one_thread_unless_slow):
+    from prunelab.data.calibration import calibration_inputs
+
+    lm = load(str(tiny_dirs[arch]))
+    config = PruneConfig(method=method, pattern=pattern, sparsity=0.6, nsamples=4, seqlen=32, seed=2)
+    dense = dense_snapshot(lm)
+    result = prune(lm, config)
+    masks, errors = refine_pruned(lm, calibration_inputs(lm, config), dense, result.masks, config.nm,
+                                  reconstruct=method == "sparsegpt", max_swaps=30)
+    assert set(errors) == {m.name for m in lm.prunable}
+    assert all(after <= before * (1 + 1e-6) for before, after in errors.values()), errors
+    assert sum(a for _, a in errors.values()) < 0.9 * sum(b for b, _ in errors.values())
+    for m in lm.prunable:
+        old, new, w = result.masks[m.name], masks[m.name], m.weight(lm.model)
+        assert torch.equal(old.sum(1), new.sum(1)) and bool((w[~new] == 0).all())
+        assert config.nm is None or check_nm(new, *config.nm)
+        if method == "wanda":
+            assert torch.equal(w, dense[m.name] * new)
 
 
 def test_alps_options_are_validated():

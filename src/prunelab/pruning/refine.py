@@ -16,12 +16,18 @@ so a round costs O(out · in), not a matrix product.
 
 Methods that reconstruct weights (sparsegpt, alps) pass the dense weight as `dense`: the swap
 restores the dense value, and the weights are re-solved on the new support afterwards by
-`pcg_on_support` (shared with alps): `refine_matrix` is that whole step for one matrix.
+`pcg_on_support` (shared with alps): `refine_matrix` is that whole step for one matrix, and
+`refine_pruned` runs it over a pruned model block by block (the engine's `--refine` step:
+snapshot the dense weights with `dense_snapshot` before the method, then call it).
 """
 
 from __future__ import annotations
 
 import torch
+
+from prunelab.models.types import LoadedModel, PrunableMatrix
+from prunelab.pruning.sequential import ProgressFn, run_sequential
+from prunelab.pruning.sparsegpt import HessianStats
 
 INF = float("inf")
 
@@ -227,3 +233,44 @@ def refine_matrix(
     if not torch.isfinite(solved).all() or reconstruction_error(dense, solved, H) > before:
         return weight, keep
     return solved.to(weight.dtype), new
+
+
+def dense_snapshot(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    """Float32 copies of every prunable weight (out, in), taken before a method zeroes them: refine's target."""
+    return {m.name: m.weight(lm.model).detach().float().clone() for m in lm.prunable}
+
+
+def refine_pruned(
+    lm: LoadedModel,
+    calib: list[dict[str, torch.Tensor]],
+    dense: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    nm: tuple[int, int] | None,
+    *,
+    reconstruct: bool,
+    max_swaps: int = 100,
+    percdamp: float = 0.01,
+    progress: ProgressFn | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
+    """The refine step after any method, block by block: (new masks, {name: (error before, error after)}).
+
+    A second sequential pass collects each linear's input Hessian (through the already-refined
+    earlier linears, as the methods do) and replaces its weight and mask with `refine_matrix`'s;
+    matrices outside the transformer blocks keep theirs. Per-row and per-N:M-group counts are
+    unchanged, so exact counts and OWL's per-block sparsities still hold.
+    """
+    new_masks = dict(masks)
+    errors: dict[str, tuple[float, float]] = {}
+
+    def refine_one(m: PrunableMatrix, stats: HessianStats) -> None:
+        w = m.weight(lm.model)
+        H, target = stats.hessian(), dense[m.name]
+        before = reconstruction_error(target, w.detach().float(), H)
+        new_w, keep = refine_matrix(target, w.detach().float(), H, masks[m.name], nm, reconstruct=reconstruct,
+                                    max_swaps=max_swaps, percdamp=percdamp)
+        w.copy_(new_w.masked_fill(~keep, 0))
+        new_masks[m.name] = keep
+        errors[m.name] = (before, reconstruction_error(target, w.detach().float(), H))
+
+    run_sequential(lm, calib, lambda m: HessianStats(m.in_features), refine_one, progress=progress)
+    return new_masks, errors
