@@ -196,10 +196,10 @@ def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     summary = run_study(cfg, tmp_path / "study", progress=False)
     assert summary.failed == 0, summary.failures
     paths = build_report(tmp_path / "study")
-    # per model: 3 analysis plots + 1 benchmark + size + speed + 2 trade-offs
-    assert paths["figures"] == 16
+    # per model: 3 analysis plots + 1 benchmark + size + speed + 2 trade-offs + 2 per-block (sparsity, |w| CDF)
+    assert paths["figures"] == 20
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 16
+    assert html.count("data:image/png;base64,") == 20
     assert "prefill throughput" in html and "decode latency" in html  # encoder vs decoder speed metric
 
 
@@ -237,3 +237,43 @@ def test_rendered_report_opens_with_the_headline_and_loads_every_image(tmp_path)
     assert re.findall(r"<h2>([^<]+)</h2>", dom[0])[:2] == ["Headline", "Summary"]
     assert dom[0].count("Pareto front circled</figcaption>") == 4  # 2 models x (quality vs size, vs speed)
     assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def test_block_profile_and_per_block_figures(tmp_path, tiny_dirs):
+    """The worker's per-block |w| profile adds up; the report draws sparsity and CDF per block from it."""
+    import torch
+
+    from prunelab.report.blocks import achieved_by_block, block_order, cdf_by_block
+    from prunelab.storage import load
+    from prunelab.study.worker import PROFILE_EDGES, block_profile
+
+    lm = load(str(tiny_dirs["gpt2"]))
+    before = block_profile(lm)
+    with torch.no_grad():  # zero the first half of the rows of every prunable matrix of block 0
+        for m in lm.prunable:
+            if m.block == 0:
+                w = m.weight(lm.model)
+                w[: w.shape[0] // 2] = 0
+    after = block_profile(lm)
+    order = block_order(after["blocks"])
+    assert order[0] == "decoder.0" and len(order) == len({m.block for m in lm.prunable})
+    assert sum(b["numel"] for b in after["blocks"].values()) == sum(m.weight(lm.model).numel() for m in lm.prunable)
+    for b in after["blocks"].values():
+        assert sum(b["hist"]) == b["numel"] - b["zeros"] and len(b["hist"]) == len(PROFILE_EDGES) + 1
+    achieved = achieved_by_block(after, order)
+    assert achieved[0] == pytest.approx(0.5, abs=0.01) and max(achieved[1:]) < 0.01
+    cdf = cdf_by_block(after)["decoder.0"]
+    assert cdf[0] >= 0.5 and cdf[-1] == pytest.approx(1.0) and cdf == sorted(cdf)
+
+    cells = synthetic_study(tmp_path)
+    with Store(tmp_path) as store:
+        for s in (0.5, 0.9):
+            for method in ("magnitude", "wanda"):
+                cell = Cell("prune", "zoo:dec", method=method, sparsity=s)
+                store.finish(cell, CellResult("done", metrics={"achieved_sparsity_prunable": s,
+                                                               "block_profile": {"before": before, "after": after}}))
+        store.set_meta(plan=[c.hash for c in cells])
+    paths = build_report(tmp_path)
+    assert paths["figures"] == 2 * 8 + 2  # zoo:dec gains achieved sparsity per block and the CDF per block
+    html = paths["html"].read_text()
+    assert "achieved sparsity per block" in html and "CDF of |w| per block before (dashed)" in html

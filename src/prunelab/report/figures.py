@@ -221,3 +221,62 @@ def tradeoff(panels: Sequence[TradeoffPanel], *, title: str, xlabel: str,
     fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return _png(fig)
+
+
+def block_sparsity(panels: Mapping[str, Mapping[str, Sequence[float]]], blocks: Sequence[str], *,
+                   title: str) -> bytes | None:
+    """Achieved sparsity per block: one panel per requested sparsity, one line per method."""
+    panels = {k: v for k, v in panels.items() if v}
+    if not panels or not blocks:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False, sharey=True)
+    xs = list(range(len(blocks)))
+    for ax, (name, lines) in zip(axes[0], panels.items(), strict=True):
+        for i, (label, ys) in enumerate(sorted(lines.items())):
+            ax.plot(xs[: len(ys)], ys, marker=_MARKERS[i % len(_MARKERS)], markersize=3, label=label)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("block (execution order)", fontsize=8)
+        step = max(1, len(blocks) // 6)
+        ax.set_xticks(xs[::step], [blocks[i] for i in xs[::step]], fontsize=6, rotation=45)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("achieved sparsity of the block", fontsize=8)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+Curves = Mapping[str, Sequence[float]]  # block -> CDF at each edge
+
+
+def block_cdfs(panels: Mapping[str, tuple[Sequence[float], Curves, Curves]], *, title: str) -> bytes | None:
+    """CDF of |w| per block before (dashed) and after (solid) pruning; colour runs from first to last block.
+
+    Each panel is (edges, before, after) with block -> CDF at each edge; zeros sit at the left edge, so
+    the after-curves start at the block's achieved sparsity.
+    """
+    panels = {k: v for k, v in panels.items() if v[2]}
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), squeeze=False, sharey=True)
+    cmap = plt.get_cmap("viridis")
+    for ax, (name, (edges, before, after)) in zip(axes[0], panels.items(), strict=True):
+        n = max(1, len(after) - 1)
+        for i, block in enumerate(after):
+            color = cmap(i / n)
+            if block in before:
+                ax.plot(edges, before[block], color=color, linestyle="--", linewidth=0.7, alpha=0.6)
+            ax.plot(edges, after[block], color=color, linewidth=1.0)
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("|w| (zeros counted at the left edge)", fontsize=8)
+        ax.grid(True, alpha=0.3, which="both")
+    axes[0][0].set_ylabel("fraction of the block's weights ≤ |w|", fontsize=8)
+    handles = [Line2D([], [], color="grey", linestyle="--", label="before pruning"),
+               Line2D([], [], color="grey", label="after pruning"),
+               Line2D([], [], color=cmap(0.0), label="first block"),
+               Line2D([], [], color=cmap(1.0), label="last block")]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _png(fig)

@@ -26,6 +26,7 @@ from typing import Any
 
 from prunelab.errors import ConfigError
 from prunelab.report.answer import bench_curves, headline_parts
+from prunelab.report.blocks import block_figures
 from prunelab.report.document import Code, Figure, Heading, Notes, Part, Table, Text, render_html, render_markdown
 from prunelab.report.extract import fmt, fmt_measure, fmt_speed, measure_of, short, size_numbers, speed_unit
 from prunelab.report.figures import metric_vs_sparsity, size_vs_sparsity, speed_vs_sparsity
@@ -237,9 +238,9 @@ def _model_section(model: str, tag: str, rows: list[Row], out_dir: Path) -> Sect
         sec.add(*_bench_figure(model, tag, bench, mrows))
     sec.add(*_size_figure(model, tag, mrows))
     sec.add(*_speed_figure(model, tag, mrows))
-    figures, notes = tradeoff_figures(model, tag, mrows)
-    sec.figures += figures
-    sec.notes += notes
+    for figures, notes in (tradeoff_figures(model, tag, mrows), block_figures(model, tag, mrows)):
+        sec.figures += figures
+        sec.notes += notes
     return sec
 
 

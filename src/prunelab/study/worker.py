@@ -41,6 +41,8 @@ _MODELS: dict[str, LoadedModel] = {}  # path -> model (this process's cache)
 _MAX_CACHED = 2  # the pruned checkpoint and the dense reference
 _VERSIONS: dict[str, str] | None = None
 _PROGRESS: list[Any] = [None]  # progress(message, done, total) of the running cell, in-process runs only
+PROFILE_EDGES = [10 ** (e / 8) for e in range(-48, 9)]  # |w| histogram edges of `block_profile`
+_BEFORE: dict[str, dict[str, Any]] = {}  # model spec -> its dense block profile (this process's cache)
 
 
 def set_progress_hook(hook: Any) -> None:
@@ -209,6 +211,7 @@ def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
 
         config = prune_config_for(cell)
         lm = load(cell.model)
+        before = _BEFORE.get(cell.model) or _BEFORE.setdefault(cell.model, block_profile(lm))
         t0 = time.perf_counter()
         result = prune(lm, config, progress=_progress)
         prune_s = time.perf_counter() - t0
@@ -216,9 +219,33 @@ def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
             save_pruned(lm, result, tmp)
             report = result.to_dict()
             report.pop("matrices", None)
-            write_json(tmp / POINT_MARKER, {"point": cell.point_dict(), "prune": report, "prune_wall_s": prune_s})
+            profile = {"before": before, "after": block_profile(lm)}
+            write_json(tmp / POINT_MARKER, {"point": cell.point_dict(), "prune": report, "prune_wall_s": prune_s,
+                                            "block_profile": profile})
         del lm
     return ckpt
+
+
+def block_profile(lm: LoadedModel) -> dict[str, Any]:
+    """Per transformer block: prunable weights, exact zeros, and a histogram of the nonzero |w|.
+
+    Bins are `PROFILE_EDGES` (8 per decade, 1e-6 to 10; one extra bin each side), so the report
+    can draw a per-block CDF of |w| before and after pruning without keeping the checkpoint.
+    """
+    import torch
+
+    edges = torch.tensor(PROFILE_EDGES, dtype=torch.float32)
+    blocks: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for m in lm.prunable:
+            w = m.weight(lm.model).detach().abs().float().flatten()
+            b = blocks.setdefault(f"{m.stack}.{m.block}", {"numel": 0, "zeros": 0, "hist": [0] * (len(edges) + 1)})
+            nonzero = w[w != 0]
+            b["numel"] += int(w.numel())
+            b["zeros"] += int(w.numel() - nonzero.numel())
+            counts = torch.bincount(torch.bucketize(nonzero, edges), minlength=len(edges) + 1).tolist()
+            b["hist"] = [x + int(c) for x, c in zip(b["hist"], counts, strict=True)]
+    return {"edges": PROFILE_EDGES, "blocks": blocks}
 
 
 def _point_info(ckpt: Path) -> dict[str, Any]:
@@ -262,6 +289,8 @@ def _run_prune(cell: Cell, study_dir: Path) -> Measured:
                                            "total_params", "total_zeros", "calibration", "timings_s",
                                            "peak_rss_bytes", "warnings")}
     metrics["prune_wall_s"] = info.get("prune_wall_s")
+    if info.get("block_profile"):
+        metrics["block_profile"] = info["block_profile"]
     metrics["checkpoint"] = str(ckpt.relative_to(study_dir))
     return Measured(metrics, Sizes(checkpoint_bytes=_dir_bytes(ckpt)))
 
