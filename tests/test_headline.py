@@ -102,7 +102,7 @@ def test_headline_on_a_hand_built_store(tmp_path):
     assert got[("zoo:enc", "wanda", "sst2")] == ["none", "none", "none"]
     assert got[("zoo:dec", "magnitude", "ppl")] == ["none", "0.5", "0.5"]
     dense_cell = next(r[3] for r in body if r[2] == "sst2")
-    assert dense_cell == "0.9 [0.88, 0.917]"
+    assert dense_cell == "0.9 [0.8798, 0.9171]"
     assert named["zoo:dec"] == {("magnitude", 0.5, "unstructured")}
     b_header, b_body = buys_table(rows, ["zoo:dec", "zoo:enc"], named)
     lines = {(r[0], r[1], r[2]): dict(zip(b_header, r, strict=True)) for r in b_body}
@@ -121,6 +121,6 @@ def test_report_opens_with_the_headline(tmp_path):
     md, html = paths["markdown"].read_text(), paths["html"].read_text()
     assert md.index("## Headline") < md.index("## Summary") < md.index("## zoo:dec")
     assert html.index("<h2>Headline</h2>") < html.index("<h2>Summary</h2>") < html.index("<h2>zoo:dec</h2>")
-    assert "| zoo:enc | wanda | sst2 | 0.9 [0.88, 0.917] | none | none | none |" in md
+    assert "| zoo:enc | wanda | sst2 | 0.9 [0.8798, 0.9171] | none | none | none |" in md
     assert "pessimistic end of its 95 % interval" in md and "pessimistic end of its 95 % interval" in html
     assert "majority class" in md and "chance" in md  # the accuracy figure's caption names its baselines

@@ -51,7 +51,7 @@ def fmt_measure(m: Measure | None) -> str:
         return "–"
     if m.interval is None:
         return fmt(m.value)
-    return f"{fmt(m.value)} [{fmt(m.interval.low, 3)}, {fmt(m.interval.high, 3)}]"
+    return f"{fmt(m.value)} [{fmt(m.interval.low)}, {fmt(m.interval.high)}]"
 
 
 def point_key(r: Row) -> str:
