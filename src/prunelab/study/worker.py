@@ -240,10 +240,11 @@ def block_profile(lm: LoadedModel) -> dict[str, Any]:
         for m in lm.prunable:
             w = m.weight(lm.model).detach().abs().float().flatten()
             b = blocks.setdefault(f"{m.stack}.{m.block}", {"numel": 0, "zeros": 0, "hist": [0] * (len(edges) + 1)})
-            nonzero = w[w != 0]
+            zeros = int((w == 0).sum())
+            counts = torch.bincount(torch.bucketize(w, edges), minlength=len(edges) + 1).tolist()
+            counts[0] -= zeros  # |w| = 0 falls in the first bin: zeros are counted apart
             b["numel"] += int(w.numel())
-            b["zeros"] += int(w.numel() - nonzero.numel())
-            counts = torch.bincount(torch.bucketize(nonzero, edges), minlength=len(edges) + 1).tolist()
+            b["zeros"] += zeros
             b["hist"] = [x + int(c) for x, c in zip(b["hist"], counts, strict=True)]
     return {"edges": PROFILE_EDGES, "blocks": blocks}
 
