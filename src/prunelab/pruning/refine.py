@@ -54,26 +54,26 @@ def pcg_on_support(
     product, and CG never raises the objective, so a good start (SparseGPT's or ADMM's
     weights) only gets better.
     """
-    Hd = H
+    tiny = torch.finfo(H.dtype).tiny
     m = mask.to(H.dtype)
     X = X0.to(H.dtype) * m
-    R = (target.to(H.dtype) - X) @ Hd * m  # minus half the gradient, on the support
-    dinv = 1.0 / torch.diagonal(Hd).clamp_min(1e-300)
+    R = (target.to(H.dtype) - X) @ H * m  # minus half the gradient, on the support
+    dinv = 1.0 / torch.diagonal(H).clamp_min(tiny)
     Z = R * dinv
     P = Z
     rz = (R * Z).sum(1)
     stop = rtol * R.norm(dim=1)
     for _ in range(max(0, iters)):
-        AP = (P @ Hd) * m
+        AP = (P @ H) * m
         pap = (P * AP).sum(1)
-        alpha = torch.where(pap > 0, rz / pap.clamp_min(1e-300), torch.zeros_like(pap))
+        alpha = torch.where(pap > 0, rz / pap.clamp_min(tiny), torch.zeros_like(pap))
         X = X + alpha.unsqueeze(1) * P
         R = R - alpha.unsqueeze(1) * AP
         if bool((R.norm(dim=1) <= stop).all()):
             break
         Z = R * dinv
         rz_new = (R * Z).sum(1)
-        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-300), torch.zeros_like(rz))
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(tiny), torch.zeros_like(rz))
         P = Z + beta.unsqueeze(1) * P
         rz = rz_new
     return X
