@@ -48,13 +48,14 @@ def test_builtin_specs_say_what_the_engine_does():
     assert {n for n, s in METHODS.items() if s.needs_calibration} >= {"wanda", "sparsegpt", "structured"}
     assert not get_method_spec("magnitude").needs_calibration
     assert [n for n in ("magnitude", "magnitude-layer", "wanda", "sparsegpt", "structured")
-            if METHODS[n].owl] == ["wanda", "sparsegpt"]
+            if METHODS[n].owl] == ["magnitude-layer", "wanda", "sparsegpt"]
     assert get_method_spec("structured").supports("unstructured") and not get_method_spec("structured").supports("2:4")
     assert get_method_spec("wanda").supports("N:M") and get_method_spec("wanda").supports("2:4")
     assert all(s.description for s in METHODS.values())
-    assert method_option_names("magnitude") == ()
+    assert method_option_names("magnitude") == ("nsamples", "seqlen", "calib", "calib_column", "refine",
+                                                "refine_budget")
     assert method_option_names("sparsegpt") == ("nsamples", "seqlen", "calib", "calib_column", "owl", "owl_m",
-                                                "owl_lambda", "blocksize", "percdamp")
+                                                "owl_lambda", "refine", "refine_budget", "blocksize", "percdamp")
     assert method_option_names("structured") == ("nsamples", "seqlen", "calib", "calib_column", "target")
     with pytest.raises(ConfigError, match="unknown method 'nope': choose one of magnitude, .*toy-half"):
         get_method_spec("nope")
@@ -72,7 +73,7 @@ def test_prune_config_options_come_from_the_spec():
         ("sparsegpt", {"blocksize": 0}, "blocksize ≥ 1"),
         ("structured", {"target": "rows"}, "unknown structured target 'rows'"),
         ("structured", {"pattern": "2:4"}, "structured does not support the pattern 2:4"),
-        ("magnitude", {"owl": True}, "--owl applies to wanda, sparsegpt, alps, not to magnitude"),
+        ("magnitude", {"owl": True}, "--owl applies to magnitude-layer, wanda, sparsegpt, alps, not to magnitude"),
     ]:
         with pytest.raises(ConfigError, match=fragment):
             PruneConfig.from_settings(method, **settings)
@@ -184,7 +185,8 @@ def test_study_accepts_owl_options_and_rejects_foreign_ones(tiny_dirs):
     assert cell.method_options == {"owl": True, "owl_m": 3.0, "owl_lambda": 0.05}
     with pytest.raises(ConfigError, match="'wanda' has unknown option 'blocksize'"):
         load_config({**base, "methods": [{"name": "wanda", "blocksize": 64}]})
-    with pytest.raises(ConfigError, match="'magnitude' has unknown option 'owl': allowed none"):
+    with pytest.raises(ConfigError, match="'magnitude' has unknown option 'owl': allowed nsamples, seqlen, calib, "
+                                          "calib_column, refine, refine_budget$"):
         load_config({**base, "methods": [{"name": "magnitude", "owl": True}]})
     with pytest.raises(ConfigError, match="methods\\[0\\] 'sparsegpt': sparsegpt needs blocksize"):
         load_config({**base, "methods": [{"name": "sparsegpt", "blocksize": 0}]})

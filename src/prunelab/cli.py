@@ -186,6 +186,8 @@ def prune(
     seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window (capped at the model context)."),
     seed: int = typer.Option(0, "--seed", help="Seed for calibration sampling."),
     owl: bool = typer.Option(False, "--owl", help=f"Outlier-weighted per-block sparsities ({methods_help(owl=True)})."),
+    refine: str | None = typer.Option(None, "--refine", help="Refine the method's masks afterwards: swap (kept/pruned "
+                                      f"swaps per row that lower its layer error; {methods_help(refine=True)})."),
     structured_target: str | None = typer.Option(None, "--structured-target", help="structured: remove MLP neurons "
                                                  "(mlp, the default), KV-head groups (heads) or both."),
     opts: list[str] = typer.Option([], "--opt", help="A method option KEY=VALUE (repeatable), e.g. blocksize=64 "
@@ -206,6 +208,7 @@ def prune(
     if fmt not in ("hf", "sparse"):
         fail(f"unknown --format '{fmt}': use hf or sparse")
     settings = parse_options(opts) | ({"target": structured_target} if structured_target is not None else {})
+    settings |= {"refine": refine} if refine is not None else {}
     config = PruneConfig.from_settings(method, sparsity=sparsity, pattern=pattern, calib=calib,
                                        calib_column=calib_column, nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl,
                                        **settings)

@@ -1,8 +1,9 @@
 """`prune()`: run one method on a loaded model and account for what it did; `save_pruned()`.
 
 The engine is method-agnostic: it validates the request, builds the calibration set when the
-method needs one, calls the registered method, re-applies and verifies the returned masks,
-and counts zeros per matrix, over prunable weights and over all weights.
+method (or OWL, or refine) needs one, calls the registered method, optionally refines its masks
+(`--refine`), re-applies and verifies the returned masks, and counts zeros per matrix, over
+prunable weights and over all weights.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     """Prune `lm.model` in place with `config`; return masks and requested-vs-achieved sparsities.
 
     `progress(message, done, total)` is called per block (calibrated methods) or per matrix.
-    Deterministic given `config.seed`.
+    Deterministic given `config.seed`. With `config.refine` the dense weights are snapshot
+    before the method and its masks refined after it (`_refine`), before the counts are checked.
     """
     _validate(lm, config)
     spec = config.spec
@@ -54,7 +56,7 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     torch.manual_seed(config.seed)
     result = PruneResult(config=config)
     calib = None
-    if spec.needs_calibration and not _is_noop(config):
+    if config.needs_calibration and not _is_noop(config):
         from prunelab.data.calibration import calibration_set
 
         if progress:
@@ -65,7 +67,6 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
         result.warnings.extend(cs.warnings)
     result.timings["calibration_data"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    fn = spec.load()
     was_training = lm.model.training
     lm.model.eval()
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
@@ -73,17 +74,76 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
         if _is_noop(config):
             masks = {m.name: torch.ones(m.out_features, m.in_features, dtype=torch.bool) for m in lm.prunable}
         else:
-            masks = fn(lm, config, calib, progress)
-    if isinstance(masks, MethodOutput):
-        masks, result.extra = masks.masks, dict(masks.extra)
+            masks = _run_method(lm, config, calib, result, progress)
     lm.model.train(was_training)
     result.warnings.extend(str(w.message) for w in caught if issubclass(w.category, PruneWarning))
     result.timings["pruning"] = time.perf_counter() - t1
     _account(lm, config, masks, result)
     _check_exact(spec, config, result)
+    if config.owl:
+        result.extra["owl"] = block_profile(result.matrices)
     result.timings["total"] = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
+
+
+def _run_method(lm: LoadedModel, config: PruneConfig, calib: Any, result: PruneResult,
+                progress: ProgressFn | None) -> dict[str, torch.Tensor]:
+    """The method's masks (its `MethodOutput.extra` into `result.extra`), refined when asked."""
+    dense = None
+    if config.refine is not None:
+        from prunelab.pruning.refine import dense_snapshot
+
+        dense = dense_snapshot(lm)  # refine's target: the weights before the method touched them
+    out = config.spec.load()(lm, config, calib, progress)
+    if isinstance(out, MethodOutput):
+        out, result.extra = out.masks, dict(out.extra)
+    if dense is not None:
+        out = _refine(lm, config, calib, dense, out, result, progress)
+    return out
+
+
+def _refine(lm: LoadedModel, config: PruneConfig, calib: Any, dense: dict[str, torch.Tensor],
+            masks: dict[str, torch.Tensor], result: PruneResult,
+            progress: ProgressFn | None) -> dict[str, torch.Tensor]:
+    """Swap refinement after the method; per-matrix layer errors before/after go to `extra["refine"]`.
+
+    Reconstructing methods (sparsegpt, alps) get their weights re-solved on the new support.
+    """
+    from prunelab.pruning.refine import refine_pruned
+
+    t0 = time.perf_counter()
+    spec = config.spec
+
+    def note(msg: str, done: int, total: int) -> None:
+        if progress:
+            progress(f"refine {config.refine}: {msg}", done, total)
+
+    new_masks, errors = refine_pruned(lm, calib, dense, masks, config.nm, reconstruct=spec.reconstructs,
+                                      max_swaps=config.refine_budget,
+                                      percdamp=getattr(config.options, "percdamp", 0.01), progress=note)
+    before = sum(b for b, _ in errors.values())
+    after = sum(a for _, a in errors.values())
+    result.timings["refine"] = time.perf_counter() - t0
+    result.extra["refine"] = {
+        "name": config.refine, "budget": config.refine_budget, "reconstruct": spec.reconstructs,
+        "error_before": before, "error_after": after,
+        "matrices": {name: {"before": b, "after": a} for name, (b, a) in errors.items()},
+    }
+    return new_masks
+
+
+def block_profile(matrices: list[MatrixReport]) -> dict[str, float]:
+    """Sparsity per transformer block ("stack.block": pruned / numel over its matrices): OWL's profile."""
+    pruned: dict[str, int] = {}
+    numel: dict[str, int] = {}
+    for r in matrices:
+        if r.block < 0:
+            continue
+        key = f"{r.stack}.{r.block}"
+        pruned[key] = pruned.get(key, 0) + r.pruned
+        numel[key] = numel.get(key, 0) + r.numel
+    return {k: pruned[k] / numel[k] for k in pruned}
 
 
 def _requested(config: PruneConfig) -> float:

@@ -50,12 +50,16 @@ def prune_global(
 def prune_layerwise(
     lm: LoadedModel, config: PruneConfig, calib: Any = None, progress: ProgressFn | None = None
 ) -> dict[str, torch.Tensor]:
-    """|w| ranked within each matrix: every matrix gets exactly the requested sparsity."""
+    """|w| ranked within each matrix: every matrix gets exactly the requested sparsity (its block's with OWL)."""
+    from prunelab.pruning.owl import block_sparsities
+
+    per_block = block_sparsities(lm, config, calib, progress) if config.owl else {}
     masks: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i, m in enumerate(lm.prunable):
             w = m.weight(lm.model)
-            masks[m.name] = select_mask(w.detach().abs().float(), config.sparsity, config.nm, rowwise=False)
+            sparsity = per_block.get((m.stack, m.block), config.sparsity)
+            masks[m.name] = select_mask(w.detach().abs().float(), sparsity, config.nm, rowwise=False)
             apply_mask(w, masks[m.name])
             if progress:
                 progress(m.name, i + 1, len(lm.prunable))

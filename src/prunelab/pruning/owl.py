@@ -1,9 +1,11 @@
-"""OWL: outlier-weighted layerwise sparsity (Yin et al., 2023) for Wanda and SparseGPT.
+"""OWL: outlier-weighted layerwise sparsity (Yin et al., 2023) for every method whose spec says `owl`.
 
 Blocks whose Wanda scores hold more outliers (scores above `owl_m` × the block's mean score)
 are pruned less. The outlier ratios come from one dense calibration pass; they are min-max
 normalised to [0, 2λ], shifted so their mean density is 1 − s, so the per-block sparsities
-average to the requested s and stay within s ± λ.
+average to the requested s and stay within s ± λ. The engine records the resulting per-block
+sparsities in `PruneResult.extra["owl"]` (prune_report.json). N:M patterns have no per-block
+ratio to set (every matrix is N/M), so OWL is refused with them.
 """
 
 from __future__ import annotations
@@ -55,6 +57,6 @@ def block_sparsities(
     keys = {(m.stack, m.block) for m in lm.prunable if m.block >= 0}
     if not config.owl:
         return {k: float(config.sparsity) for k in keys}
-    if config.nm is not None:
+    if config.nm is not None:  # PruneConfig.validate already refuses this; kept for direct callers
         raise ConfigError("--owl sets non-uniform unstructured sparsities: use it with --pattern unstructured")
     return owl_sparsities(outlier_ratios(lm, calib, config.owl_m, progress), config.sparsity, config.owl_lambda)

@@ -39,6 +39,8 @@ from prunelab.errors import ConfigError
 PATTERN_KINDS = ("unstructured", "N:M")
 CALIBRATION_OPTIONS = ("nsamples", "seqlen", "calib", "calib_column")  # PruneConfig fields, calibrated methods
 OWL_OPTIONS = ("owl", "owl_m", "owl_lambda")  # PruneConfig fields, methods with `owl=True`
+REFINE_OPTIONS = ("refine", "refine_budget")  # PruneConfig fields, methods with `refine=True`
+REFINERS = ("swap",)  # mask-refinement steps `--refine` accepts (pruning/refine.py)
 RESERVED_NAMES = ("dense",)  # the study's unpruned reference point
 
 
@@ -80,7 +82,8 @@ class MethodSpec:
     "module:Class" path when importing the class early would be expensive (built-ins).
     `count_scope` says where `exact_counts` holds: "matrix" (every matrix prunes exactly
     round(s · numel)) or "global" (the total over all prunable weights does, as in global
-    magnitude); N:M patterns are always checked per matrix.
+    magnitude); N:M patterns are always checked per matrix. A method with `owl` or `refine` but
+    without `needs_calibration` gets a calibration set only when OWL or refine is requested.
     """
 
     name: str
@@ -89,7 +92,8 @@ class MethodSpec:
     needs_calibration: bool = False
     patterns: tuple[str, ...] = PATTERN_KINDS  # pattern kinds it supports
     owl: bool = False  # OWL per-block ratios apply
-    refine: bool = False  # reserved for mask refinement (a later issue)
+    refine: bool = False  # `--refine` (mask refinement after the method) applies
+    reconstructs: bool = False  # the method re-solves kept weights: refine re-solves them on its new support
     exact_counts: bool = True  # the engine checks exact pruned counts
     options: type | str = NoOptions  # the method's own settings dataclass (or "module:Class")
     count_scope: str = "matrix"  # "matrix" or "global": see the class docstring
@@ -138,21 +142,22 @@ METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
         _builtin("magnitude", "magnitude", "prune_global",
-                 "global magnitude: one |w| threshold over all prunable matrices", count_scope="global"),
+                 "global magnitude: one |w| threshold over all prunable matrices", count_scope="global", refine=True),
         _builtin("magnitude-layer", "magnitude", "prune_layerwise",
-                 "per-matrix magnitude: every matrix gets exactly the requested sparsity"),
+                 "per-matrix magnitude: every matrix gets exactly the requested sparsity", owl=True, refine=True),
         _builtin("wanda", "wanda", "prune_wanda", "Wanda: |W| x input-feature norm, ranked within each output row",
-                 needs_calibration=True, owl=True),
+                 needs_calibration=True, owl=True, refine=True),
         _builtin("sparsegpt", "sparsegpt", "prune_sparsegpt",
-                 "SparseGPT: OBS-style one-shot pruning with weight reconstruction",
-                 needs_calibration=True, owl=True, options="prunelab.pruning.sparsegpt:SparseGPTOptions"),
+                 "SparseGPT: OBS-style one-shot pruning with weight reconstruction", needs_calibration=True,
+                 owl=True, refine=True, reconstructs=True, options="prunelab.pruning.sparsegpt:SparseGPTOptions"),
         _builtin("structured", "structured", "prune_structured",
                  "structured: remove whole MLP neurons / attention heads, a smaller dense model",
                  needs_calibration=True, patterns=("unstructured",), exact_counts=False,
                  options="prunelab.pruning.structured:StructuredOptions"),
         _builtin("alps", "alps", "prune_alps",
                  "ALPS: ADMM layer reconstruction from the SparseGPT solution, then PCG on the support",
-                 needs_calibration=True, owl=True, options="prunelab.pruning.alps:AlpsOptions"),
+                 needs_calibration=True, owl=True, refine=True, reconstructs=True,
+                 options="prunelab.pruning.alps:AlpsOptions"),
     )
 }
 
@@ -193,9 +198,14 @@ def get_method(name: str) -> Callable[..., Any]:
 
 
 def method_option_names(name: str) -> tuple[str, ...]:
-    """Settings a user may give this method: calibration and OWL options where they apply, then its own."""
+    """Settings a user may give this method: calibration, OWL and refine options where they apply, then its own.
+
+    Calibration options apply wherever a calibration set may be built: the method's own, or OWL's / refine's.
+    """
     spec = get_method_spec(name)
-    common = (CALIBRATION_OPTIONS if spec.needs_calibration else ()) + (OWL_OPTIONS if spec.owl else ())
+    calibrates = spec.needs_calibration or spec.owl or spec.refine
+    common = ((CALIBRATION_OPTIONS if calibrates else ()) + (OWL_OPTIONS if spec.owl else ())
+              + (REFINE_OPTIONS if spec.refine else ()))
     return common + spec.option_fields()
 
 

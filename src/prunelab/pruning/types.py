@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import ConfigError, PrunelabError
-from prunelab.pruning.registry import METHODS, MethodSpec, get_method_spec, method_option_names
+from prunelab.pruning.registry import METHODS, REFINERS, MethodSpec, get_method_spec, method_option_names
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +51,8 @@ class PruneConfig:
     owl: bool = False  # outlier-weighted layerwise ratios (methods whose spec says owl)
     owl_m: float = 5.0  # OWL: a weight is an outlier when its Wanda score exceeds owl_m × the block mean
     owl_lambda: float = 0.08  # OWL: per-block sparsities spread over [s - λ, s + λ]
+    refine: str | None = None  # a mask-refinement step after the method (`REFINERS`: swap), methods with `refine`
+    refine_budget: int = 100  # refine: at most this many swap rounds per row
     options: Any = None  # the method's settings dataclass instance
 
     def __post_init__(self) -> None:
@@ -86,9 +88,23 @@ class PruneConfig:
         if self.owl and not spec.owl:
             owl_methods = [name for name, s in METHODS.items() if s.owl]
             raise ConfigError(f"--owl applies to {', '.join(owl_methods)}, not to {self.method}")
+        if self.owl and nm is not None:  # N:M fixes every matrix's sparsity at N/M: no per-block ratio to set
+            raise ConfigError("--owl sets non-uniform unstructured sparsities: use it with --pattern unstructured")
+        self._validate_refine(spec)
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("calibration needs --nsamples ≥ 1 and --seqlen ≥ 2")
         self.options = spec.make_options(self.options)
+
+    def _validate_refine(self, spec: MethodSpec) -> None:
+        if self.refine is None:
+            return
+        if self.refine not in REFINERS:
+            raise ConfigError(f"unknown --refine '{self.refine}': choose one of {', '.join(REFINERS)}")
+        if not spec.refine:
+            refinable = [name for name, s in METHODS.items() if s.refine]
+            raise ConfigError(f"--refine applies to {', '.join(refinable)}, not to {self.method}")
+        if isinstance(self.refine_budget, bool) or not isinstance(self.refine_budget, int) or self.refine_budget < 1:
+            raise ConfigError(f"refine_budget {self.refine_budget!r}: need an integer ≥ 1 (swap rounds per row)")
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -96,7 +112,8 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.spec.needs_calibration
+        """The method calibrates, or OWL / refine (which need calibration statistics) are requested."""
+        return self.spec.needs_calibration or bool(self.owl) or self.refine is not None
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}

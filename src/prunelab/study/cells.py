@@ -100,10 +100,12 @@ class Cell:
 
     @property
     def method_label(self) -> str:
-        """`wanda`, `wanda[owl=True]`, `magnitude 2:4`: how plots and tables name the method."""
-        label = self.method
-        if self.method_options:
-            label += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.method_options.items())) + "]"
+        """`wanda`, `wanda[owl=True]`, `wanda+swap` (refine), `magnitude 2:4`: how plots and tables name the method."""
+        opts = dict(self.method_options)
+        refine = opts.pop("refine", None)
+        label = self.method + (f"+{refine}" if refine else "")
+        if opts:
+            label += "[" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "]"
         if self.pattern != "unstructured":
             label += f" {self.pattern}"
         return label

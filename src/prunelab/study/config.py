@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from prunelab.errors import ConfigError, PrunelabError
-from prunelab.pruning.registry import CALIBRATION_OPTIONS, METHODS, get_method_spec, load_plugins, method_option_names
+from prunelab.pruning.registry import CALIBRATION_OPTIONS, METHODS, load_plugins, method_option_names
 from prunelab.study.cells import DENSE, Cell, norm_sparsity
 
 DEFAULT_MODELS = ["zoo:minilm", "zoo:smollm2", "zoo:whisper-tiny-en"]
@@ -507,13 +507,13 @@ def default_benchmarks_for(family: str, is_speech: bool) -> list[str]:
 
 
 def _prune_params(config: StudyConfig, method: MethodEntry, model: str) -> dict[str, Any]:
-    """Seed, plus the calibration settings for methods that calibrate (so magnitude cells do not
-    depend on them)."""
+    """Seed, plus the calibration settings for points that calibrate (the method itself, or its OWL / refine
+    option), so plain magnitude cells do not depend on them."""
     from prunelab.pruning.types import PruneConfig
 
     params: dict[str, Any] = {"seed": config.seed}
     calib = {**config.calibration_for(model), **{k: v for k, v in method.options.items() if k in CALIBRATION_KEYS}}
-    if get_method_spec(method.name).needs_calibration:
+    if PruneConfig.from_settings(method.name, sparsity=0.5, **method.options).needs_calibration:
         defaults = PruneConfig(method=method.name, sparsity=0.5)
         for key in CALIBRATION_KEYS:
             params[key] = calib.get(key, getattr(defaults, key))
