@@ -81,7 +81,7 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     _account(lm, config, masks, result)
     _check_exact(spec, config, result)
     if config.owl:
-        result.extra["owl"] = block_profile(result.matrices)
+        result.extra["owl"] = owl_profile(result.matrices)
     result.timings["total"] = time.perf_counter() - t0
     result.peak_rss_bytes = peak_rss_bytes()
     return result
@@ -133,7 +133,7 @@ def _refine(lm: LoadedModel, config: PruneConfig, calib: Any, dense: dict[str, t
     return new_masks
 
 
-def block_profile(matrices: list[MatrixReport]) -> dict[str, float]:
+def owl_profile(matrices: list[MatrixReport]) -> dict[str, float]:
     """Sparsity per transformer block ("stack.block": pruned / numel over its matrices): OWL's profile."""
     pruned: dict[str, int] = {}
     numel: dict[str, int] = {}
