@@ -31,12 +31,11 @@ import torch
 
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel, PrunableMatrix
-from prunelab.pruning.magnitude import prune_outside_blocks
-from prunelab.pruning.owl import block_sparsities
+from prunelab.pruning.layerwise import prune_layerwise
 from prunelab.pruning.patterns import lowest_k_mask, nm_mask, nm_target_count, target_count
 from prunelab.pruning.refine import pcg_on_support, row_errors
 from prunelab.pruning.registry import PruneWarning
-from prunelab.pruning.sequential import ProgressFn, run_sequential
+from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.sparsegpt import DAMP_RETRIES, HessianStats, sparsegpt_matrix
 from prunelab.pruning.types import PruneConfig, PruningError
 
@@ -285,20 +284,15 @@ def prune_alps(
 ) -> dict[str, torch.Tensor]:
     """Sequential block-by-block alps (optionally with OWL block ratios): every linear is pruned from the
     Hessian of its inputs as they arrive through the already-pruned earlier linears."""
-    if calib is None:
-        raise ValueError("alps needs calibration inputs")
-    targets = block_sparsities(lm, config, calib, progress)
-    masks: dict[str, torch.Tensor] = {}
 
-    def prune_one(m: PrunableMatrix, stats: AlpsStats) -> None:
-        weight = m.weight(lm.model)
+    def solve(m: PrunableMatrix, weight: torch.Tensor, stats: AlpsStats, target: float) -> torch.Tensor:
         solved, keep = alps_matrix(
-            weight, stats.hessian(), targets[(m.stack, m.block)], config.nm, options=config.options, name=m.name,
+            weight, stats.hessian(), target, config.nm, options=config.options, name=m.name,
             factor_cache=stats.factor_cache, hinv_cache=stats.hinv_cache,
         )
         weight.copy_(solved.masked_fill(~keep, 0))
-        masks[m.name] = keep
+        return keep
 
-    run_sequential(lm, calib, lambda m: AlpsStats(m.in_features), prune_one, progress=progress)
-    prune_outside_blocks(lm, config, masks)
-    return masks
+    return prune_layerwise(
+        lm, config, calib, progress, method="alps", make_stats=lambda m: AlpsStats(m.in_features), solve=solve
+    )

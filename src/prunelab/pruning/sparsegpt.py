@@ -18,9 +18,10 @@ import torch
 
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel, PrunableMatrix
+from prunelab.pruning.layerwise import prune_layerwise
 from prunelab.pruning.patterns import lowest_k_mask, nm_mask, target_count
 from prunelab.pruning.registry import PruneWarning
-from prunelab.pruning.sequential import ProgressFn, run_sequential
+from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import PruneConfig, PruningError
 
 DAMP_RETRIES = 4  # dampening ×10 up to this many times before giving up
@@ -159,25 +160,16 @@ def prune_sparsegpt(
     progress: ProgressFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sequential block-by-block SparseGPT (optionally with OWL block ratios)."""
-    from prunelab.pruning.magnitude import prune_outside_blocks
-    from prunelab.pruning.owl import block_sparsities
-
-    if calib is None:
-        raise ValueError("sparsegpt needs calibration inputs")
-    sparsity = block_sparsities(lm, config, calib, progress)
-    masks: dict[str, torch.Tensor] = {}
-
-    def prune_one(m: PrunableMatrix, stats: HessianStats) -> None:
-        w = m.weight(lm.model)
+    def solve(m: PrunableMatrix, w: torch.Tensor, stats: HessianStats, target: float) -> torch.Tensor:
         new, mask = sparsegpt_matrix(
-            w, stats.hessian(), sparsity[(m.stack, m.block)], config.nm,
+            w, stats.hessian(), target, config.nm,
             blocksize=config.options.blocksize, percdamp=config.options.percdamp, name=m.name,
             hinv_cache=stats.hinv_cache,
         )
         w.copy_(new)
         w.masked_fill_(~mask, 0)
-        masks[m.name] = mask
+        return mask
 
-    run_sequential(lm, calib, lambda m: HessianStats(m.in_features), prune_one, progress=progress)
-    prune_outside_blocks(lm, config, masks)
-    return masks
+    return prune_layerwise(
+        lm, config, calib, progress, method="sparsegpt", make_stats=lambda m: HessianStats(m.in_features), solve=solve
+    )

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from prunelab.models.types import LoadedModel
+from prunelab.models.types import LoadedModel, PrunableMatrix
+from prunelab.pruning.layerwise import prune_layerwise
 from prunelab.pruning.patterns import apply_mask, select_mask
-from prunelab.pruning.sequential import ProgressFn, run_sequential
+from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import PruneConfig
 
 
@@ -42,20 +43,11 @@ def prune_wanda(
     progress: ProgressFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sequential block-by-block Wanda over the calibration set (optionally with OWL block ratios)."""
-    from prunelab.pruning.magnitude import prune_outside_blocks
-    from prunelab.pruning.owl import block_sparsities
-
-    if calib is None:
-        raise ValueError("wanda needs calibration inputs")
-    sparsity = block_sparsities(lm, config, calib, progress)
-    masks: dict[str, torch.Tensor] = {}
-
-    def prune_one(m, stats: NormStats) -> None:  # type: ignore[no-untyped-def]
-        w = m.weight(lm.model)
-        mask = select_mask(wanda_scores(w, stats), sparsity[(m.stack, m.block)], config.nm, rowwise=True)
+    def solve(m: PrunableMatrix, w: torch.Tensor, stats: NormStats, target: float) -> torch.Tensor:
+        mask = select_mask(wanda_scores(w, stats), target, config.nm, rowwise=True)
         apply_mask(w, mask)
-        masks[m.name] = mask
+        return mask
 
-    run_sequential(lm, calib, lambda m: NormStats(m.in_features), prune_one, progress=progress)
-    prune_outside_blocks(lm, config, masks)
-    return masks
+    return prune_layerwise(
+        lm, config, calib, progress, method="wanda", make_stats=lambda m: NormStats(m.in_features), solve=solve
+    )
