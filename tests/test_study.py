@@ -73,6 +73,9 @@ def bench_values(out: Path) -> dict[str, tuple[str, float | None, float | None]]
         ({"patterns": ["2-4"]}, "patterns[0] '2-4'"),
         ({"sparsity": [0.5]}, "unknown key 'sparsity'"),
         ({"eval": {"ppl": {"max_tokenz": 5}}}, "eval.ppl has unknown key 'max_tokenz'"),
+        ({"eval": {"zeroshot": {"tasks": ["rte", "squad"]}}}, "eval.zeroshot.tasks: unknown zero-shot task 'squad'"),
+        ({"eval": {"zeroshot": {"limit": 0}}}, "eval.zeroshot.limit 0 is not a positive number"),
+        ({"eval": {"ppl": {"limit": 3}}}, "eval.ppl has unknown key 'limit'"),
         ({"speed": {"sparsities": [1.5]}}, "speed.sparsities[0] 1.5"),
         ({"model_overrides": {"zoo:minilm": {"calibration": {"nsamples": 2}}}}, "entry for 'zoo:minilm'"),
         ({"model_overrides": {"{gpt2}": {"calibration": {"n": 2}}}}, "calibration has unknown key 'n'"),
@@ -351,3 +354,13 @@ def test_example_full_study_config_is_valid():
     path = Path(__file__).resolve().parents[1] / "examples" / "study-full.yaml"
     config = load_config(str(path))
     assert config is not None
+
+
+def test_zeroshot_limit_and_tasks_in_a_study_config(tiny_dirs):
+    """`eval.zeroshot` takes the CLI's `--limit` and `zeroshot:tasks`; the preset's small limit yields to the user's."""
+    cfg = {"models": [str(tiny_dirs["gpt2"])], "methods": ["magnitude"], "sparsities": [0.5],
+           "benchmarks": ["ppl", "zeroshot"], "eval": {"zeroshot": {"limit": 3, "tasks": ["rte", "piqa"]}}}
+    config = load_config(cfg)
+    assert config.eval_for(str(tiny_dirs["gpt2"]), "zeroshot") == {"limit": 3, "tasks": ["rte", "piqa"]}
+    assert load_config(None).eval["zeroshot"]["limit"] < 100  # the demo preset keeps zero-shot small
+    assert load_config(str(REPO / "examples" / "study-full.yaml")).eval["zeroshot"]["limit"] == 500

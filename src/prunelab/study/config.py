@@ -30,6 +30,8 @@ DEFAULT_SPARSITIES = [0.1, 0.5, 0.9, 0.95, 0.99]
 CALIBRATION_KEYS = CALIBRATION_OPTIONS
 EVAL_KEYS = ("seqlen", "max_tokens", "max_examples", "train_limit", "mode", "batch_size", "data",
              "finetune_epochs", "finetune_lr")
+# Options only some benchmarks read; the same names (`--limit`, `zeroshot:tasks`) as on the eval CLI.
+BENCH_EVAL_KEYS = {"zeroshot": ("limit", "tasks")}
 SPEED_KEYS = ("sparsities", "methods", "prefill_tokens", "decode_tokens", "repeats", "measure_rss", "measure_size")
 SIZE_KEYS = ("sparsities", "methods")
 TOP_KEYS = ("models", "methods", "patterns", "sparsities", "benchmarks", "analyze", "size", "speed", "calibration",
@@ -51,6 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mrpc": {"train_limit": 128, "max_examples": 64},
             "embed": {"max_examples": 128},
             "asr": {"max_examples": 6},
+            "zeroshot": {"limit": 20},
         },
         "size": True,
         "speed": {"sparsities": [0.5, 0.9, 0.99], "methods": ["magnitude"], "prefill_tokens": 64,
@@ -68,6 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mrpc": {"train_limit": 32, "max_examples": 32},
             "embed": {"max_examples": 32},
             "asr": {"max_examples": 3},
+            "zeroshot": {"limit": 5},
         },
         "size": True,
         "speed": {"sparsities": [0.9], "methods": ["magnitude"], "prefill_tokens": 64, "decode_tokens": 8,
@@ -91,13 +95,15 @@ PRESET_NOTES = {
         "tried: the SmolLM2 probe then stays at chance even dense); embedding fidelity on 128 SST-2 sentences; "
         "speech benchmark on 6 clips; decode speed only for magnitude pruning at 0.5/0.9/0.99 (speed depends "
         "on the sparsity pattern, not on how the mask was chosen), 64 prefill and 8 decoded tokens x 2 "
-        "repeats. Numbers are therefore noisier than published ones and comparable only within this report; "
+        "repeats; zero-shot accuracy (not run by default; add `zeroshot` to a decoder's benchmarks) on the first "
+        "20 documents per task (~0.4 s a document for SmolLM2, so ~1 min a cell; the papers use whole splits). "
+        "Numbers are therefore noisier than published ones and comparable only within this report; "
         "raise them in a study YAML for real work."
     ),
     "quick": (
         "A smoke test of the whole pipeline in a few minutes: sparsities 0.5 and 0.9 only, calibration "
         "4 x 64 tokens, perplexity on 512 tokens, probes trained and scored on 32 examples, 3 speech clips, "
-        "speed at 0.9 only. "
+        "speed at 0.9 only, zero-shot (when asked for) on 5 documents per task. "
         "Use it to check a setup, not to draw conclusions."
     ),
 }
@@ -415,7 +421,26 @@ def _check_keys(value: Any, allowed: tuple[str, ...], where: str) -> dict[str, A
 def _check_eval(value: Any) -> dict[str, dict[str, Any]]:
     known = known_benchmarks()
     value = _check_keys(value, tuple(known), "eval")
-    return {bench: _check_keys(opts or {}, EVAL_KEYS, f"eval.{bench}") for bench, opts in value.items()}
+    return {bench: _check_bench_options(bench, opts or {}) for bench, opts in value.items()}
+
+
+def _check_bench_options(bench: str, opts: Any) -> dict[str, Any]:
+    """One bench's `eval:` entry; `limit` and `tasks` are checked here so a typo fails before any cell runs."""
+    where = f"eval.{bench}"
+    d = _check_keys(opts, EVAL_KEYS + BENCH_EVAL_KEYS.get(bench, ()), where)
+    limit = d.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"study config: {where}.limit {limit!r} is not a positive number of examples per task")
+    if "tasks" in d:
+        from prunelab.evaluation.registry import get_bench
+        from prunelab.evaluation.types import EvalOptions
+
+        tasks = [str(t) for t in _as_list(d["tasks"], f"{where}.tasks")]
+        try:  # the bench's own `name:arg` parser names the unknown task and the known ones
+            d["tasks"] = get_bench(bench).with_arg(f"{bench}:{','.join(tasks)}", EvalOptions()).tasks
+        except ConfigError as exc:
+            raise ConfigError(f"study config: {where}.tasks: {exc}") from None
+    return d
 
 
 def _check_sub(value: Any, allowed: tuple[str, ...], where: str, methods: list[MethodEntry],
