@@ -280,3 +280,66 @@ def block_cdfs(panels: Mapping[str, tuple[Sequence[float], Curves, Curves]], *, 
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _png(fig)
+
+
+@dataclass(frozen=True)
+class AccuracyPanel:
+    """One task of a small-multiples figure: per method (x, accuracy, half-width of its error bar or None)."""
+
+    title: str
+    series: Mapping[str, Sequence[tuple[float, float, float | None]]]
+    dense: tuple[float, float | None] | None = None  # (accuracy, half-width)
+    chance: float | None = None
+
+
+def _accuracy_axes(ax: matplotlib.axes.Axes, panel: AccuracyPanel, styles: dict[str, tuple[str, str]]) -> None:
+    for label, pts in sorted(panel.series.items()):
+        pts = sorted(p for p in pts if p[1] is not None and math.isfinite(p[1]))
+        if not pts:
+            continue
+        xs, ys, errs = zip(*pts, strict=True)
+        yerr = [e if e is not None and math.isfinite(e) else 0.0 for e in errs]
+        color, marker = styles[label]
+        ax.errorbar(xs, ys, yerr=yerr, color=color, marker=marker, markersize=3, linewidth=1, capsize=2)
+    if panel.dense is not None:
+        acc, half = panel.dense
+        ax.axhline(acc, color="black", linestyle="--", linewidth=1)
+        if half:
+            ax.axhspan(acc - half, acc + half, color="black", alpha=0.08, linewidth=0)
+    if panel.chance is not None:
+        ax.axhline(panel.chance, color="grey", linestyle=":", linewidth=1.3)
+    ax.set_title(panel.title, fontsize=9)
+    ax.tick_params(labelsize=7)
+    ax.grid(True, alpha=0.3)
+
+
+def accuracy_panels(panels: Sequence[AccuracyPanel], *, title: str, xlabel: str, ylabel: str,
+                    ncols: int = 4) -> bytes | None:
+    """Small multiples: one panel per task (same colours per method across panels), dense dashed with its
+    error band, chance dotted; a task is read on its own scale, so the y axes are not shared."""
+    panels = [p for p in panels if any(p.series.values()) or p.dense is not None]
+    if not panels:
+        return None
+    labels = sorted({label for p in panels for label, pts in p.series.items() if pts})
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {label: (cycle[i % len(cycle)], _MARKERS[i % len(_MARKERS)]) for i, label in enumerate(labels)}
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.7 * nrows + 0.8), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        _accuracy_axes(ax, panels[k], styles)
+        if k % ncols == 0:
+            ax.set_ylabel(ylabel, fontsize=8)
+        if k + ncols >= len(panels):
+            ax.set_xlabel(xlabel, fontsize=8)
+    handles = [Line2D([], [], color=styles[label][0], marker=styles[label][1], label=label) for label in labels]
+    handles += [Line2D([], [], color="black", linestyle="--", label="dense"),
+                Line2D([], [], color="grey", linestyle=":", label="chance")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    legend_in = 0.15 + 0.25 * math.ceil(len(handles) / 6)  # the legend's height in inches, below the panels
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    return _png(fig)

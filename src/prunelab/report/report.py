@@ -6,7 +6,8 @@ the one file can be mailed or archived; the Markdown links the same PNGs in DIR/
 
 Sections: summary table; the methods (from the method registry); per model the weight-distribution plots from `analyze`
 (log-scale |w| histogram, CDF, CDF per block), metric vs sparsity per benchmark (one line per
-method, dense as a dashed reference, log y for perplexities), size on disk vs sparsity (dense
+method, dense as a dashed reference, log y for perplexities; zero-shot accuracy as one panel per task
+and one for the mean, `report.zeroshot`), size on disk vs sparsity (dense
 vs sparse format vs information bound), decode speed vs sparsity; failed cells; the preset's
 data sizes and why; the exact configuration; library versions.
 
@@ -32,6 +33,7 @@ from prunelab.report.extract import fmt, fmt_measure, fmt_speed, measure_of, sho
 from prunelab.report.figures import metric_vs_sparsity, size_vs_sparsity, speed_vs_sparsity
 from prunelab.report.intervals import spread
 from prunelab.report.tradeoffs import LOG_Y_BENCHES, tradeoff_figures
+from prunelab.report.zeroshot import is_zeroshot, zeroshot_figure
 from prunelab.study.cells import DENSE
 from prunelab.study.store import Row, Store
 
@@ -235,7 +237,10 @@ def _model_section(model: str, tag: str, rows: list[Row], out_dir: Path) -> Sect
     sec.figures += figures
     sec.notes += notes
     for bench in sorted({r.bench for r in mrows if r.kind == "bench"}):
-        sec.add(*_bench_figure(model, tag, bench, mrows))
+        figure, notes = _bench_figure(model, tag, bench, mrows)
+        if is_zeroshot(bench):  # every task and the mean in one figure, in place of the mean alone
+            figure = zeroshot_figure(model, tag, mrows) or figure
+        sec.add(figure, notes)
     sec.add(*_size_figure(model, tag, mrows))
     sec.add(*_speed_figure(model, tag, mrows))
     for figures, notes in (tradeoff_figures(model, tag, mrows), block_figures(model, tag, mrows)):
