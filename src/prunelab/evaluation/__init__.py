@@ -1,7 +1,8 @@
 """Evaluation: one module per benchmark, a registry, and `evaluate(lm, bench, options)`.
 
 Benchmarks: ppl (decoders), seq2seq-ppl (text encoder-decoders), pppl and embed (encoders),
-sst2 and mrpc (all families, probe or mask-preserving fine-tuning).
+sst2 and mrpc (all families, probe or mask-preserving fine-tuning), asr (speech), zeroshot (decoders:
+lm-evaluation-harness's own tasks on the local validation splits, `zeroshot:task,...`, `limit` per task).
 """
 
 from prunelab.evaluation.registry import BENCHMARKS, BenchSpec, default_benchmarks, get_bench
