@@ -59,15 +59,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _zeros_fraction(lm: Any) -> float:
-    zeros = total = 0
-    for m in lm.prunable:
-        w = m.weight(lm.model)
-        zeros += int((w == 0).sum())
-        total += w.numel()
-    return zeros / total
-
-
 def _sweep(lm: Any, methods: list[str], settings: dict[str, Any],
            measure: Callable[[], dict[str, Any]], label: str) -> list[dict[str, Any]]:
     """Dense, then each method from the restored dense weights: prune in place, `measure()` → metrics (timed)."""
@@ -77,17 +68,18 @@ def _sweep(lm: Any, methods: list[str], settings: dict[str, Any],
     rows: list[dict[str, Any]] = []
     for method in ["dense", *methods]:
         lm.model.load_state_dict(dense_state)
-        prune_s, result = 0.0, None
-        if method != "dense":
-            t = time.perf_counter()
-            result = prune(lm, PruneConfig.from_settings(method, **settings))
-            prune_s = time.perf_counter() - t
+        # dense: a no-op prune (sparsity 0) that only counts the zeros already there
+        config = (PruneConfig(method="magnitude", sparsity=0.0) if method == "dense"
+                  else PruneConfig.from_settings(method, **settings))
+        t = time.perf_counter()
+        result = prune(lm, config)
+        prune_s = 0.0 if method == "dense" else time.perf_counter() - t
         t = time.perf_counter()
         metrics = measure()
         eval_s = time.perf_counter() - t
         row = {"method": method, "requested_sparsity": 0.0 if method == "dense" else settings["sparsity"],
-               "achieved_sparsity": _zeros_fraction(lm), **metrics, "prune_s": prune_s, "eval_s": eval_s,
-               "calibration": result.calibration if result is not None else None}
+               "achieved_sparsity": result.sparsity_prunable, **metrics, "prune_s": prune_s, "eval_s": eval_s,
+               "calibration": result.calibration or None}
         rows.append(row)
         shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"  {label} {method:<10} {shown} sparsity={row['achieved_sparsity']:.4f} prune={prune_s:.1f}s "
