@@ -9,6 +9,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from prunelab.quant import QuantInfo
+
 Family = Literal["encoder", "decoder", "encoder-decoder"]
 Stack = Literal["encoder", "decoder"]
 SpecKind = Literal["zoo", "local", "gguf", "hub"]
@@ -111,6 +113,9 @@ class LoadedModel:
     tokenizer: Any = None
     processor: Any = None  # feature extractor for speech models
     prunable: list[PrunableMatrix] = field(default_factory=list)
+    # Quantized matrices (module name of the Linear -> scheme and scales); the model's weights
+    # then hold the dequantized values. Empty for a float model.
+    quant: dict[str, QuantInfo] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
