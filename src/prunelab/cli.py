@@ -193,6 +193,10 @@ def prune(
     opts: list[str] = typer.Option([], "--opt", help="A method option KEY=VALUE (repeatable), e.g. blocksize=64 "
                                    "(sparsegpt), owl_lambda=0.1 (with --owl); a wrong key lists the method's options."),
     fmt: str = typer.Option("hf", "--format", help="hf (save_pretrained, safetensors) or sparse (compressed)."),
+    quant: str | None = typer.Option(None, "--quant", help="Quantize the kept weights: int8 (per output channel) "
+                                     "or int4 (groups); GPTQ inside sparsegpt/alps, round-to-nearest otherwise; "
+                                     "the LM head int8 per row. Store with --format sparse."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Input columns per scale (int4: 128)."),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
 ) -> None:
     """Prune a model and write the checkpoint plus DIR/prune_report.json."""
@@ -209,6 +213,7 @@ def prune(
         fail(f"unknown --format '{fmt}': use hf or sparse")
     settings = parse_options(opts) | ({"target": structured_target} if structured_target is not None else {})
     settings |= {"refine": refine} if refine is not None else {}
+    settings |= {"quant": quant, "group_size": group_size} if quant is not None or group_size is not None else {}
     config = PruneConfig.from_settings(method, sparsity=sparsity, pattern=pattern, calib=calib,
                                        calib_column=calib_column, nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl,
                                        **settings)

@@ -136,3 +136,10 @@ def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
     b = packed.to(torch.int16)
     nib = torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)[:n]
     return torch.where(nib >= 8, nib - 16, nib).to(torch.int8)
+
+
+def block_scales(block: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """float32 scales `(out,)` of one group given as a column block `(out, g)`: the `group_scales`
+    rule (max |w| over qmax, 1 for an all-zero row) for a group GPTQ opens mid-sweep."""
+    scales = block.detach().to(torch.float32).abs().amax(dim=1) / scheme.qmax
+    return torch.where(scales > 0, scales, torch.ones_like(scales))

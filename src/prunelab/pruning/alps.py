@@ -33,6 +33,7 @@ from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel, PrunableMatrix
 from prunelab.pruning.layerwise import prune_layerwise
 from prunelab.pruning.patterns import lowest_k_mask, nm_mask, nm_target_count, target_count
+from prunelab.pruning.quantize import gptq_on_support
 from prunelab.pruning.refine import pcg_on_support, row_errors
 from prunelab.pruning.registry import PruneWarning
 from prunelab.pruning.sequential import ProgressFn
@@ -285,11 +286,18 @@ def prune_alps(
     """Sequential block-by-block alps (optionally with OWL block ratios): every linear is pruned from the
     Hessian of its inputs as they arrive through the already-pruned earlier linears."""
 
+    scheme = config.joint_quant  # after the solve, one GPTQ sweep on the fixed support (unless --refine re-solves)
+
     def solve(m: PrunableMatrix, weight: torch.Tensor, stats: AlpsStats, target: float) -> torch.Tensor:
+        H = stats.hessian()
         solved, keep = alps_matrix(
-            weight, stats.hessian(), target, config.nm, options=config.options, name=m.name,
+            weight, H, target, config.nm, options=config.options, name=m.name,
             factor_cache=stats.factor_cache, hinv_cache=stats.hinv_cache,
         )
+        if scheme is not None:
+            solved, lm.quant[m.name] = gptq_on_support(solved.masked_fill(~keep, 0), H, keep, scheme,
+                                                       percdamp=config.options.percdamp, name=m.name,
+                                                       hinv_cache=stats.hinv_cache)
         weight.copy_(solved.masked_fill(~keep, 0))
         return keep
 

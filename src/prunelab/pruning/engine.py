@@ -21,6 +21,7 @@ from prunelab.errors import ConfigError
 from prunelab.io import atomic_dir, write_json
 from prunelab.models.types import LoadedModel
 from prunelab.pruning.patterns import nm_target_count, target_count
+from prunelab.pruning.quantize import check_quantizable, quantize_remaining
 from prunelab.pruning.registry import MethodOutput, MethodSpec, PruneWarning
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import MatrixReport, PruneConfig, PruneResult, PruningError
@@ -37,9 +38,13 @@ def _validate(lm: LoadedModel, config: PruneConfig) -> None:
     config.validate()
     if not lm.prunable:
         raise ConfigError(f"{lm.name} has no prunable matrices (no linears inside numbered transformer blocks)")
+    check_quantizable(lm, config)  # already quantized, a group size that does not divide: before any work
 
 
 def _is_noop(config: PruneConfig) -> bool:
+    """Nothing to prune. A reconstructing method asked to quantize still runs: at sparsity 0 it is GPTQ."""
+    if config.quant is not None and config.spec.reconstructs:
+        return False
     return config.nm is None and float(config.sparsity) == 0.0 and not config.owl
 
 
@@ -49,6 +54,9 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     `progress(message, done, total)` is called per block (calibrated methods) or per matrix.
     Deterministic given `config.seed`. With `config.refine` the dense weights are snapshot
     before the method and its masks refined after it (`_refine`), before the counts are checked.
+    With `config.quant` the kept weights end on the integer grid (`pruning.quantize`: GPTQ inside
+    sparsegpt/alps, round-to-nearest after any other method or after `--refine`) and `lm.quant`
+    says how; exact counts are checked on the masks, so a kept weight rounded to 0 only adds zeros.
     """
     _validate(lm, config)
     spec = config.spec
@@ -78,6 +86,10 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     lm.model.train(was_training)
     result.warnings.extend(str(w.message) for w in caught if issubclass(w.category, PruneWarning))
     result.timings["pruning"] = time.perf_counter() - t1
+    if config.quant is not None:
+        t2 = time.perf_counter()
+        result.extra["quantization"] = quantize_remaining(lm, config, masks)
+        result.timings["quantize"] = time.perf_counter() - t2
     _account(lm, config, masks, result)
     _check_exact(spec, config, result)
     if config.owl:
@@ -222,10 +234,14 @@ def save_pruned(lm: LoadedModel, result: PruneResult | None, out_dir: str | Path
     if format not in ("hf", "sparse"):
         raise ConfigError(f"unknown --format '{format}': use hf or sparse")
     from prunelab.storage import save as save_checkpoint
+    from prunelab.storage.api import HF_DEQUANTIZED_NOTE, QuantizedAsFloatWarning
 
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    with atomic_dir(out_dir) as tmp:
+    if format == "hf" and lm.quant and result is not None and HF_DEQUANTIZED_NOTE not in result.warnings:
+        result.warnings.append(HF_DEQUANTIZED_NOTE)  # said once, in the report and by the CLI
+    with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", QuantizedAsFloatWarning)
         save_checkpoint(lm, tmp, format=format)  # type: ignore[arg-type]  # with tokenizer/processor
         report: dict[str, Any] = {
             "model": lm.spec.raw,

@@ -23,6 +23,7 @@ from prunelab.pruning.patterns import lowest_k_mask, nm_mask, target_count
 from prunelab.pruning.registry import PruneWarning
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import PruneConfig, PruningError
+from prunelab.quant import QuantInfo, QuantScheme, block_scales, quantize_rtn, quantize_with_scales
 
 DAMP_RETRIES = 4  # dampening ×10 up to this many times before giving up
 
@@ -71,14 +72,57 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return U
 
 
+class _Quantizer:
+    """GPTQ's column step for `_sweep`: a group's scales are set when the sweep reaches its first column,
+    from the group's current (already updated) weights, known-pruned ones excluded; each kept weight is
+    then rounded onto its group's grid, so the error fed back includes the rounding error.
+
+    With pruning the fed-back errors are large and later weights of a wide group (int8: the whole
+    row) grow past the group-start maximum and would clip; the scale is therefore widened to cover
+    `ref`, the float reconstruction's final weights of that group (measured: int8 per-row GPTQ error
+    5-20× lower than without it on 50-70 % sparse layers)."""
+
+    def __init__(self, scheme: QuantScheme, ref: torch.Tensor) -> None:
+        self.scheme = scheme
+        self.ref = ref
+        self.n_groups, self.g = scheme.groups(ref.shape[1])
+        self.scales = torch.ones(ref.shape[0], self.n_groups, dtype=torch.float32)
+
+    def column(self, c: int, w: torch.Tensor, ahead: torch.Tensor) -> torch.Tensor:
+        """Dequantized column `c` (exactly `q * s` in float32); `ahead` = the group's columns from `c` on."""
+        k = c // self.g
+        if c % self.g == 0:
+            ref = block_scales(self.ref[:, c:c + self.g], self.scheme)
+            self.scales[:, k] = torch.maximum(block_scales(ahead, self.scheme), ref)
+        s = self.scales[:, k]
+        return quantize_with_scales(w, s, self.scheme).to(torch.float32) * s
+
+
+def _group_ahead(W: torch.Tensor, W1: torch.Tensor, mask1: torch.Tensor, i: int, i1: int, i2: int,
+                 g: int) -> torch.Tensor:
+    """Columns c .. c+g of the current weights (c = i1 + i): the block's updated ones (pruned entries
+    of this block already zero) and, past the block, the lazily-updated rest (GPTQ reads them the same)."""
+    inside = W1[:, i:i + g] * mask1[:, i:i + g]
+    c = i1 + i
+    if c + g <= i2:
+        return inside
+    return torch.cat([inside, W[:, i2:c + g]], dim=1)
+
+
 def _sweep(
-    W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, blocksize: int
+    W: torch.Tensor, Hinv: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, blocksize: int,
+    quant: _Quantizer | None = None, fixed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column sweep: returns (updated weights with zeros, keep-mask)."""
+    """The column sweep: returns (updated weights with zeros, keep-mask).
+
+    `fixed` (a keep-mask) replaces the mask selection (a GPTQ pass on a given support); `quant`
+    rounds every kept weight onto its group's grid as the sweep reaches it (joint pruning and
+    quantization: pruning and rounding errors are both compensated by the remaining columns).
+    """
     W = W.clone()
     rows, cols = W.shape
-    mask = torch.ones(rows, cols, dtype=torch.bool)
-    if nm is not None:
+    mask = torch.ones(rows, cols, dtype=torch.bool) if fixed is None else fixed.clone()
+    if nm is not None and fixed is None:
         blocksize = max(nm[1], (blocksize // nm[1]) * nm[1])  # groups must not straddle blocks
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -88,17 +132,24 @@ def _sweep(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
-        if nm is None:
+        if fixed is not None:
+            mask1 = fixed[:, i1:i2]
+        elif nm is None:
             kb = target_count(sparsity, rows * i2) - target_count(sparsity, rows * i1)
             mask1 = lowest_k_mask(W1.pow(2) / d.pow(2).unsqueeze(0), kb)
         else:
             mask1 = torch.ones_like(W1, dtype=torch.bool)
         for i in range(count):
-            if nm is not None and i % nm[1] == 0:
+            if fixed is None and nm is not None and i % nm[1] == 0:
                 j = min(i + nm[1], count)
                 mask1[:, i:j] = nm_mask(W1[:, i:j].pow(2) / d[i:j].pow(2).unsqueeze(0), *nm)
             w = W1[:, i]
-            q = torch.where(mask1[:, i], w, torch.zeros_like(w))
+            if quant is not None:
+                ahead = _group_ahead(W, W1, mask1, i, i1, i2, quant.g) if (i1 + i) % quant.g == 0 else w
+                w_kept = quant.column(i1 + i, w, ahead)
+            else:
+                w_kept = w
+            q = torch.where(mask1[:, i], w_kept, torch.zeros_like(w))
             Q1[:, i] = q
             err = (w - q) / d[i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -108,6 +159,41 @@ def _sweep(
         if i2 < cols:
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W, mask
+
+
+def _joint_sweep(
+    W: torch.Tensor, U: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+    blocksize: int, scheme: QuantScheme, fixed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, QuantInfo]:
+    """Pruning and GPTQ in one sweep, each row kept from it or from round-to-nearest, whichever is better.
+
+    1. The float reconstruction first (the plain sweep; with `fixed`, `W` on that support is taken as
+       already reconstructed, e.g. alps' solution): its mask and its weights, the reference for the
+       group scales (`_Quantizer`).
+    2. The joint sweep from `W`: on the reference's mask for unstructured sparsity (so the exact
+       per-matrix count stays the reference's), choosing N:M groups itself as it goes.
+    3. Per row, the lower error tr((w − ŵ) H (w − ŵ)ᵀ) of the joint result and of round-to-nearest
+       of the reference (rows are independent in the layer objective and every scale belongs to
+       one row, so rows mix freely): joint quantization is never worse than pruning then rounding.
+    """
+    if fixed is None:
+        ref, ref_mask = _sweep(W, U, sparsity, nm, blocksize)
+    else:
+        ref, ref_mask = W * fixed, fixed
+    quantizer = _Quantizer(scheme, ref)
+    support = fixed if fixed is not None else (ref_mask if nm is None else None)
+    Q, mask = _sweep(W, U, sparsity, nm, blocksize, quantizer, support)
+    q_rtn, rtn = quantize_rtn(ref, scheme)
+    R = rtn.dequantize(q_rtn)
+    Hd = H.double()
+
+    def err(X: torch.Tensor) -> torch.Tensor:
+        r = W.double() - X.double()
+        return ((r @ Hd) * r).sum(1)
+
+    joint = (err(Q) <= err(R)).unsqueeze(1)
+    scales = torch.where(joint, quantizer.scales, rtn.scales)
+    return torch.where(joint, Q, R), torch.where(joint, mask, ref_mask), QuantInfo(scheme, scales)
 
 
 def sparsegpt_matrix(
@@ -127,6 +213,23 @@ def sparsegpt_matrix(
     dampening is raised ×10 (up to `DAMP_RETRIES` times) with a `PruneWarning`; if it still
     fails, `PruningError`.
     """
+    new, mask, _ = obs_solve(weight, H, sparsity, nm, blocksize=blocksize, percdamp=percdamp, name=name,
+                             hinv_cache=hinv_cache)
+    return new, mask
+
+
+def obs_solve(
+    weight: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, int] | None = None, *,
+    blocksize: int = 128, percdamp: float = 0.01, name: str = "matrix",
+    hinv_cache: dict[float, torch.Tensor] | None = None, quant: QuantScheme | None = None,
+    fixed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, QuantInfo | None]:
+    """`sparsegpt_matrix` with the joint options: `quant` rounds the kept weights in the sweep (GPTQ),
+    `fixed` keeps a given support instead of choosing one; returns (weight, keep-mask, QuantInfo or None).
+
+    With `quant` the weight comes back exactly as `QuantInfo.dequantize(ints)` (float32); see
+    `_joint_sweep` for how (and why each row is never worse than round-to-nearest).
+    """
     W = weight.detach().float().clone()
     H = H.double().clone()
     dead = torch.diagonal(H) == 0
@@ -138,15 +241,19 @@ def sparsegpt_matrix(
             U = cache.get(damp)
             if U is None:
                 U = cache[damp] = _inverse_cholesky(H, damp).float()
-            Q, mask = _sweep(W, U, sparsity, nm, blocksize)
+            if quant is None:
+                Q, mask = _sweep(W, U, sparsity, nm, blocksize, None, fixed)
+                info = None
+            else:
+                Q, mask, info = _joint_sweep(W, U, H, sparsity, nm, blocksize, quant, fixed)
             if not torch.isfinite(Q).all():
                 raise torch.linalg.LinAlgError("non-finite weights after the update")
             if attempt:
                 warnings.warn(
                     f"sparsegpt {name}: Hessian ill-conditioned; dampening raised from {percdamp:g} to {damp:g} "
-                    "of the mean diagonal", PruneWarning, stacklevel=2,
+                    "of the mean diagonal", PruneWarning, stacklevel=3,
                 )
-            return Q.to(weight.dtype), mask
+            return Q.to(weight.dtype), mask, info
         except torch.linalg.LinAlgError:
             damp *= 10
     raise PruningError(
@@ -160,14 +267,18 @@ def prune_sparsegpt(
     progress: ProgressFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sequential block-by-block SparseGPT (optionally with OWL block ratios)."""
+    scheme = config.joint_quant  # quantize in the sweep (GPTQ) unless a later step re-solves the weights
+
     def solve(m: PrunableMatrix, w: torch.Tensor, stats: HessianStats, target: float) -> torch.Tensor:
-        new, mask = sparsegpt_matrix(
+        new, mask, info = obs_solve(
             w, stats.hessian(), target, config.nm,
             blocksize=config.options.blocksize, percdamp=config.options.percdamp, name=m.name,
-            hinv_cache=stats.hinv_cache,
+            hinv_cache=stats.hinv_cache, quant=scheme,
         )
         w.copy_(new)
         w.masked_fill_(~mask, 0)
+        if info is not None:
+            lm.quant[m.name] = info
         return mask
 
     return prune_layerwise(

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from prunelab.errors import ConfigError, PrunelabError
 from prunelab.pruning.registry import METHODS, REFINERS, MethodSpec, get_method_spec, method_option_names
+from prunelab.quant import QuantScheme
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,8 @@ class PruneConfig:
     owl_lambda: float = 0.08  # OWL: per-block sparsities spread over [s - λ, s + λ]
     refine: str | None = None  # a mask-refinement step after the method (`REFINERS`: swap), methods with `refine`
     refine_budget: int = 100  # refine: at most this many swap rounds per row
+    quant: str | None = None  # quantize the kept weights: int8 (per output channel) or int4 (groups); None: float
+    group_size: int | None = None  # input columns per scale (int4 default 128; int8 default: the whole row)
     options: Any = None  # the method's settings dataclass instance
 
     def __post_init__(self) -> None:
@@ -91,6 +94,7 @@ class PruneConfig:
         if self.owl and nm is not None:  # N:M fixes every matrix's sparsity at N/M: no per-block ratio to set
             raise ConfigError("--owl sets non-uniform unstructured sparsities: use it with --pattern unstructured")
         self._validate_refine(spec)
+        self._validate_quant()
         if self.nsamples < 1 or self.seqlen < 2:
             raise ConfigError("calibration needs --nsamples ≥ 1 and --seqlen ≥ 2")
         self.options = spec.make_options(self.options)
@@ -105,6 +109,26 @@ class PruneConfig:
             raise ConfigError(f"--refine applies to {', '.join(refinable)}, not to {self.method}")
         if isinstance(self.refine_budget, bool) or not isinstance(self.refine_budget, int) or self.refine_budget < 1:
             raise ConfigError(f"refine_budget {self.refine_budget!r}: need an integer ≥ 1 (swap rounds per row)")
+
+    def _validate_quant(self) -> None:
+        if self.quant is None:
+            if self.group_size is not None:
+                raise ConfigError("--group-size applies to quantized runs: add --quant int4 (or int8)")
+            return
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, type(None))):
+            raise ConfigError(f"--group-size {self.group_size!r}: need a positive integer")
+        QuantScheme.parse(self.quant, self.group_size)  # a one-line ConfigError for int3, group size 0, ...
+
+    @property
+    def quant_scheme(self) -> QuantScheme | None:
+        """The requested quantization (bits and resolved group size), None for a float run."""
+        return QuantScheme.parse(self.quant, self.group_size) if self.quant is not None else None
+
+    @property
+    def joint_quant(self) -> QuantScheme | None:
+        """What a reconstructing method should quantize in its own solve (GPTQ): the scheme, unless
+        `--refine` re-solves the weights afterwards (the engine then rounds them to nearest instead)."""
+        return self.quant_scheme if self.refine is None else None
 
     @property
     def nm(self) -> tuple[int, int] | None:
