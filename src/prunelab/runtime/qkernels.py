@@ -1,0 +1,436 @@
+"""Matrix-vector kernels that read sparse int8 / int4 / fp32 weights straight from a bitmask layout.
+
+Why a bitmask and not SELL/CSR (kernels.py): once a kept weight is one byte (int8) or half a
+byte (int4), a 2-byte column index would cost more than the value. The layout here is the one
+`prunelab.storage` writes: per matrix a little-order bitmask over the row-major elements (bit
+`i % 8` of byte `i // 8` says whether element `i` is kept, 1 bit per weight), then the kept values
+in row-major order (int8; int4 packed two per byte, element 2k in the low nibble; or fp32) and
+float32 scales per output row and group of input columns. The runtime keeps exactly these bytes
+plus an int64 offset per row, so the resident model is the stored model (no fp32 copy).
+
+How it is fast: on a CPU with AVX-512 VBMI2, `vpexpandb` places 64 packed int8 values at the
+set bits of a 64-bit mask word in one instruction, so the kernel streams the compressed bytes and
+does dense SIMD arithmetic on 64 columns at a time (sign-extend, convert, 4 FMAs with the 64
+matching activations) -- no per-nonzero scalar work at all. int4 values are first unpacked from
+nibbles (`vpermt2b` picks 64 nibbles starting at any nibble offset), fp32 values use `vexpandps`
+per 16 bits. LLVM exposes these as intrinsics that numba reaches through `numba.extending.intrinsic`
+(the register form: the memory form of `vpexpandb` measured 3.6x slower on Zen 5). On a CPU
+without VBMI2 the same IR uses LLVM's generic `llvm.masked.expandload`, which compiles everywhere
+(scalarised), and a plain scalar path (`fast=False`) is kept for matrices whose rows are not whole
+64-bit words (in_features % 64 != 0, or a group size that is not a multiple of 64) and for tests.
+
+Accumulation is fp32, in the group, then `group_sum * scale` into the row total: the result is a
+dense matmul of the dequantized matrix up to fp32 summation order (~1e-7 relative).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from prunelab.quant import QuantInfo, pack_int4
+
+
+def _host_features() -> set[str]:
+    import llvmlite.binding as llvm
+
+    return {f[1:] for f in llvm.get_host_cpu_features().flatten().split(",") if f.startswith("+")}
+
+
+_FEATURES = _host_features()
+HAS_VBMI2 = {"avx512vbmi2", "avx512vbmi", "avx512bw", "avx512f"} <= _FEATURES
+HAS_AVX512F = "avx512f" in _FEATURES
+PAD = 64  # bytes of slack after every value buffer: the vector loads read up to 64 bytes past a row
+
+# ---------------------------------------------------------------------------------------------------
+# LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
+# ---------------------------------------------------------------------------------------------------
+_I1, _I8, _I16, _I32, _I64 = (ir.IntType(n) for n in (1, 8, 16, 32, 64))
+_F32 = ir.FloatType()
+_V64F, _V16F, _V64I8 = ir.VectorType(_F32, 64), ir.VectorType(_F32, 16), ir.VectorType(_I8, 64)
+_V64I1, _V16I1 = ir.VectorType(_I1, 64), ir.VectorType(_I1, 16)
+
+
+def _fn(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _shuffle(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, idx: list[int]) -> ir.Value:
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(idx)), idx))
+
+
+def _ptr(builder: ir.IRBuilder, base: ir.Value, off: ir.Value, vty: ir.Type) -> ir.Value:
+    return builder.bitcast(builder.gep(base, [off]), vty.as_pointer())
+
+
+def _expand_i8(builder: ir.IRBuilder, packed: ir.Value, mask: ir.Value, mem: ir.Value | None) -> ir.Value:
+    """64 int8 lanes with `packed`'s first popcount(mask) bytes at the set bits, zeros elsewhere."""
+    zero = ir.Constant(_V64I8, None)
+    if HAS_VBMI2:
+        fn = _fn(builder, "llvm.x86.avx512.mask.expand.v64i8", _V64I8, [_V64I8, _V64I8, _V64I1])
+        return builder.call(fn, [packed, zero, mask])
+    if mem is None:  # a register value (unpacked int4): spill it so the generic intrinsic can read it
+        mem = cgutils.alloca_once(builder, _V64I8)
+        builder.store(packed, mem)
+    fn = _fn(builder, "llvm.masked.expandload.v64i8", _V64I8, [_I8.as_pointer(), _V64I1, _V64I8])
+    return builder.call(fn, [builder.bitcast(mem, _I8.as_pointer()), mask, zero])
+
+
+_NIB_EVEN = [(k >> 1) + 64 * (k & 1) for k in range(64)]  # nibble k of a byte run starting at a low nibble
+_NIB_ODD = [((k + 1) >> 1) + 64 * ((k + 1) & 1) for k in range(64)]  # ... starting at a high nibble
+
+
+def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The 64 sign-extended int4 values starting at nibble `vo` (as <64 x i8>), and their address."""
+    byte = builder.lshr(vo, ir.Constant(_I64, 1))
+    p = _ptr(builder, vals, byte, _V64I8)
+    raw = builder.load(p, align=1)
+    lo = builder.and_(raw, ir.Constant(_V64I8, [15] * 64))
+    hi = builder.lshr(raw, ir.Constant(_V64I8, [4] * 64))
+    even = _shuffle(builder, lo, hi, _NIB_EVEN)
+    odd = _shuffle(builder, lo, hi, _NIB_ODD)
+    is_odd = builder.trunc(vo, _I1)
+    nib = builder.select(is_odd, odd, even)
+    eight = ir.Constant(_V64I8, [8] * 64)
+    return builder.sub(builder.xor(nib, eight), eight), None
+
+
+def _word_values(builder: ir.IRBuilder, bits: int, dense: bool, vals: ir.Value, vo: ir.Value,
+                 w: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """(64 float lanes of this word's weights, number of values consumed)."""
+    if bits == 32:
+        return _word_values_f32(builder, dense, vals, vo, w)
+    if bits == 8:
+        p = _ptr(builder, vals, vo, _V64I8)
+        q, mem = builder.load(p, align=1), p
+    else:
+        q, mem = _int4_run(builder, vals, vo)
+    if dense:
+        return builder.sitofp(q, _V64F), ir.Constant(_I64, 64)
+    fn = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
+    q = _expand_i8(builder, q, builder.bitcast(w, _V64I1), mem)
+    return builder.sitofp(q, _V64F), builder.call(fn, [w])
+
+
+def _word_values_f32(builder: ir.IRBuilder, dense: bool, vals: ir.Value, vo: ir.Value,
+                     w: ir.Value) -> tuple[ir.Value, ir.Value]:
+    if dense:
+        return builder.load(_ptr(builder, vals, vo, _V64F), align=4), ir.Constant(_I64, 64)
+    pop16 = _fn(builder, "llvm.ctpop.i16", _I16, [_I16])
+    parts, off = [], vo
+    for c in range(4):
+        m16 = builder.trunc(builder.lshr(w, ir.Constant(_I64, 16 * c)), _I16)
+        p = _ptr(builder, vals, off, _V16F)
+        if HAS_AVX512F:
+            fn = _fn(builder, "llvm.x86.avx512.mask.expand.v16f32", _V16F, [_V16F, _V16F, _V16I1])
+            parts.append(builder.call(fn, [builder.load(p, align=4), ir.Constant(_V16F, None),
+                                           builder.bitcast(m16, _V16I1)]))
+        else:
+            fn = _fn(builder, "llvm.masked.expandload.v16f32", _V16F, [_F32.as_pointer(), _V16I1, _V16F])
+            parts.append(builder.call(fn, [builder.bitcast(p, _F32.as_pointer()), builder.bitcast(m16, _V16I1),
+                                           ir.Constant(_V16F, None)]))
+        off = builder.add(off, builder.zext(builder.call(pop16, [m16]), _I64))
+    lo = _shuffle(builder, parts[0], parts[1], list(range(32)))
+    hi = _shuffle(builder, parts[2], parts[3], list(range(32)))
+    return _shuffle(builder, lo, hi, list(range(64))), builder.sub(off, vo)
+
+
+def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    n = 64
+    while n > 1:
+        h = n // 2
+        v = builder.fadd(_shuffle(builder, v, v, list(range(h))), _shuffle(builder, v, v, list(range(h, n))))
+        n = h
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callback
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        arr = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
+        vals, masks, x, scales = arr
+        voff, moff, xoff, soff, ngroups, wpg = args[1], args[3], args[5], args[7], args[8], args[9]
+        fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
+        one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
+        total_words = builder.mul(ngroups, wpg)
+        entry = builder.block
+        head, body, gend, latch, done = (builder.append_basic_block(f"qk.{n}")
+                                         for n in ("head", "body", "gend", "latch", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        i, k, g, vo = (builder.phi(_I64) for _ in range(4))
+        acc, total = builder.phi(_V64F), builder.phi(_V64F)
+        for phi, init in ((i, ir.Constant(_I64, 0)), (k, ir.Constant(_I64, 0)), (g, ir.Constant(_I64, 0)),
+                          (vo, voff), (acc, zero_v), (total, zero_v)):
+            phi.add_incoming(init, entry)
+        builder.cbranch(builder.icmp_signed("<", i, total_words), body, done)
+        builder.position_at_end(body)
+        w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
+        q, used = _word_values(builder, bits, dense, vals, vo, w)
+        xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
+        acc1 = builder.call(fma, [q, xv, acc])
+        vo1, k1, i1 = builder.add(vo, used), builder.add(k, one), builder.add(i, one)
+        body_end = builder.block
+        builder.cbranch(builder.icmp_signed("==", k1, wpg), gend, latch)
+        builder.position_at_end(gend)
+        s = builder.load(builder.gep(scales, [builder.add(soff, g)]))
+        splat = builder.insert_element(ir.Constant(_V64F, ir.Undefined), s, ir.Constant(_I32, 0))
+        splat = _shuffle(builder, splat, splat, [0] * 64)
+        total1 = builder.call(fma, [acc1, splat, total])
+        g1 = builder.add(g, one)
+        builder.branch(latch)
+        builder.position_at_end(latch)
+        acc2, total2, k2, g2 = builder.phi(_V64F), builder.phi(_V64F), builder.phi(_I64), builder.phi(_I64)
+        for phi, a, b in ((acc2, zero_v, acc1), (total2, total1, total), (k2, ir.Constant(_I64, 0), k1),
+                          (g2, g1, g)):
+            phi.add_incoming(a, gend)
+            phi.add_incoming(b, body_end)
+        for phi, v in ((i, i1), (k, k2), (g, g2), (vo, vo1), (acc, acc2), (total, total2)):
+            phi.add_incoming(v, latch)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return _hsum(builder, total)
+
+    return codegen
+
+
+def _make_row(bits: int, dense: bool):  # noqa: ANN202 - returns a numba intrinsic
+    @intrinsic
+    def row(typingctx, vals, voff, masks, moff, x, xoff, scales, soff, ngroups, wpg):  # noqa: ANN001, ANN202
+        sig = types.float32(vals, types.int64, masks, types.int64, x, types.int64, scales, types.int64,
+                            types.int64, types.int64)
+        return sig, _row_codegen(bits, dense)
+
+    return row
+
+
+_row_i8, _row_i4, _row_f32 = _make_row(8, False), _make_row(4, False), _make_row(32, False)
+_dense_i8, _dense_i4, _dense_f32 = _make_row(8, True), _make_row(4, True), _make_row(32, True)
+
+# ---------------------------------------------------------------------------------------------------
+# One row of any matrix in a QPack; the portable scalar path; matrix-vector products
+# ---------------------------------------------------------------------------------------------------
+KIND_F32, KIND_I8, KIND_I4 = 0, 1, 2
+# columns of QPack.meta
+M_OUT, M_IN, M_KIND, M_DENSE, M_GS, M_MOFF, M_VOFF, M_SOFF, M_ROFF, M_FAST = range(10)
+N_META = 10
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _value_at(kind, qvals, fvals, vo):  # pragma: no cover - compiled
+    """The unscaled value number `vo` of a value run (fp32, int8 byte, or int4 nibble)."""
+    if kind == KIND_F32:
+        return fvals[vo]
+    if kind == KIND_I8:
+        c = np.int32(qvals[vo])
+        return np.float32(c - 256 if c > 127 else c)
+    c = np.int32(qvals[vo >> 1])
+    nib = (c >> 4) if vo & 1 else (c & 15)
+    return np.float32(nib - 16 if nib >= 8 else nib)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _kept(meta, m, r, j, mbytes):  # pragma: no cover - compiled
+    b = meta[m, M_MOFF] * 64 + r * meta[m, M_IN] + j
+    return meta[m, M_DENSE] != 0 or (mbytes[b >> 3] >> (b & 7)) & 1
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, x, xoff):  # pragma: no cover - compiled
+    inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
+    total = np.float32(0.0)
+    acc = np.float32(0.0)
+    for j in range(inp):
+        if _kept(meta, m, r, j, mbytes):
+            acc += _value_at(kind, qvals, fvals, vo) * x[xoff + j]
+            vo += 1
+        if (j + 1) % gs == 0:
+            total += acc * scales[soff + j // gs]
+            acc = np.float32(0.0)
+    return total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _offsets(meta, m, r, rowptr):  # pragma: no cover - compiled
+    """(first value, first mask word, first scale) of row `r` of matrix `m`."""
+    inp, gs = meta[m, M_IN], meta[m, M_GS]
+    vo = meta[m, M_VOFF] + (r * inp if meta[m, M_DENSE] else rowptr[meta[m, M_ROFF] + r])
+    return vo, meta[m, M_MOFF] + r * (inp // 64), meta[m, M_SOFF] + r * (inp // gs)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xoff, y, yoff, fast):  # pragma: no cover
+    """y[yoff + r] = row r of matrix `m` times `x[xoff : xoff + in]`, for r in [r0, r1).
+
+    The kind dispatch sits outside the row loops: with it inside, the loop body held every
+    variant and ran 3x slower (measured)."""
+    inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
+    ng, wpg, dense = inp // gs, gs // 64, meta[m, M_DENSE] != 0
+    if not (fast and meta[m, M_FAST]):
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, x, xoff)
+    elif kind == KIND_I8 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+    elif kind == KIND_I4 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+    elif kind == KIND_F32 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+    elif kind == KIND_I8:
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _dense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+    elif kind == KIND_I4:
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _dense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+    else:
+        for r in range(r0, r1):
+            vo, moff, soff = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _dense_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+
+
+@njit(cache=True, nogil=True)
+def row_values(meta, m, r, mbytes, qvals, fvals, scales, rowptr, out):  # pragma: no cover - compiled
+    """Row `r` of matrix `m` dequantized into `out[:in]` (an embedding lookup)."""
+    inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
+    vo, _, soff = _offsets(meta, m, r, rowptr)
+    for j in range(inp):
+        out[j] = 0.0
+        if _kept(meta, m, r, j, mbytes):
+            out[j] = _value_at(kind, qvals, fvals, vo) * scales[soff + j // gs]
+            vo += 1
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _gemm_serial(meta, m, masks, mbytes, qvals, fvals, scales, rowptr, x, y, fast):  # pragma: no cover
+    inp, out = meta[m, M_IN], meta[m, M_OUT]
+    for t in range((x.shape[0] - PAD) // inp):
+        mat_rows(meta, m, 0, out, masks, mbytes, qvals, fvals, scales, rowptr, x, t * inp, y, t * out, fast)
+
+
+FAST = HAS_VBMI2  # the SIMD path is the default where vpexpandb exists in registers
+
+
+def _rowptr(kept: torch.Tensor) -> np.ndarray:
+    counts = kept.sum(dim=1).to(torch.int64).numpy()
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+@dataclass
+class _Part:
+    mask: np.ndarray  # uint8, little bit order, padded to whole uint64 words
+    qvals: np.ndarray  # uint8 (int8 values or packed int4)
+    fvals: np.ndarray  # float32 (fp32 values)
+    scales: np.ndarray  # float32 (out * groups)
+    rowptr: np.ndarray  # int64 (out): first value of each row, in elements
+    row: list[int]  # the meta row, offsets filled in by QPack.finalize
+
+
+def _encode(weight: torch.Tensor, info: QuantInfo | None, dense: bool) -> _Part:
+    """The stored layout of one matrix: kept-bitmask, values (int8 / packed int4 / fp32), scales, row offsets."""
+    w = weight.detach().to(torch.float32).cpu()
+    out, inp = w.shape
+    if info is None:
+        kind, q, scales, gs = KIND_F32, w, torch.ones(out, 1), inp
+    else:
+        kind = KIND_I8 if info.scheme.bits == 8 else KIND_I4
+        q, scales = info.ints(w), info.scales.to(torch.float32)
+        gs = inp // scales.shape[1]
+    kept = torch.ones_like(q, dtype=torch.bool) if dense else q != 0
+    mask = np.zeros(0, np.uint8) if dense else np.packbits(kept.reshape(-1).numpy(), bitorder="little")
+    mask = np.concatenate([mask, np.zeros((-mask.size) % 8, np.uint8)])
+    flat = q.reshape(-1) if dense else q[kept]
+    qvals, fvals = np.zeros(0, np.uint8), np.zeros(0, np.float32)
+    if kind == KIND_F32:
+        fvals = flat.numpy().astype(np.float32)
+    elif kind == KIND_I8:
+        qvals = flat.to(torch.int8).numpy().view(np.uint8)
+    else:
+        qvals = pack_int4(flat).numpy()
+    fast = int(inp % 64 == 0 and gs % 64 == 0)
+    row = [out, inp, kind, int(dense), gs, 0, 0, 0, 0, fast]
+    return _Part(mask, qvals, fvals, scales.reshape(-1).numpy().astype(np.float32),
+                 np.zeros(0, np.int64) if dense else _rowptr(kept), row)
+
+
+class QPack:
+    """Many matrices in one set of flat buffers, so a compiled decode step takes a fixed argument list.
+
+    `add(weight, info)` encodes a matrix (quantized when `info` is given: `weight` must then be the
+    dequantized `q * s`, and the integers are recovered exactly; fp32 otherwise) and returns its index;
+    `finalize()` concatenates everything. `dense=True` stores all elements without a mask (the head).
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[_Part] = []
+        self.meta = np.zeros((0, N_META), np.int64)
+        self.masks = np.zeros(1, np.uint64)
+        self.qvals = np.zeros(PAD, np.uint8)
+        self.fvals = np.zeros(PAD, np.float32)
+        self.scales = np.zeros(1, np.float32)
+        self.rowptr = np.zeros(1, np.int64)
+
+    def add(self, weight: torch.Tensor, info: QuantInfo | None = None, *, dense: bool = False) -> int:
+        self._parts.append(_encode(weight, info, dense))
+        return len(self._parts) - 1
+
+    def add_part(self, part: _Part) -> int:
+        self._parts.append(part)
+        return len(self._parts) - 1
+
+    def finalize(self) -> QPack:
+        """Concatenate the parts (each value run starts on a byte; PAD bytes after the last)."""
+        offs = np.zeros(5, np.int64)  # mask words, qval bytes, fvals, scales, rowptr
+        meta = []
+        for p in self._parts:
+            row = list(p.row)
+            row[M_MOFF] = offs[0]
+            row[M_VOFF] = offs[1] * (2 if row[M_KIND] == KIND_I4 else 1) if row[M_KIND] else offs[2]
+            row[M_SOFF], row[M_ROFF] = offs[3], offs[4]
+            meta.append(row)
+            offs += [p.mask.size // 8, p.qvals.size, p.fvals.size, p.scales.size, p.rowptr.size]
+        cat = np.concatenate
+        self.meta = np.array(meta, np.int64).reshape(-1, N_META)
+        self.masks = cat([p.mask for p in self._parts] + [np.zeros(8, np.uint8)]).view(np.uint64)
+        self.qvals = cat([p.qvals for p in self._parts] + [np.zeros(PAD, np.uint8)])
+        self.fvals = cat([p.fvals for p in self._parts] + [np.zeros(PAD, np.float32)])
+        self.scales = cat([p.scales for p in self._parts] + [np.zeros(1, np.float32)])
+        self.rowptr = cat([p.rowptr for p in self._parts] + [np.zeros(1, np.int64)])
+        self._parts = []
+        return self
+
+    @property
+    def mbytes(self) -> np.ndarray:
+        return self.masks.view(np.uint8)
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of all matrices (values, masks, scales, row offsets, meta)."""
+        return sum(a.nbytes for a in (self.meta, self.masks, self.qvals, self.fvals, self.scales, self.rowptr))
+
+    def buffers(self) -> tuple[np.ndarray, ...]:
+        """(meta, masks, mask bytes, qvals, fvals, scales, rowptr): the argument run of the compiled kernels."""
+        return self.meta, self.masks, self.mbytes, self.qvals, self.fvals, self.scales, self.rowptr
+
+    def matmul(self, m: int, x: np.ndarray | torch.Tensor, fast: bool | None = None) -> np.ndarray:
+        """`x @ W_m.T` for `x` of shape `(in,)` or `(n, in)` (float32), one row dot at a time."""
+        xa = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+        out, inp = int(self.meta[m, M_OUT]), int(self.meta[m, M_IN])
+        n = xa.size // inp
+        xp = np.concatenate([xa.reshape(-1)[: n * inp], np.zeros(PAD, np.float32)])  # SIMD loads read past x
+        y = np.zeros(n * out, np.float32)
+        b = self.buffers()
+        _gemm_serial(b[0], m, *b[1:], xp, y, FAST if fast is None else fast)
+        return y.reshape(xa.shape[:-1] + (out,))
