@@ -10,6 +10,7 @@ top, so the models layer never needs to know about it.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -28,19 +29,26 @@ from prunelab.models import (
     weight_files,
 )
 from prunelab.models.types import LoadedModel, ModelSpec
+from prunelab.quant import QuantInfo
 from prunelab.storage.checkpoint import (
     DEFAULT_SHARD_BYTES,
     copy_extra,
     is_sparse_checkpoint,
     iter_decoded,
     model_parts,
-    sparse_model,
+    sparse_model_quant,
     write_preprocessors,
     write_sparse,
 )
 
 Format = Literal["hf", "sparse"]
 FORMATS: tuple[str, ...] = ("hf", "sparse")
+HF_DEQUANTIZED_NOTE = ("--format hf stores the quantized weights dequantized, as float32 (no integers or scales: "
+                       "full size); use --format sparse to store them as integers + scales")
+
+
+class QuantizedAsFloatWarning(UserWarning):
+    """`save(format="hf")` of a quantized model: written as the dequantized float32 weights."""
 
 
 def save(
@@ -59,6 +67,10 @@ def save(
     `prunelab.storage.checkpoint`; `max_shard_bytes` splits its weights files). `tokenizer`
     overrides the LoadedModel's; `extra_files` (files or folders) are copied in. The
     directory *replaces* `directory` as a whole. Returns `directory`. `load` reads both.
+
+    A quantized LoadedModel (`lm.quant`) is stored as integers + scales by `sparse`; `hf` writes
+    its dequantized float32 weights — what every HF tool can load, the same numbers, but full size
+    and without the scales — and says so once (`QuantizedAsFloatWarning`).
     """
     if format == "sparse":
         return write_sparse(lm_or_model, directory, tokenizer=tokenizer, extra_files=extra_files,
@@ -66,6 +78,8 @@ def save(
     if format != "hf":
         raise ConfigError(f"unknown --format '{format}': use {' or '.join(FORMATS)}")
     model, lm_tokenizer, processor = model_parts(lm_or_model)
+    if getattr(lm_or_model, "quant", None):
+        warnings.warn(HF_DEQUANTIZED_NOTE, QuantizedAsFloatWarning, stacklevel=2)
     with atomic_dir(directory) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         write_preprocessors(tmp, tokenizer if tokenizer is not None else lm_tokenizer, processor)
@@ -89,25 +103,31 @@ def load(
     stage treats it like any other checkpoint; anything else goes through the dense
     `from_pretrained`. `trust_remote_code` stays off unless the user asks: a hub checkpoint
     must not run code. `include_embeddings` also lists embeddings as prunable. `dtype=None`
-    keeps the dtype the weights are stored in.
+    keeps the dtype the weights are stored in. A quantized sparse checkpoint loads dequantized
+    (float32 `q * s`, so every evaluation runs on what was stored) with `lm.quant` restored: its
+    integers and scales come back bit for bit.
     """
     spec = parse_spec(spec if isinstance(spec, ModelSpec) else str(spec))
     source = resolve_source(spec)
     config = read_config(source)
     detect_family(config)  # an unsupported architecture fails here, before any weights are read
+    quant: dict[str, QuantInfo] = {}
     if is_sparse_checkpoint(source):
-        model = sparse_model(source, config, dtype=dtype, auto_class=auto_class)
+        model, quant = sparse_model_quant(source, config, dtype=dtype, auto_class=auto_class)
     else:
         model = load_dense(source, config, label=spec.raw, dtype=dtype, trust_remote_code=trust_remote_code,
                            auto_class=auto_class)
-    return loaded_model(model, spec, source, config, include_embeddings=include_embeddings)
+    lm = loaded_model(model, spec, source, config, include_embeddings=include_embeddings)
+    lm.quant = quant
+    return lm
 
 
 def iter_tensors(directory: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, dense tensor) for every tensor stored in a checkpoint directory, one at a time.
 
     The same for every format: a sparse checkpoint's tensors are checksummed and decoded exactly
-    (tied weights, stored once, come once), an HF checkpoint's are read from its safetensors
+    (tied weights, stored once, come once; quantized ones dequantized to float32), an HF checkpoint's
+    are read from its safetensors
     files. Only the current tensor is held, so a model larger than memory can be streamed.
     """
     directory = Path(directory)

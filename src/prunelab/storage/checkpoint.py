@@ -39,11 +39,13 @@ import torch
 from prunelab.errors import CheckpointError, ConfigError, first_line
 from prunelab.io import atomic_dir, write_json
 from prunelab.models import auto_class_for, detect_family, find_prunable
+from prunelab.quant import QuantInfo
 from prunelab.storage.encodings import (
     ENCODINGS,
     EncodedTensor,
     dtype_from_name,
     dtype_name,
+    encode_quantized,
     encode_tensor,
 )
 from prunelab.storage.header import TensorInfo, read_header
@@ -116,13 +118,37 @@ def _unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict
     return tensors, aliases
 
 
-def encode_state(tensors: dict[str, torch.Tensor], *, progress: Any = None) -> dict[str, EncodedTensor]:
-    """Encode every tensor in its smallest lossless form (in memory; nothing is written)."""
+def encode_state(tensors: dict[str, torch.Tensor], *, progress: Any = None,
+                 quant: dict[str, tuple[QuantInfo, bool]] | None = None) -> dict[str, EncodedTensor]:
+    """Encode every tensor in its smallest lossless form (in memory; nothing is written).
+
+    `quant` (tensor name → (QuantInfo, transposed)) marks the tensors stored as integers + scales.
+    """
     out = {}
+    quant = quant or {}
     for name, t in tensors.items():
-        out[name] = encode_tensor(t, name)
+        if name in quant:
+            info, transposed = quant[name]
+            out[name] = encode_quantized(t, name, info, transposed=transposed)
+        else:
+            out[name] = encode_tensor(t, name)
         if progress is not None:
             progress(name)
+    return out
+
+
+def quantized_tensors(model_or_lm: Any, model: torch.nn.Module,
+                      aliases: dict[str, str]) -> dict[str, tuple[QuantInfo, bool]]:
+    """{stored tensor name: (QuantInfo, transposed)} from a LoadedModel's `quant` (module names).
+
+    A tied tensor is stored once under one name; its quantization may be recorded under any owner.
+    `transposed`: the module is a GPT-2 `Conv1D`, whose weight is stored `(in, out)`.
+    """
+    out: dict[str, tuple[QuantInfo, bool]] = {}
+    for module_name, info in (getattr(model_or_lm, "quant", None) or {}).items():
+        param = f"{module_name}.weight"
+        transposed = type(model.get_submodule(module_name)).__name__ == "Conv1D"
+        out[aliases.get(param, param)] = (info, transposed)
     return out
 
 
@@ -222,7 +248,8 @@ def write_sparse(
     model, lm_tok, processor = model_parts(model_or_loaded)
     prunable, module_types = _prunable_types(model_or_loaded, model)
     tensors, aliases = _unique_state(model)
-    shards, entries = _pack_shards(encode_state(tensors), prunable, module_types, max_shard_bytes)
+    quant = quantized_tensors(model_or_loaded, model, aliases)
+    shards, entries = _pack_shards(encode_state(tensors, quant=quant), prunable, module_types, max_shard_bytes)
     names = _shard_names(len(shards))
     index = _build_index(model, tensors, entries, names, aliases, prunable)
     reserved = _RESERVED | set(names)
@@ -417,13 +444,22 @@ def iter_decoded(directory: str | os.PathLike[str], index: dict[str, Any] | None
         yield name, enc.to_dense()
 
 
-def _decode_state(directory: Path, index: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The full state dict, decoded (tied names share one tensor). All-or-nothing."""
-    out = dict(iter_decoded(directory, index))
+def _decode_state(directory: Path, index: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, QuantInfo]]:
+    """The full state dict, decoded (tied names share one tensor), and the quantized modules'
+    `QuantInfo` by module name (every owner of a tied tensor). All-or-nothing."""
+    out: dict[str, torch.Tensor] = {}
+    quant: dict[str, QuantInfo] = {}
+    for name, enc in iter_encoded(directory, index, structure=False):
+        out[name] = enc.to_dense()
+        if enc.quantized:
+            quant[name.removesuffix(".weight")] = enc.quant_info()
     for name, e in index["tensors"].items():
         if "alias_of" in e:
             out[name] = out[e["alias_of"]]
-    return out
+            target = e["alias_of"].removesuffix(".weight")
+            if target in quant:
+                quant[name.removesuffix(".weight")] = quant[target]
+    return out, quant
 
 
 def _model_class(config: Any, state: dict[str, torch.Tensor], auto_class: Any) -> Any:
@@ -467,6 +503,12 @@ def _check_loading_info(directory: Path, cls: Any, info: dict[str, Any], state: 
 
 def sparse_model(directory: str | os.PathLike[str], config: Any, *, dtype: torch.dtype | None = None,
                  auto_class: Any = None) -> torch.nn.Module:
+    """The Hugging Face model of a sparse checkpoint; see `sparse_model_quant`."""
+    return sparse_model_quant(directory, config, dtype=dtype, auto_class=auto_class)[0]
+
+
+def sparse_model_quant(directory: str | os.PathLike[str], config: Any, *, dtype: torch.dtype | None = None,
+                       auto_class: Any = None) -> tuple[torch.nn.Module, dict[str, QuantInfo]]:
     """The Hugging Face model of a sparse checkpoint (eval mode), weights decoded exactly: `storage.load`'s sparse step.
 
     The class is the saved one (`config.architectures[0]`, a transformers class) when it
@@ -475,10 +517,14 @@ def sparse_model(directory: str | os.PathLike[str], config: Any, *, dtype: torch
     so no memory goes into a random initialisation, and tied weights are re-tied by
     transformers. `dtype=None` keeps the stored dtype. Everything is decoded and checked
     before the model is built; a missing or unexpected tensor is a `CheckpointError`.
+
+    Also returns the quantized modules' scheme and scales (`LoadedModel.quant`): their weights are
+    the dequantized float32 values; with a `dtype` other than float32 they are no longer on the
+    grid, so the quantization is dropped (empty dict).
     """
     directory = Path(directory)
     index = _read_index(directory)
-    state = _decode_state(directory, index)
+    state, quant = _decode_state(directory, index)
     cls = _model_class(config, state, auto_class)
     stored = index.get("dtype")
     target = dtype or (dtype_from_name(stored) if stored else torch.float32)
@@ -494,7 +540,7 @@ def sparse_model(directory: str | os.PathLike[str], config: Any, *, dtype: torch
         raise CheckpointError(f"cannot build {cls.__name__} from the sparse checkpoint {directory}: {first}") from exc
     _check_loading_info(directory, cls, info, state)
     model.config.name_or_path = str(directory)
-    return model.eval()
+    return model.eval(), (quant if target == torch.float32 else {})
 
 
 def checkpoint_file_bytes(directory: str | os.PathLike[str]) -> dict[str, int]:

@@ -39,6 +39,18 @@ element). A tensor is seen as a 2-D matrix `(R, C)`: `R = shape[0]`, `C = n // R
   For `axis = 0` groups run down the columns: values/groups follow the transposed (C, R)
   matrix in row-major order.
 
+Quantized tensors (`encode_quantized`, for the matrices in `LoadedModel.quant`) use the same
+encodings with integer values: int8 values (int4: two per byte, `prunelab.quant.pack_int4`,
+element 2k in the low nibble, an odd count padded with a zero nibble) plus a `scales` component,
+float32 `(out, groups)` in the matrix's logical `(out, in)` orientation. `params` then hold
+`quant` ("int8"/"int4"), `bits`, `group_size` (null: one scale per row), `transposed` (true for
+a GPT-2 `Conv1D` weight stored `(in, out)`: the integers follow the stored layout, the scales
+the logical one) and, for `bitmask`, `bitorder: "little"` — element *i* is bit `i % 8` of byte
+`i // 8`, so a kernel reads 64 elements' presence with one 64-bit load. `dense` stores every
+integer (`data`: int8 in the tensor's shape, or packed int4, 1-D). The index keeps the
+tensor's float32 dtype: decoding returns the dequantized `q * s`, exactly the model's weights,
+and `to_ints`/`quant_info` return the integers and scales bit for bit.
+
 `encode_tensor` computes the exact stored bytes of every applicable encoding and keeps the
 smallest (ties → the simpler one, in the order dense, bitmask, csr, nm). Decoding is
 vectorised numpy/torch; `validate` checks every structural invariant (component sizes,
@@ -50,6 +62,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -58,6 +71,7 @@ import numpy as np
 import torch
 
 from prunelab.errors import CheckpointError
+from prunelab.quant import QuantInfo, QuantScheme, pack_int4, unpack_int4
 
 ENCODINGS = ("dense", "bitmask", "csr", "nm")
 NM_GROUP_SIZES = (2, 4, 8, 16)
@@ -198,6 +212,26 @@ class EncodedTensor:
     def sparsity(self) -> float:
         return 1.0 - self.nnz / self.numel if self.numel else 0.0
 
+    @property
+    def quantized(self) -> bool:
+        """Values are integers plus `scales` (see the module docstring)."""
+        return "quant" in self.params
+
+    @property
+    def bits(self) -> int:
+        """Bits per stored value: the quantized width, else the dtype's."""
+        return int(self.params["bits"]) if self.quantized else self.itemsize * 8
+
+    def quant_info(self) -> QuantInfo:
+        """The scheme and the stored scales (float32 `(out, groups)`, logical orientation), bit for bit."""
+        self._validate_common()
+        return QuantInfo(QuantScheme(int(self.params["bits"]), self.params.get("group_size")),
+                         self.components["scales"])
+
+    def _logical_shape(self) -> tuple[int, int]:
+        rows, cols = self.shape if len(self.shape) == 2 else (0, 0)
+        return (cols, rows) if self.params.get("transposed") else (rows, cols)
+
     # -- validation ------------------------------------------------------------------------
     def _fail(self, what: str) -> NoReturn:
         raise CheckpointError(f"tensor {self.name}: {what} (sparse checkpoint is corrupt; re-save it)")
@@ -219,9 +253,47 @@ class EncodedTensor:
             self._fail(f"unknown encoding {self.encoding!r}")
         if not 0 <= self.nnz <= self.numel:
             self._fail(f"nnz {self.nnz} outside 0..{self.numel}")
-        extra = set(self.components) - {"data", "mask", "values", "indptr", "indices", "groups"}
-        if extra:
-            self._fail(f"unexpected components {sorted(extra)}")
+        extra = set(self.components) - {"data", "mask", "values", "indptr", "indices", "groups", "scales"}
+        if extra or ("scales" in self.components) != self.quantized:
+            self._fail(f"unexpected components {sorted(extra or {'scales'})}")
+        if self.quantized:
+            self._validate_quant()
+
+    def _validate_quant(self) -> None:
+        """Scheme parameters and the scales: float32 `(out, in // group_size)`, finite and positive."""
+        bits, g = self.params.get("bits"), self.params.get("group_size")
+        if self.params.get("quant") != f"int{bits}" or bits not in (4, 8) or not (g is None or isinstance(g, int)):
+            self._fail(f"bad quantization parameters {self.params}")
+        if len(self.shape) != 2:
+            self._fail("a quantized tensor must be 2-D")
+        out, inp = self._logical_shape()
+        groups = 1 if g is None else (inp // g if g > 0 and inp % g == 0 else -1)
+        sc = self.components["scales"]
+        if sc.dtype != torch.float32 or tuple(sc.shape) != (out, groups):
+            self._fail(f"scales are {sc.dtype} {tuple(sc.shape)}, expected float32 ({out}, {groups})")
+        if not bool((torch.isfinite(sc) & (sc > 0)).all()):
+            self._fail("scales must be finite and positive")
+
+    def _expect_values(self, comp: str, count: int) -> torch.Tensor:
+        """The value stream of `count` values: the tensor's dtype, or int8 / packed int4 when quantized."""
+        if not self.quantized:
+            return self._expect(comp, self.dtype, count)
+        if self.params["bits"] == 8:
+            t = self._expect(comp, torch.int8, count)
+            if bool((t == -128).any()):
+                self._fail(f"{comp} holds -128, outside the int8 range [-127, 127]")
+            return t
+        t = self._expect(comp, torch.uint8, (count + 1) // 2)
+        if count % 2 and int(t[-1]) >> 4:
+            self._fail(f"{comp}: the pad nibble of the packed int4 values is set")
+        return t
+
+    def _values(self, comp: str, count: int) -> torch.Tensor:
+        """Decoded value stream: int8 integers when quantized (int4 unpacked), else the stored values."""
+        t = self.components[comp].reshape(-1)
+        if self.quantized and self.params["bits"] == 4:
+            return unpack_int4(t, count)
+        return t
 
     def validate(self) -> None:
         """Check every structural invariant without decoding the values (cheap, vectorised)."""
@@ -229,15 +301,19 @@ class EncodedTensor:
         getattr(self, f"_validate_{self.encoding}")()
 
     def _validate_dense(self) -> None:
-        t = self._expect("data", self.dtype, self.numel)
-        if tuple(t.shape) != self.shape:
+        t = self._expect_values("data", self.numel)
+        packed = self.quantized and self.params["bits"] == 4
+        if not packed and tuple(t.shape) != self.shape:
             self._fail(f"dense data has shape {tuple(t.shape)}, expected {self.shape}")
 
     def _validate_bitmask(self) -> None:
         mask = self._expect("mask", torch.uint8, (self.numel + 7) // 8)
-        self._expect("values", self.dtype, self.nnz)
+        self._expect_values("values", self.nnz)
         pad = (-self.numel) % 8
-        if pad and int(mask[-1]) & ((1 << pad) - 1):
+        little = self.params.get("bitorder", "big") == "little"
+        if self.params.get("bitorder", "big") not in ("big", "little"):
+            self._fail(f"unknown bitorder {self.params.get('bitorder')!r}")
+        if pad and int(mask[-1]) & ((((1 << pad) - 1) << (8 - pad)) if little else ((1 << pad) - 1)):
             self._fail("bitmask pad bits are set")
         popcount = int(np.bitwise_count(mask.numpy()).sum(dtype=np.int64))
         if popcount != self.nnz:
@@ -253,7 +329,7 @@ class EncodedTensor:
             self._fail("indptr is not a nondecreasing 0..nnz sequence")
         if (np.diff(indptr) > cols).any():
             self._fail("a row holds more values than columns")
-        self._expect("values", self.dtype, self.nnz)
+        self._expect_values("values", self.nnz)
         return rows, cols, indptr
 
     def _validate_csr(self) -> None:
@@ -327,7 +403,7 @@ class EncodedTensor:
         """Validated (groups, K) int64 kept positions within each group, in stored-value order."""
         axis, m, k, groups, bits = self._nm_geometry()
         packed = self._expect("groups", torch.uint8, (groups * bits + 7) // 8).numpy()
-        self._expect("values", self.dtype, groups * k)
+        self._expect_values("values", groups * k)
         pad = (-(groups * bits)) % 8
         if pad and int(packed[-1]) & ((1 << pad) - 1):
             self._fail("nm group codes have pad bits set")
@@ -342,29 +418,50 @@ class EncodedTensor:
 
     # -- decoding ----------------------------------------------------------------------------
     def to_dense(self, *, check_nnz: bool = True) -> torch.Tensor:
-        """The original tensor, bit for bit. Validates first; raises CheckpointError naming the tensor."""
+        """The original tensor, bit for bit. Validates first; raises CheckpointError naming the tensor.
+
+        A quantized tensor comes back dequantized (`q * s` in float32, exactly the saved weights).
+        """
+        out = self._decode(check_nnz)
+        if not self.quantized:
+            return out
+        info = self.quant_info()
+        if self.params.get("transposed"):
+            return info.dequantize(out.t()).t().contiguous()
+        return info.dequantize(out)
+
+    def to_ints(self) -> torch.Tensor:
+        """The stored int8 integers of a quantized tensor, in the stored layout (validated)."""
+        if not self.quantized:
+            self._fail("to_ints needs a quantized tensor")
+        return self._decode(True)
+
+    def _decode(self, check_nnz: bool) -> torch.Tensor:
+        """The stored values put back in place: the tensor itself, or its integers when quantized."""
         self._validate_common()  # the per-encoding checks run inside each decoder below
         enc = self.encoding
+        dtype = torch.int8 if self.quantized else self.dtype
         if enc == "dense":
             self._validate_dense()
-            out = self.components["data"].reshape(self.shape)
+            out = self._values("data", self.numel).reshape(self.shape)
         elif enc == "bitmask":
             self._validate_bitmask()
-            bits = np.unpackbits(self.components["mask"].numpy(), count=self.numel).view(bool)
-            out = torch.zeros(self.numel, dtype=self.dtype)
-            out[torch.from_numpy(bits)] = self.components["values"]
+            order = self.params.get("bitorder", "big")
+            bits = np.unpackbits(self.components["mask"].numpy(), count=self.numel, bitorder=order).view(bool)
+            out = torch.zeros(self.numel, dtype=dtype)
+            out[torch.from_numpy(bits)] = self._values("values", self.nnz)
             out = out.reshape(self.shape)
         elif enc == "csr":
             lin = self._csr_lin()
-            out = torch.zeros(self.numel, dtype=self.dtype)
-            out[torch.from_numpy(lin)] = self.components["values"]
+            out = torch.zeros(self.numel, dtype=dtype)
+            out[torch.from_numpy(lin)] = self._values("values", self.nnz)
             out = out.reshape(self.shape)
         else:
             pos = self._nm_positions()
             axis, m = int(self.params["axis"]), int(self.params["m"])
-            grouped = torch.zeros(pos.shape[0], m, dtype=self.dtype)
+            grouped = torch.zeros(pos.shape[0], m, dtype=dtype)
             if pos.shape[1]:
-                grouped.scatter_(1, pos, self.components["values"].view(pos.shape))
+                grouped.scatter_(1, pos, self._values("values", pos.numel()).view(pos.shape))
             if axis == -1:
                 out = grouped.reshape(self.shape)
             else:
@@ -384,7 +481,7 @@ class EncodedTensor:
         """
         self.validate()
         rows, cols = _matrix_shape(self.shape)
-        if self.encoding == "csr":
+        if self.encoding == "csr" and not self.quantized:
             _, _, indptr = self._csr_rows()
             lin = self._csr_lin()
             cols_of = lin - np.repeat(np.arange(rows) * cols, np.diff(indptr))
@@ -406,10 +503,6 @@ def _csr_tensor(indptr: np.ndarray, col: np.ndarray, values: torch.Tensor, rows:
 
 
 # -- encoding ------------------------------------------------------------------------------------
-
-
-def _bitmask_cost(n: int, nnz: int, b: int) -> int:
-    return (n + 7) // 8 + nnz * b
 
 
 def _csr_index_choice(mask: np.ndarray, rows: int, cols: int, nnz: int) -> tuple[str, int]:
@@ -461,11 +554,6 @@ def _nm_candidates(mask: torch.Tensor, shape: tuple[int, ...]) -> list[tuple[int
     return out
 
 
-def _nm_cost(n: int, m: int, k: int, b: int) -> int:
-    groups = n // m
-    return groups * k * b + (groups * _subset_tables(m, k)[2] + 7) // 8
-
-
 def plan_encoding(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[str, dict[str, Any], int]:
     """(encoding, params, stored bytes) of the smallest lossless encoding of `t`."""
     shape = tuple(t.shape)
@@ -475,19 +563,29 @@ def plan_encoding(t: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[st
         return dense
     if mask is None:
         mask = nonzero_mask(t)
+    return _smallest(shape, mask, lambda count: count * b)
+
+
+def _smallest(shape: tuple[int, ...], mask: torch.Tensor,
+              value_bytes: Callable[[int], int]) -> tuple[str, dict[str, Any], int]:
+    """The smallest encoding for a nonzero `mask` when `value_bytes(count)` bytes hold `count` values
+    (count·itemsize for float tensors, count or ceil(count/2) for int8 / int4 integers)."""
+    n = math.prod(shape)
     nnz = int(np.count_nonzero(mask.numpy()))
     if nnz == n:
-        return dense
-    cands: list[tuple[int, int, str, dict[str, Any]]] = [(n * b, 0, "dense", {})]
-    cands.append((_bitmask_cost(n, nnz, b), 1, "bitmask", {}))
+        return "dense", {}, value_bytes(n)
+    cands: list[tuple[int, int, str, dict[str, Any]]] = [(value_bytes(n), 0, "dense", {})]
+    cands.append(((n + 7) // 8 + value_bytes(nnz), 1, "bitmask", {}))
     rows, cols = _matrix_shape(shape)
     indptr_bytes = (rows + 1) * torch.empty((), dtype=_narrow_uint(nnz)).element_size()
     best_so_far = min(c[0] for c in cands)
-    if nnz * (b + 1) + indptr_bytes < best_so_far:  # a lower bound of any CSR form
+    if value_bytes(nnz) + nnz + indptr_bytes < best_so_far:  # a lower bound of any CSR form
         kind, idx_bytes = _csr_index_choice(mask.numpy(), rows, cols, nnz)
-        cands.append((nnz * b + indptr_bytes + idx_bytes, 2, "csr", {"index": kind}))
+        cands.append((value_bytes(nnz) + indptr_bytes + idx_bytes, 2, "csr", {"index": kind}))
     for axis, m, k in _nm_candidates(mask, shape):
-        cands.append((_nm_cost(n, m, k, b), 3, "nm", {"n": m - k, "m": m, "axis": axis}))
+        groups = n // m
+        cost = value_bytes(groups * k) + (groups * _subset_tables(m, k)[2] + 7) // 8
+        cands.append((cost, 3, "nm", {"n": m - k, "m": m, "axis": axis}))
     cost, _, enc, params = min(cands, key=lambda c: (c[0], c[1]))
     return enc, params, cost
 
@@ -576,3 +674,46 @@ def _encode_nm(t: torch.Tensor, mask: torch.Tensor, params: dict[str, Any], name
     if short.size:  # padding stores +0.0, never a -0.0 that happened to sit there
         values = values.masked_fill(~torch.from_numpy(keep).gather(1, pos).reshape(-1), 0)
     return {"values": values, "groups": torch.from_numpy(packed)}
+
+
+def _value_bytes(bits: int) -> Callable[[int], int]:
+    return (lambda count: count) if bits == 8 else (lambda count: (count + 1) // 2)
+
+
+def encode_quantized(w: torch.Tensor, name: str, info: QuantInfo, *, transposed: bool = False) -> EncodedTensor:
+    """Encode a quantized matrix as integers + scales, in the smallest encoding by exact byte count.
+
+    `w` holds the dequantized weights (stored layout; `transposed` for a `(in, out)` Conv1D weight,
+    whose `info` is in the logical `(out, in)` orientation). The integers are recovered with
+    `QuantInfo.ints` and checked to reproduce `w` exactly: a weight edited after quantization is a
+    `CheckpointError`, never a silently different checkpoint.
+    """
+    w = w.detach().to("cpu").float().contiguous()
+    logical = w.t() if transposed else w
+    q = info.ints(logical)
+    if not torch.equal(info.dequantize(q), logical):
+        raise CheckpointError(f"tensor {name}: weights are not on their {info.scheme.name} grid (changed after "
+                              "quantization?); re-quantize or save the float model")
+    q = q.t().contiguous() if transposed else q
+    bits = info.scheme.bits
+    mask = nonzero_mask(q)
+    encoding, params, _ = _smallest(tuple(q.shape), mask, _value_bytes(bits))
+    params = {**params, "quant": info.scheme.name, "bits": bits, "group_size": info.scheme.group_size,
+              "transposed": transposed}
+    nnz = int(np.count_nonzero(mask.numpy()))
+    enc = EncodedTensor(name, encoding, tuple(w.shape), torch.float32, nnz, {}, params)
+    flat = q.reshape(-1)
+    if encoding == "dense":
+        enc.components = {"data": q if bits == 8 else pack_int4(flat)}
+    elif encoding == "bitmask":
+        params["bitorder"] = "little"
+        packed = np.packbits(mask.numpy(), bitorder="little")
+        enc.components = {"mask": torch.from_numpy(packed), "values": flat[mask]}
+    elif encoding == "csr":
+        enc.components = _encode_csr(flat, mask.numpy(), tuple(q.shape), nnz, params)
+    else:
+        enc.components = _encode_nm(q, mask, params, name)
+    if bits == 4 and "values" in enc.components:
+        enc.components["values"] = pack_int4(enc.components["values"])
+    enc.components["scales"] = info.scales.detach().to("cpu", torch.float32).contiguous()
+    return enc

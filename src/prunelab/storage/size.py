@@ -81,18 +81,37 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "stored_vs_bitmask_bound": stored / bm if bm else 1.0,
         "stored_vs_entropy_bound": stored / ent if ent else 1.0,
         "encodings": dict(Counter(r["encoding"] for r in rows)),
+        "bytes_per_kept_weight": stored / nnz if nnz else None,
     }
 
 
+def _quant_label(params: dict[str, Any]) -> str | None:
+    """`int4/g128`, `int8/row` for a quantized tensor (integers + scales), None otherwise."""
+    if "quant" not in params:
+        return None
+    return f"{params['quant']}/" + (f"g{params['group_size']}" if params.get("group_size") else "row")
+
+
+def _scale_bytes(entry: dict[str, Any]) -> int:
+    scales = entry.get("components", {}).get("scales")
+    return math.prod(scales["shape"]) * 4 if scales else 0
+
+
 def _row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
-    """One report row from an index entry (encoding, params, shape, dtype, nnz, byte counts, flags)."""
+    """One report row from an index entry (encoding, params, shape, dtype, nnz, byte counts, flags).
+
+    A quantized tensor's bounds use its integer width (`bits`) plus the bytes of its scales, and
+    `bytes_per_kept_weight` (stored bytes / nonzeros) says what one surviving weight costs.
+    """
     enc, params = entry["encoding"], entry.get("params", {})
     numel = math.prod(entry["shape"])
-    bits = _bits(entry["dtype"])
+    quant = _quant_label(params)
+    bits = int(params["bits"]) if quant else _bits(entry["dtype"])
     nnz = entry["nnz"]
-    bm, ent = bounds_bytes(numel, nnz, bits)
+    scale_bytes = _scale_bytes(entry)
+    bm, ent = (b + scale_bytes for b in bounds_bytes(numel, nnz, bits))
     label = enc + (f"({params.get('index')})" if enc == "csr" else
-                   f"({params['n']}:{params['m']})" if enc == "nm" else "")
+                   f"({params['n']}:{params['m']})" if enc == "nm" else "") + (f" {quant}" if quant else "")
     row: dict[str, Any] = {
         "name": name,
         "encoding": label,
@@ -109,10 +128,13 @@ def _row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
         "bitmask_bound_bytes": bm,
         "entropy_bound_bytes": ent,
         "stored_vs_bitmask_bound": entry["stored_bytes"] / bm if bm else 1.0,
+        "bits": bits,
+        "quant": quant,
+        "bytes_per_kept_weight": entry["stored_bytes"] / nnz if nnz else None,
     }
     if enc == "nm":
         m, k = params["m"], params["m"] - params["n"]
-        row["pattern_bound_bytes"] = ((numel // m) * math.log2(math.comb(m, k)) + nnz * bits) / 8
+        row["pattern_bound_bytes"] = ((numel // m) * math.log2(math.comb(m, k)) + nnz * bits) / 8 + scale_bytes
     return row
 
 
@@ -255,9 +277,12 @@ def size_tables(report: dict[str, Any], *, by_type: bool = False) -> list[Any]:
             enc = ", ".join(f"{k}×{v}" for k, v in t["encodings"].items())
             main.add_row(key, str(t["count"]), f"{t['sparsity']:.1%}", enc, *cells(t))
     else:
-        main = Table("tensor", "encoding", "shape", "sparsity", *cols, title=f"{what} {report['dir']}")
+        main = Table("tensor", "encoding", "shape", "sparsity", "bits", *cols, "bytes/kept",
+                     title=f"{what} {report['dir']}")
         for r in report["tensors"]:
-            main.add_row(r["name"], r["encoding"], "×".join(map(str, r["shape"])), f"{r['sparsity']:.1%}", *cells(r))
+            per_kept = r.get("bytes_per_kept_weight")
+            main.add_row(r["name"], r["encoding"], "×".join(map(str, r["shape"])), f"{r['sparsity']:.1%}",
+                         str(r.get("bits", "")), *cells(r), f"{per_kept:.3f}" if per_kept is not None else "-")
     totals = Table("totals", "tensors", "sparsity", *cols, title="totals (bytes of tensor data)")
     for label, key in (("pruned matrices", "pruned"), ("all tensors", "all")):
         t = report["totals"][key]
