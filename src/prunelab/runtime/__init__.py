@@ -8,9 +8,12 @@
 - `kernels.py`: the SELL-16 format (fp32 values + uint16 columns) and numba kernels.
 - `sparse_linear.py`: `SparseLinear` and the measured, cached backend decision.
 - `sparsify.py`: swapping modules in and out; `load_for_inference(spec)`.
+- `qkernels.py` / `fused_decode.py`: bitmask + int8/int4 kernels and `DecodeEngine` (`load_decoder(spec)`),
+  one compiled call per token for Llama-architecture decoders (`engine.generate(ids, n)`).
 - `bench.py`: `bench_model(lm)` / `run_bench(spec, out)` behind `prunelab bench`.
 """
 
+from prunelab.runtime.fused_decode import DecodeEngine, load_decoder
 from prunelab.runtime.kernels import SellMatrix, warmup
 from prunelab.runtime.sparse_linear import BACKENDS, SparseLinear, clear_decisions
 from prunelab.runtime.sparsify import (
@@ -30,6 +33,6 @@ def bench_model(*args, **kwargs):  # noqa: ANN002, ANN003 - thin lazy re-export
 
 
 __all__ = [
-    "BACKENDS", "SellMatrix", "SparseLinear", "SparsifySummary", "bench_model", "clear_decisions",
-    "load_for_inference", "restore_dense", "sparse_modules", "sparsify_for_inference", "warmup",
+    "BACKENDS", "DecodeEngine", "SellMatrix", "SparseLinear", "SparsifySummary", "bench_model", "clear_decisions",
+    "load_decoder", "load_for_inference", "restore_dense", "sparse_modules", "sparsify_for_inference", "warmup",
 ]

@@ -20,6 +20,7 @@ fp32 summation order.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -188,6 +189,7 @@ class DecodeEngine:
     vocab: int
     fast: bool = FAST
     pos: int = 0
+    tokenizer: Any = None
 
     @classmethod
     def from_model(cls, lm: LoadedModel, *, head: str = "auto", fast: bool | None = None) -> DecodeEngine:
@@ -216,7 +218,7 @@ class DecodeEngine:
                   np.array(lmats, np.int64), np.ascontiguousarray(np.array(norms, np.float32)),
                   lm.model.model.norm.weight.detach().float().numpy().copy(), emb_m, head_m,
                   rot.inv_freq.detach().clone(), float(getattr(rot, "attention_scaling", 1.0)),
-                  int(c.vocab_size), FAST if fast is None else fast)
+                  int(c.vocab_size), FAST if fast is None else fast, tokenizer=lm.tokenizer)
         eng._allocate(256)
         return eng
 
@@ -288,3 +290,17 @@ class DecodeEngine:
             if eos_token_id is not None and tok == eos_token_id:
                 break
         return new
+
+
+def load_decoder(spec: str, *, head: str = "auto", fast: bool | None = None) -> DecodeEngine:
+    """Load a (pruned, quantized) Llama-architecture checkpoint and return its decode engine.
+
+    The float model is dropped once packed, so the process holds the stored layout only
+    (`engine.resident_bytes`); `engine.tokenizer` is the checkpoint's tokenizer.
+    """
+    from prunelab.storage import load
+
+    lm = load(spec)
+    engine = DecodeEngine.from_model(lm, head=head, fast=fast)
+    del lm
+    return engine
