@@ -71,10 +71,12 @@ def _gemv_par(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, x,
         mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, 0, y, yoffs[k], fast)
 
 
-@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+@njit(cache=True, nogil=True, fastmath=True)
 def _attention(qkv, kc, vc, layer, pos, nh, nkv, hd, scaling, out):  # pragma: no cover - compiled
+    """Serial on purpose: a few microseconds of work at decode lengths, while every parallel region
+    is a fork/join that costs far more on a busy machine (measured 11 ms per region under load)."""
     group = nh // nkv
-    for h in prange(nh):
+    for h in range(nh):
         kvh = h // group
         qo = h * hd
         scores = np.empty(pos + 1, np.float32)
