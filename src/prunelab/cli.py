@@ -238,7 +238,8 @@ def prune(
                   highlight=False, soft_wrap=True)
         return
     out.print(
-        f"{model}: {method} {pattern} → {result.sparsity_prunable:.2%} of prunable weights zero "
+        f"{model}: {method} {pattern}{f' + {quant}' if quant else ''} → {result.sparsity_prunable:.2%} of prunable "
+        "weights zero "
         f"({result.sparsity_total:.2%} of all), {len(result.matrices)} matrices, "
         f"{result.timings.get('total', 0):.1f} s, peak RSS {rss:.0f} MiB → {out_dir}",
         highlight=False, soft_wrap=True,
