@@ -112,6 +112,17 @@ def test_quant_config_errors():
     assert PruneConfig(method="sparsegpt", quant="int8", refine="swap").joint_quant is None
 
 
+def test_default_int4_group_size_fits_each_matrix_and_an_explicit_one_must_divide():
+    cfg = PruneConfig(method="wanda", quant="int4")
+    assert cfg.quant_for(576) == QuantScheme(4, 64) and cfg.quant_for(1536) == QuantScheme(4, 128)
+    assert cfg.quant_for(360) == QuantScheme(4, 8) and cfg.quant_for(720) == QuantScheme(4, 16)
+    with pytest.raises(ConfigError, match="does not divide in_features=90 of down"):
+        cfg.quant_for(90, "down")
+    with pytest.raises(ConfigError, match="--group-size 128 does not divide in_features=576 of q_proj"):
+        PruneConfig(method="wanda", quant="int4", group_size=128).quant_for(576, "q_proj")
+    assert PruneConfig(method="wanda", quant="int8").quant_for(576) == QuantScheme(8, None)
+
+
 # -- prune() on tiny models ------------------------------------------------------------------------
 
 
@@ -122,14 +133,17 @@ CASES = [
     ("wanda", "unstructured", "int8", "bert"),
     ("magnitude", "2:4", "int4", "t5"),
     ("wanda", "unstructured", "int4", "bart"),
+    ("sparsegpt", "2:4", "int4-default", "llama"),
 ]
 
 
 @pytest.mark.parametrize(("method", "pattern", "quant", "arch"), CASES)
 def test_prune_quantizes_every_kept_weight(tiny_dirs, method, pattern, quant, arch, one_thread_unless_slow):
     lm = load(str(tiny_dirs[arch]))
+    default = quant.endswith("-default")
+    quant = quant.removesuffix("-default")
     cfg = PruneConfig.from_settings(method, sparsity=0.5, pattern=pattern, nsamples=2, seqlen=16, quant=quant,
-                                    group_size=32 if quant == "int4" else None)
+                                    group_size=32 if quant == "int4" and not default else None)
     result = prune(lm, cfg)
     report = result.to_dict()["quantization"]
     joint = method in ("sparsegpt", "alps")
@@ -146,7 +160,8 @@ def test_prune_quantizes_every_kept_weight(tiny_dirs, method, pattern, quant, ar
         w = m.weight(lm.model)
         keep = result.masks[m.name]
         _check_on_grid(w, lm.quant[m.name], keep)
-        assert lm.quant[m.name].scheme == cfg.quant_scheme
+        assert lm.quant[m.name].scheme == cfg.quant_for(m.in_features)
+        assert not default or lm.quant[m.name].scheme.group_size == m.in_features  # 64 or 128 wide: 128 halved to fit
         assert r.pruned == int((~keep).sum()) and r.zeros == int((w == 0).sum()) >= r.pruned
         assert nm is None or check_nm(w != 0, *nm)
 

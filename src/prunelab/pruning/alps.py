@@ -295,7 +295,8 @@ def prune_alps(
             factor_cache=stats.factor_cache, hinv_cache=stats.hinv_cache,
         )
         if scheme is not None:
-            solved, lm.quant[m.name] = gptq_on_support(solved.masked_fill(~keep, 0), H, keep, scheme,
+            solved, lm.quant[m.name] = gptq_on_support(solved.masked_fill(~keep, 0), H, keep,
+                                                       config.quant_for(m.in_features, m.name) or scheme,
                                                        percdamp=config.options.percdamp, name=m.name,
                                                        hinv_cache=stats.hinv_cache)
         weight.copy_(solved.masked_fill(~keep, 0))

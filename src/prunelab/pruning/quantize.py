@@ -23,6 +23,7 @@ exact-count checks count the *mask* (decided before rounding), so they hold unch
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ def check_quantizable(lm: LoadedModel, config: PruneConfig) -> None:
         done = next(iter(lm.quant.values())).scheme.name
         raise ConfigError(f"{lm.name} is already quantized ({done}); prune the float checkpoint instead")
     for m in lm.prunable:
-        scheme.groups(m.in_features, m.name)
+        config.quant_for(m.in_features, m.name)  # a group size that does not divide: the error names the matrix
         dtype = m.module(lm.model).weight.dtype
         if dtype != torch.float32:
             raise ConfigError(f"--quant needs float32 weights; {m.name} is {dtype} (load the model in float32)")
@@ -98,7 +99,7 @@ def quantize_remaining(lm: LoadedModel, config: PruneConfig, masks: dict[str, to
             w = m.weight(lm.model)
             if m.name in masks:
                 w.masked_fill_(~masks[m.name], 0)
-            lm.quant[m.name] = rtn_in_place(w, scheme, m.name)
+            lm.quant[m.name] = rtn_in_place(w, config.quant_for(m.in_features, m.name) or scheme, m.name)
             rtn.append(m.name)
         head = head_modules(lm.model)
         done = [n for n in head if n in lm.quant]  # a prunable tied embedding (include_embeddings) got its grid
@@ -107,8 +108,10 @@ def quantize_remaining(lm: LoadedModel, config: PruneConfig, masks: dict[str, to
                                                                  HEAD_SCHEME, head[0])
             for name in head:  # tied: one tensor, one set of scales, recorded under every owner
                 lm.quant[name] = info
+    sizes = Counter(str(lm.quant[m.name].scheme.group_size or "row") for m in lm.prunable)
     return {
         **scheme.to_dict(), "scheme": scheme.name, "gptq": len(gptq), "round_to_nearest": len(rtn),
+        "group_sizes": dict(sizes),  # matrices per group size (int4's default shrinks to fit narrow inputs)
         "head": {"modules": head, **HEAD_SCHEME.to_dict()},
         "count_rule": "exact counts are checked on the masks (before rounding); kept weights rounded to 0 "
                       "add to `zeros`",

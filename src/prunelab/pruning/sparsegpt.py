@@ -273,7 +273,7 @@ def prune_sparsegpt(
         new, mask, info = obs_solve(
             w, stats.hessian(), target, config.nm,
             blocksize=config.options.blocksize, percdamp=config.options.percdamp, name=m.name,
-            hinv_cache=stats.hinv_cache, quant=scheme,
+            hinv_cache=stats.hinv_cache, quant=config.quant_for(m.in_features, m.name) if scheme else None,
         )
         w.copy_(new)
         w.masked_fill_(~mask, 0)

@@ -13,6 +13,7 @@ from prunelab.quant import QuantScheme
 if TYPE_CHECKING:
     import torch
 
+MIN_DEFAULT_GROUP = 8  # int4's default group size is halved down to this to fit a matrix's input size
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -123,6 +124,21 @@ class PruneConfig:
     def quant_scheme(self) -> QuantScheme | None:
         """The requested quantization (bits and resolved group size), None for a float run."""
         return QuantScheme.parse(self.quant, self.group_size) if self.quant is not None else None
+
+    def quant_for(self, in_features: int, matrix: str = "") -> QuantScheme | None:
+        """The scheme of one matrix. An explicit `--group-size` must divide `in_features` (else a one-line
+        `ConfigError` naming the matrix); int4's default 128 is halved until it divides (SmolLM2's
+        576-wide inputs get 64), down to 8, so the default works on every common width."""
+        scheme = self.quant_scheme
+        if scheme is None:
+            return None
+        g = scheme.group_size
+        if self.group_size is None and g is not None:
+            while in_features % g and g > MIN_DEFAULT_GROUP:
+                g //= 2
+            scheme = QuantScheme(scheme.bits, g)
+        scheme.groups(in_features, matrix)
+        return scheme
 
     @property
     def joint_quant(self) -> QuantScheme | None:
