@@ -218,6 +218,14 @@ def test_cli_quantize_then_refuse_requantizing(tiny_dirs, tmp_path, monkeypatch,
     flat = _flat(text)
     assert code == 2 and "already quantized (int8); prune the float checkpoint instead" in flat, text
     assert flat.count("error:") == 1 and not out.exists()
+    code, text = run_cli(monkeypatch, capsys, "prune", str(first), "--method", "sparsegpt", "--nsamples", "2",
+                         "--seqlen", "16", "--out", str(out))  # re-solving would move weights off the grid
+    assert code == 2 and "already quantized (int8)" in _flat(text) and not out.exists()
+    code, text = run_cli(monkeypatch, capsys, "prune", str(first), "--method", "magnitude", "--sparsity", "0.7",
+                         "--format", "sparse", "--out", str(out))  # a mask keeps every weight on its grid
+    assert code == 0, text
+    again = load(str(out))
+    assert set(again.quant) == set(load(str(first)).quant)
 
 
 def test_cli_hf_format_says_it_stores_float(tiny_dirs, tmp_path, monkeypatch, capsys, one_thread_unless_slow):

@@ -38,13 +38,19 @@ HEAD_SCHEME = QuantScheme(8, None)  # output head / tied embedding: int8, one sc
 
 
 def check_quantizable(lm: LoadedModel, config: PruneConfig) -> None:
-    """Everything that would stop a quantized run, checked before any work (one-line `ConfigError`s)."""
+    """Everything that would stop a quantized run, checked before any work (one-line `ConfigError`s).
+
+    An already-quantized model (`lm.quant`, e.g. a loaded quantized sparse checkpoint) may only lose
+    weights to a mask (zeros stay on the grid); quantizing it again, or a method that re-solves or
+    reshapes the weights (sparsegpt, alps, structured), would leave them off their stored grid.
+    """
     scheme = config.quant_scheme
-    if scheme is None:
-        return
-    if lm.quant:
+    spec = config.spec
+    if lm.quant and (scheme is not None or spec.reconstructs or not spec.exact_counts):
         done = next(iter(lm.quant.values())).scheme.name
         raise ConfigError(f"{lm.name} is already quantized ({done}); prune the float checkpoint instead")
+    if scheme is None:
+        return
     for m in lm.prunable:
         config.quant_for(m.in_features, m.name)  # a group size that does not divide: the error names the matrix
         dtype = m.module(lm.model).weight.dtype
