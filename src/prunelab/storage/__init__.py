@@ -12,11 +12,11 @@ specified in `prunelab.storage.encodings` (per-tensor encodings) and
 
 from prunelab.storage.api import FORMATS, iter_tensors, load, save
 from prunelab.storage.checkpoint import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, is_sparse_checkpoint
-from prunelab.storage.encodings import ENCODINGS, EncodedTensor, encode_tensor, plan_encoding
+from prunelab.storage.encodings import ENCODINGS, EncodedTensor, encode_quantized, encode_tensor, plan_encoding
 from prunelab.storage.size import bounds_bytes, size_report, size_tables
 
 __all__ = [
     "ENCODINGS", "FORMATS", "FORMAT_NAME", "FORMAT_VERSION", "INDEX_NAME", "EncodedTensor", "bounds_bytes",
-    "encode_tensor", "is_sparse_checkpoint", "iter_tensors", "load", "plan_encoding", "save", "size_report",
-    "size_tables",
+    "encode_quantized", "encode_tensor", "is_sparse_checkpoint", "iter_tensors", "load", "plan_encoding", "save",
+    "size_report", "size_tables",
 ]

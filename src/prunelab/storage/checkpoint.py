@@ -13,6 +13,9 @@ The weights file is plain safetensors (no pickle) but deliberately *not* named
 `model.safetensors`: `from_pretrained` must not mistake the encoded components for weights.
 Tied weights (e.g. `lm_head.weight` sharing `embed_tokens.weight`) are stored once; the index
 records the alias and loading re-ties them.
+The matrices of a quantized model (`LoadedModel.quant`) are stored as integers + a `scales`
+component (`encodings.encode_quantized`, params `quant`/`bits`/`group_size`/`transposed`);
+loading gives the dequantized float32 weights and the `QuantInfo` of every owner module back.
 
 Reading streams tensor by tensor (`iter_encoded`): the index is schema-checked, every shard
 header is parsed by the one safetensors parser (`storage.header`) and checked against the index
