@@ -277,3 +277,25 @@ def test_block_profile_and_per_block_figures(tmp_path, tiny_dirs):
     assert paths["figures"] == 2 * 8 + 2  # zoo:dec gains achieved sparsity per block and the CDF per block
     html = paths["html"].read_text()
     assert "achieved sparsity per block" in html and "CDF of |w| per block before (dashed)" in html
+
+
+def test_tradeoff_panels_draw_majority_and_chance_levels(tmp_path):
+    """Accuracy trade-off panels carry the dev set's majority-class and chance levels; ppl panels none."""
+    from prunelab.report.answer import bench_curves
+    from prunelab.report.tradeoffs import _panels
+    from prunelab.study.store import Store as _Store
+
+    cells = synthetic_study(tmp_path)
+    with Store(tmp_path) as store:  # give the sst2 cells the details an accuracy benchmark records
+        for cell in [c for c in cells if c.bench == "sst2" and (c.sparsity or 0) < 0.95]:
+            value = 0.9 - 0.3 * (cell.sparsity or 0)
+            store.mark_running(cell)
+            store.finish(cell, CellResult("done", metrics={
+                "value": value, "primary": "accuracy", "higher_is_better": True, "status": "ok",
+                "details": {"num_classes": 2, "majority_baseline": 0.68}}))
+    rows = [r for r in _Store(tmp_path).rows() if r.model == "zoo:enc"]
+    panels = _panels(bench_curves(rows), lambda m, s, p: 100 * (1 - s), 100.0, rows)
+    assert [p.title for p in panels] == ["sst2"]
+    assert panels[0].baselines == {"majority class": 0.68, "chance": 0.5}
+    dec = [r for r in _Store(tmp_path).rows() if r.model == "zoo:dec"]
+    assert [p.baselines for p in _panels(bench_curves(dec), lambda m, s, p: 1.0, 1.0, dec)] == [{}]

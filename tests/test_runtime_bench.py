@@ -90,3 +90,18 @@ def test_load_for_inference_from_sparse_checkpoint(tiny_dirs, tmp_path):
     assert summary.swapped == len(lm2.prunable) == len(sparse_modules(lm2.model))
     with torch.no_grad():
         torch.testing.assert_close(lm2.model(input_ids=ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_bench_speech_model_times_encoder_and_transcript_decode():
+    """Whisper runs on the sparse runtime: prefill = encoder over one 30 s window, decode = transcript tokens."""
+    lm = load("zoo:whisper-tiny-en")
+    _prune(lm, 0.9)
+    res = bench_model(lm, decode_tokens=4, repeats=1, measure_size=False, measure_rss=False,
+                      sparsify_kwargs={"force": "sell", "use_disk_cache": False})
+    assert res["settings"]["prefill_tokens"] == 3000 and "speech model" in res["notes"][0]
+    sp = res["speed"]
+    for v in ("dense", "sparse"):
+        assert sp[v]["prefill_tokens_per_s"] > 0 and sp[v]["decode_ms_per_token"] > 0
+    assert res["runtime"]["swapped"] == len(lm.prunable)
+    assert sp["sparse_vs_dense"]["same_greedy_tokens"] is True

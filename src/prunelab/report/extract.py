@@ -105,3 +105,18 @@ def dense_bytes(mrows: list[Row]) -> float | None:
     """The dense checkpoint's bytes (every size cell measures the same dense-tensor checkpoint)."""
     return next((n["dense"] for r in mrows if r.kind == "size" and r.status == "done"
                  for n in [size_numbers(r)] if n["dense"] is not None), None)
+
+
+def accuracy_baselines(rows: list[Row]) -> dict[str, float]:
+    """Majority-class and chance accuracy of the dev examples one benchmark's done cells used
+    (the same for every cell of a bench), so figures can draw what "no skill" scores."""
+    out: dict[str, float] = {}
+    for r in rows:
+        if r.kind != "bench" or r.status != "done":
+            continue
+        o = r.bench_outcome()
+        if o.majority is not None:
+            out.setdefault("majority class", o.majority)
+        if o.chance is not None:
+            out.setdefault("chance", o.chance)
+    return out

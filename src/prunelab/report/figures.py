@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import matplotlib
 
@@ -154,6 +154,7 @@ class TradeoffPanel:
     points: list[TradeoffPoint]
     dense: TradeoffPoint | None = None
     log_y: bool = False
+    baselines: Mapping[str, float] = field(default_factory=dict)  # e.g. majority class, chance
 
 
 def pareto_front(points: Sequence[tuple[float, float]], *, x_lower_is_better: bool = True,
@@ -190,6 +191,10 @@ def _tradeoff_axes(ax: matplotlib.axes.Axes, panel: TradeoffPanel, colors: dict[
         # the best quality available at each cost: flat until the next cheaper-or-better point
         ax.step(xs, ys, where="post" if x_lower_is_better else "pre", color="black", linewidth=1, alpha=0.6)
         ax.plot(xs, ys, "o", markerfacecolor="none", markeredgecolor="black", markersize=9)
+    for j, (name, level) in enumerate(sorted(panel.baselines.items())):
+        ax.axhline(level, color="grey", linestyle=(0, (1, 2 + j)), linewidth=1.2)
+        ax.annotate(f"{name} {level:.3g}", (0.01, level), xycoords=("axes fraction", "data"), fontsize=6,
+                    color="grey", xytext=(0, 2), textcoords="offset points")
     if panel.log_y:
         ax.set_yscale("log")
     direction = "higher" if panel.higher_is_better else "lower"

@@ -29,7 +29,16 @@ from prunelab.errors import ConfigError
 from prunelab.report.answer import bench_curves, headline_parts
 from prunelab.report.blocks import block_figures
 from prunelab.report.document import Code, Figure, Heading, Notes, Part, Table, Text, render_html, render_markdown
-from prunelab.report.extract import fmt, fmt_measure, fmt_speed, measure_of, short, size_numbers, speed_unit
+from prunelab.report.extract import (
+    accuracy_baselines,
+    fmt,
+    fmt_measure,
+    fmt_speed,
+    measure_of,
+    short,
+    size_numbers,
+    speed_unit,
+)
 from prunelab.report.figures import metric_vs_sparsity, size_vs_sparsity, speed_vs_sparsity
 from prunelab.report.intervals import spread
 from prunelab.report.tradeoffs import LOG_Y_BENCHES, tradeoff_figures
@@ -113,7 +122,7 @@ def _bench_figure(model: str, tag: str, bench: str, mrows: list[Row]) -> tuple[F
     dense = curves.dense if curves else None
     primary = next((o.primary for _, o in outcomes if o.primary), None)
     hib = curves.higher_is_better if curves else None
-    baselines = _baselines(o for _, o in outcomes)
+    baselines = accuracy_baselines(rows)
     notes = []
     na = [o for _, o in outcomes if not o.applicable]
     if na:
@@ -139,17 +148,6 @@ def _bench_figure(model: str, tag: str, bench: str, mrows: list[Row]) -> tuple[F
 def _generic(method: str) -> str:
     """An interval's method without its counts ("Wilson 95 %", "bootstrap 95 % over sentences")."""
     return method.split(" (")[0]
-
-
-def _baselines(outcomes: Any) -> dict[str, float]:
-    """Majority-class and chance accuracy of the dev examples used (the same for every cell of a bench)."""
-    out: dict[str, float] = {}
-    for o in outcomes:
-        if o.majority is not None:
-            out.setdefault("majority class", o.majority)
-        if o.chance is not None:
-            out.setdefault("chance", o.chance)
-    return out
 
 
 def _size_series(rows: list[Row]) -> tuple[dict[str, list[tuple[float, float]]], float | None]:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from prunelab.report.answer import BenchCurves, bench_curves
 from prunelab.report.document import Figure
-from prunelab.report.extract import dense_bytes, dense_speed, short, size_for, speed_for
+from prunelab.report.extract import accuracy_baselines, dense_bytes, dense_speed, short, size_for, speed_for
 from prunelab.report.figures import TradeoffPanel, TradeoffPoint, tradeoff
 from prunelab.report.headline import Measure
 from prunelab.study.store import Row
@@ -25,8 +25,10 @@ def _point(label: str, tag: str, x: float, m: Measure) -> TradeoffPoint:
                          m.interval.high if m.interval else None)
 
 
-def _panels(curves: dict[str, BenchCurves], cost: Cost, dense_x: float | None) -> list[TradeoffPanel]:
-    """One panel per benchmark with a direction: every point whose cost was measured."""
+def _panels(curves: dict[str, BenchCurves], cost: Cost, dense_x: float | None,
+            mrows: list[Row]) -> list[TradeoffPanel]:
+    """One panel per benchmark with a direction: every point whose cost was measured, and the
+    majority-class / chance levels of accuracy benchmarks (a point sitting on them shows no skill)."""
     panels = []
     for bench, c in sorted(curves.items()):
         if c.higher_is_better is None:
@@ -36,7 +38,9 @@ def _panels(curves: dict[str, BenchCurves], cost: Cost, dense_x: float | None) -
                   if m is not None and (x := cost(method, s, c.patterns[method])) is not None]
         dense = _point("dense", "dense", dense_x, c.dense) if c.dense is not None and dense_x is not None else None
         if points:
-            panels.append(TradeoffPanel(bench, bench, c.higher_is_better, points, dense, log_y=bench in LOG_Y_BENCHES))
+            base = accuracy_baselines([r for r in mrows if r.bench == bench])
+            panels.append(TradeoffPanel(bench, bench, c.higher_is_better, points, dense, log_y=bench in LOG_Y_BENCHES,
+                                        baselines=base))
     return panels
 
 
@@ -51,11 +55,12 @@ def tradeoff_figures(model: str, tag: str, mrows: list[Row]) -> tuple[list[Figur
         return n["sparse"] / 1e6 if n and n["sparse"] is not None else None
 
     d_bytes = dense_bytes(mrows)
-    png = tradeoff(_panels(curves, size_cost, d_bytes / 1e6 if d_bytes else None),
+    png = tradeoff(_panels(curves, size_cost, d_bytes / 1e6 if d_bytes else None, mrows),
                    title=f"{short(model)}: quality vs size on disk", xlabel="sparse format on disk (MB)")
     if png:
         figures.append(Figure(f"{tag}-tradeoff-size.png", f"{model}: quality vs bytes on disk per (method, sparsity), "
-                              "error bars 95 % intervals, dense ★, Pareto front circled", png=png))
+                              "error bars 95 % intervals, dense ★, Pareto front circled, dotted: majority / chance",
+                              png=png))
     elif curves:
         notes.append("trade-off vs size: no point has both a benchmark value and a size cell")
 
@@ -70,11 +75,12 @@ def tradeoff_figures(model: str, tag: str, mrows: list[Row]) -> tuple[list[Figur
 
     what = ("decode latency (ms/token, median)" if timed.is_decode
             else "prefill throughput (tokens/s, median; an encoder does not decode)")
-    png = tradeoff(_panels(curves, speed_cost, dense_speed(mrows)[0]), title=f"{short(model)}: quality vs speed",
+    png = tradeoff(_panels(curves, speed_cost, dense_speed(mrows)[0], mrows), title=f"{short(model)}: quality vs speed",
                    xlabel=what, x_lower_is_better=timed.is_decode)
     if png:
         figures.append(Figure(f"{tag}-tradeoff-speed.png",
                               f"{model}: quality vs {what.split(' (')[0]} per (method, sparsity); speed of a "
                               "sparsity is timed on one method's mask (it depends on the pattern, not the method), "
-                              "dense ★ at its median timing, Pareto front circled", png=png))
+                              "dense ★ at its median timing, Pareto front circled, dotted: majority class / chance",
+                              png=png))
     return figures, notes

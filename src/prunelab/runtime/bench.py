@@ -14,6 +14,10 @@ Measured, in one call:
 - **decode latency**: ms/token of `decode_tokens` greedy steps (batch 1, KV cache on, fixed
   count, no early stop) after a short prompt.
 
+Speech models (Whisper) are measured the same way on real input: the encoder over one spoken
+sentence in the 30 s log-mel window is the prefill (frames/s), and decode times the greedy
+transcript tokens against the cached encoder output.
+
 Dense and sparse runs are interleaved repeat by repeat (the machine is shared and noisy; a
 slow period hits both) and summarised by medians; every repetition is kept in the output.
 """
@@ -78,7 +82,19 @@ def _ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(min(5, vocab - 1), vocab, (1, n), generator=g)
 
 
+def _speech_kwargs(lm: LoadedModel) -> tuple[dict[str, Any], int]:
+    """Whisper's input: one spoken benchmark sentence in the 30 s log-mel window, and the transcription
+    prefix as decoder prompt, so the greedy tokens are a real transcript (dense and sparse can be compared).
+    Returns (kwargs, mel frames)."""
+    from prunelab.data.speech import eval_clips, input_features, prefix_ids
+
+    feats = input_features(lm.processor, eval_clips(1))
+    return {"input_features": feats, "decoder_input_ids": torch.tensor([prefix_ids(lm.tokenizer)])}, feats.shape[-1]
+
+
 def _forward_kwargs(lm: LoadedModel, ids: torch.Tensor) -> dict[str, Any]:
+    if lm.is_speech:
+        return _speech_kwargs(lm)[0]
     if lm.family == "encoder-decoder":
         start = getattr(lm.config, "decoder_start_token_id", None) or 0
         return {"input_ids": ids, "decoder_input_ids": torch.full((1, 1), start, dtype=torch.long)}
@@ -120,7 +136,7 @@ def time_decode(model: torch.nn.Module, family: str, prompt: dict[str, Any], ste
     kw = _cache_kw(model)
     with torch.no_grad():
         if family == "encoder-decoder":
-            enc = model.get_encoder()(input_ids=prompt["input_ids"])
+            enc = model.get_encoder()(**{k: v for k, v in prompt.items() if k != "decoder_input_ids"})
             out = model(encoder_outputs=enc, decoder_input_ids=prompt["decoder_input_ids"], use_cache=True)
         else:
             enc = None
@@ -163,6 +179,8 @@ def rss():
 def touch(model):  # one short forward: every weight page is read (safetensors may be mapped lazily)
     ids = torch.tensor([[5, 6, 7, 8]])
     kw = {"input_ids": ids}
+    if hasattr(model.config, "num_mel_bins"):  # speech: one (silent) 30 s window of log-mel features
+        kw = {"input_features": torch.zeros(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)}
     if getattr(model.config, "is_encoder_decoder", False):
         kw["decoder_input_ids"] = ids[:, :1]
     with torch.no_grad():
@@ -207,6 +225,10 @@ def _token_counts(lm: LoadedModel, prefill_tokens: int, decode_tokens: int, prom
                   notes: list[str]) -> tuple[int, int]:
     """(prefill, prompt) token counts that fit the model's positions; a clamp is noted."""
     limit = lm.context_length
+    if lm.is_speech:  # prefill is the encoder over one 30 s window, counted in mel frames
+        notes.append("speech model: prefill = the encoder over one 30 s log-mel window (3000 frames, "
+                     "reported as frames/s) plus the decoder prompt; decode = greedy transcript tokens")
+        return _speech_kwargs(lm)[1], prompt_tokens
     n_prefill = prefill_tokens
     if limit is not None and lm.family != "encoder-decoder" and prefill_tokens > limit:
         n_prefill = limit
@@ -324,8 +346,6 @@ def bench_model(
     Speed numbers are medians over `repeats` interleaved repetitions (after one untimed warm-up
     of each variant, which also compiles kernels and makes the runtime's per-shape decisions).
     """
-    if lm.is_speech:
-        raise ConfigError(f"{lm.name} is a speech model: `bench` measures text models (token prefill and decode)")
     if repeats < 1 or decode_tokens < 1 or prefill_tokens < 1:
         raise ConfigError("bench needs --repeats, --decode-tokens and --prefill-tokens >= 1")
     sparsify_kwargs = dict(sparsify_kwargs or {})

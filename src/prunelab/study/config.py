@@ -600,7 +600,6 @@ def plan(config: StudyConfig, *, families: dict[str, tuple[str, bool]] | None = 
                         cells.append(Cell("bench", bench=bench, options=opts, **base))
                     if _selected(config.size, method.name, sparsity):
                         cells.append(Cell("size", **base))
-                    # The runtime benchmark times text prefill/decode; speech models have no such path.
-                    if _selected(config.speed, method.name, sparsity) and not is_speech:
+                    if _selected(config.speed, method.name, sparsity):
                         cells.append(Cell("speed", options=speed_opts, **base))
     return cells
