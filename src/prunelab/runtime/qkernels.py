@@ -93,10 +93,19 @@ def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value) -> tuple[ir.V
     raw = builder.load(p, align=1)
     lo = builder.and_(raw, ir.Constant(_V64I8, [15] * 64))
     hi = builder.lshr(raw, ir.Constant(_V64I8, [4] * 64))
-    even = _shuffle(builder, lo, hi, _NIB_EVEN)
-    odd = _shuffle(builder, lo, hi, _NIB_ODD)
-    is_odd = builder.trunc(vo, _I1)
-    nib = builder.select(is_odd, odd, even)
+    # The start parity picks the index vector by bit arithmetic, not a select: LLVM turned the select
+    # into a branch, mispredicted on every other word (parity is data-dependent).
+    odd = builder.sub(ir.Constant(_I8, 0), builder.trunc(builder.and_(vo, ir.Constant(_I64, 1)), _I8))
+    odd = builder.insert_element(ir.Constant(_V64I8, ir.Undefined), odd, ir.Constant(_I32, 0))
+    odd = _shuffle(builder, odd, odd, [0] * 64)
+    flip = ir.Constant(_V64I8, [a ^ b for a, b in zip(_NIB_EVEN, _NIB_ODD, strict=True)])
+    idx = builder.xor(ir.Constant(_V64I8, _NIB_EVEN), builder.and_(odd, flip))
+    if HAS_VBMI2:  # one vpermt2b
+        fn = _fn(builder, "llvm.x86.avx512.vpermi2var.qi.512", _V64I8, [_V64I8, _V64I8, _V64I8])
+        nib = builder.call(fn, [lo, idx, hi])
+    else:
+        is_odd = builder.trunc(vo, _I1)
+        nib = builder.select(is_odd, _shuffle(builder, lo, hi, _NIB_ODD), _shuffle(builder, lo, hi, _NIB_EVEN))
     eight = ir.Constant(_V64I8, [8] * 64)
     return builder.sub(builder.xor(nib, eight), eight), None
 
