@@ -74,3 +74,40 @@ def test_smollm2_first_tokens_match_hf() -> None:
     lm = load("zoo:smollm2")
     prune(lm, PruneConfig(method="magnitude", sparsity=0.7, quant="int8"))
     _check(lm, n=12)
+
+
+def test_load_decoder_from_saved_quantized_checkpoint(tiny_dirs, tmp_path) -> None:
+    """prune --quant → save(format="sparse") → load_decoder: same logits as the pruned model, no fp32 matrices."""
+    from prunelab.runtime import load_decoder
+    from prunelab.storage import save
+
+    lm = load(str(tiny_dirs["llama"]))
+    prune(lm, PruneConfig(method="magnitude", sparsity=0.7, quant="int8"))
+    save(lm, tmp_path / "q", format="sparse")
+    eng = load_decoder(str(tmp_path / "q"))
+    ids = torch.arange(5, 25)
+    ref = _hf_logits(lm, ids)
+    assert np.abs(eng.logits(ids) - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert eng.tokenizer is not None
+    assert eng.pack.fvals.size <= lm.model.get_input_embeddings().weight.numel() + 64
+
+
+@pytest.mark.slow
+def test_smollm2_resident_weights_within_stored_bytes(tmp_path) -> None:
+    """Issue 14: the engine's resident weights ≤ 1.1 × the stored weights file, loaded in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    from prunelab.storage import save
+
+    lm = load("zoo:smollm2")
+    prune(lm, PruneConfig(method="magnitude", sparsity=0.7, quant="int8"))
+    folder = save(lm, tmp_path / "q", format="sparse")
+    del lm
+    code = ("import json,sys; from prunelab.runtime import load_decoder; "
+            "e = load_decoder(sys.argv[1]); print(json.dumps(e.resident_bytes))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
+    resident = json.loads(out.stdout.strip().splitlines()[-1])
+    stored = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert resident <= 1.1 * stored
