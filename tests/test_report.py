@@ -184,7 +184,8 @@ def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     small.write_text(text, encoding="utf-8")
     cfg = {
         "models": [str(tiny_dirs["gpt2"]), str(tiny_dirs["bert"])],
-        "methods": ["magnitude", "wanda"],
+        # alps and a refined method are grid entries like the others (issue 11)
+        "methods": ["magnitude", "wanda", "alps", {"name": "wanda", "refine": "swap", "refine_budget": 5}],
         "sparsities": [0.5, 0.9],
         "benchmarks": {str(tiny_dirs["gpt2"]): ["ppl"], str(tiny_dirs["bert"]): ["embed"]},
         "calibration": {"nsamples": 2, "seqlen": 64, "calib": str(small)},
@@ -201,6 +202,10 @@ def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     html = paths["html"].read_text()
     assert html.count("data:image/png;base64,") == 20
     assert "prefill throughput" in html and "decode latency" in html  # encoder vs decoder speed metric
+    md = paths["markdown"].read_text()
+    summary = md[md.index("## Summary"):md.index("## Methods")]
+    for label in ("alps", "wanda+swap"):  # in the summary table, next to the others, for both models
+        assert sum(f"| {label} |" in line for line in summary.splitlines()) >= 4, label
 
 
 def test_results_and_report_commands(tmp_path):
