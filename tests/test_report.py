@@ -204,7 +204,7 @@ def test_report_from_a_real_tiny_study(tmp_path, tiny_dirs, data_dir):
     assert "prefill throughput" in html and "decode latency" in html  # encoder vs decoder speed metric
     md = paths["markdown"].read_text()
     summary = md[md.index("## Summary"):md.index("## Methods")]
-    for label in ("alps", "wanda+swap"):  # in the summary table, next to the others, for both models
+    for label in ("alps", "wanda+swap[refine_budget=5]"):  # in the summary table, next to the others, both models
         assert sum(f"| {label} |" in line for line in summary.splitlines()) >= 4, label
 
 
