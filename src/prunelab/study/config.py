@@ -83,10 +83,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Why the presets use the data sizes they do (printed in the report).
 PRESET_NOTES = {
     "default": (
-        "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 195 cells, "
+        "Sized so that `make demo` (3 zoo models x 3 methods x 5 sparsities = 45 pruned points, 198 cells, "
         "2 single-thread worker processes) fits 20 minutes on 2 CPU cores. Measured CPU cost per cell: SmolLM2 "
         "~6 s for 1024 perplexity tokens, ~0.16 s per probe sentence, 6 s magnitude / ~35 s Wanda pruning, "
-        "~80 s per speed cell (dense + sparse runtime); MiniLM 2-6 s per benchmark; about 1900 CPU-s in all. "
+        "~80 s per speed cell (dense + sparse runtime), Whisper ~20 s; MiniLM 2-6 s per benchmark; "
+        "about 1900 CPU-s in all. "
         "Cut versus the papers' protocol and versus the first plan (16x256 calibration, 8x512 ppl tokens, "
         "1000-example probes, 12 clips): calibration 8 x 128 tokens of MRPC text (papers: 128 x 2048 of C4; "
         "Whisper: 2 synthesized clips, i.e. 3000 encoder positions); WikiText-2 perplexity on the first 1024 "
