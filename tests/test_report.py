@@ -240,7 +240,8 @@ def test_rendered_report_opens_with_the_headline_and_loads_every_image(tmp_path)
     marker, shot = render_in_chromium(paths["html"], tmp_path, dom)
     assert marker == f"IMAGES {n_images}/{n_images}", marker
     assert re.findall(r"<h2>([^<]+)</h2>", dom[0])[:2] == ["Headline", "Summary"]
-    assert dom[0].count("Pareto front circled</figcaption>") == 4  # 2 models x (quality vs size, vs speed)
+    # 2 models x (quality vs size, vs speed), each caption naming the front and the baselines
+    assert dom[0].count("Pareto front circled; dotted: majority class and chance (accuracy panels)</figcaption>") == 4
     assert shot.is_file() and shot.stat().st_size > 20_000
 
 

@@ -17,6 +17,7 @@ from prunelab.report.headline import Measure
 from prunelab.study.store import Row
 
 LOG_Y_BENCHES = {"ppl", "seq2seq-ppl", "pppl"}
+LEGEND = "Pareto front circled; dotted: majority class and chance (accuracy panels)"
 Cost = Callable[[str, float, str], float | None]  # (method, sparsity, pattern) -> x, or None when not measured
 
 
@@ -59,8 +60,7 @@ def tradeoff_figures(model: str, tag: str, mrows: list[Row]) -> tuple[list[Figur
                    title=f"{short(model)}: quality vs size on disk", xlabel="sparse format on disk (MB)")
     if png:
         figures.append(Figure(f"{tag}-tradeoff-size.png", f"{model}: quality vs bytes on disk per (method, sparsity), "
-                              "error bars 95 % intervals, dense ★, Pareto front circled, dotted: majority / chance",
-                              png=png))
+                              f"error bars 95 % intervals, dense ★, {LEGEND}", png=png))
     elif curves:
         notes.append("trade-off vs size: no point has both a benchmark value and a size cell")
 
@@ -81,6 +81,5 @@ def tradeoff_figures(model: str, tag: str, mrows: list[Row]) -> tuple[list[Figur
         figures.append(Figure(f"{tag}-tradeoff-speed.png",
                               f"{model}: quality vs {what.split(' (')[0]} per (method, sparsity); speed of a "
                               "sparsity is timed on one method's mask (it depends on the pattern, not the method), "
-                              "dense ★ at its median timing, Pareto front circled, dotted: majority class / chance",
-                              png=png))
+                              f"dense ★ at its median timing, {LEGEND}", png=png))
     return figures, notes
