@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
+from layer_problems import correlated_problem
 from prunelab.errors import ConfigError
 from prunelab.pruning import PruneConfig, prune
 from prunelab.pruning.alps import AlpsOptions, alps_matrix
@@ -37,12 +38,7 @@ ARCHS = ("gpt2", "llama", "bert", "bart", "t5")
 
 
 def _problem(rows: int = 48, cols: int = 96, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and the Hessian of correlated inputs with uneven scales (where reconstruction matters)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g) / 10 + torch.eye(cols)
-    scale = 0.2 + 2.8 * torch.rand(cols, generator=g)
-    X = torch.randn(1024, cols, generator=g) @ mix * scale
-    return torch.randn(rows, cols, generator=g), X.t() @ X / X.shape[0]
+    return correlated_problem(rows, cols, seed)
 
 
 def _expected_pruned(shape: tuple[int, int], sparsity: float, nm: tuple[int, int] | None) -> int:

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
+from layer_problems import correlated_problem
 from prunelab.errors import ConfigError
 from prunelab.pruning import PruneConfig, prune
 from prunelab.pruning.patterns import check_nm, nm_target_count, target_count
@@ -28,12 +29,7 @@ INT8 = QuantScheme(8, None)
 
 
 def _problem(rows: int = 48, cols: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight and the Hessian of correlated inputs with uneven scales (where error feedback matters)."""
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g) / 10 + torch.eye(cols)
-    scale = 0.2 + 2.8 * torch.rand(cols, generator=g)
-    X = torch.randn(1024, cols, generator=g) @ mix * scale
-    return torch.randn(rows, cols, generator=g), X.t() @ X / X.shape[0]
+    return correlated_problem(rows, cols, seed)
 
 
 def _rtn(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
