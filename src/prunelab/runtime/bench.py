@@ -82,19 +82,18 @@ def _ids(n: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(min(5, vocab - 1), vocab, (1, n), generator=g)
 
 
-def _speech_kwargs(lm: LoadedModel) -> tuple[dict[str, Any], int]:
+def _speech_kwargs(lm: LoadedModel) -> dict[str, Any]:
     """Whisper's input: one spoken benchmark sentence in the 30 s log-mel window, and the transcription
-    prefix as decoder prompt, so the greedy tokens are a real transcript (dense and sparse can be compared).
-    Returns (kwargs, mel frames)."""
+    prefix as decoder prompt, so the greedy tokens are a real transcript (dense and sparse can be compared)."""
     from prunelab.data.speech import eval_clips, input_features, prefix_ids
 
     feats = input_features(lm.processor, eval_clips(1))
-    return {"input_features": feats, "decoder_input_ids": torch.tensor([prefix_ids(lm.tokenizer)])}, feats.shape[-1]
+    return {"input_features": feats, "decoder_input_ids": torch.tensor([prefix_ids(lm.tokenizer)])}
 
 
 def _forward_kwargs(lm: LoadedModel, ids: torch.Tensor) -> dict[str, Any]:
     if lm.is_speech:
-        return _speech_kwargs(lm)[0]
+        return _speech_kwargs(lm)
     if lm.family == "encoder-decoder":
         start = getattr(lm.config, "decoder_start_token_id", None) or 0
         return {"input_ids": ids, "decoder_input_ids": torch.full((1, 1), start, dtype=torch.long)}
@@ -228,7 +227,7 @@ def _token_counts(lm: LoadedModel, prefill_tokens: int, decode_tokens: int, prom
     if lm.is_speech:  # prefill is the encoder over one 30 s window, counted in mel frames
         notes.append("speech model: prefill = the encoder over one 30 s log-mel window (3000 frames, "
                      "reported as frames/s) plus the decoder prompt; decode = greedy transcript tokens")
-        return _speech_kwargs(lm)[1], prompt_tokens
+        return 2 * lm.config.max_source_positions, prompt_tokens  # the padded window, whatever the clip
     n_prefill = prefill_tokens
     if limit is not None and lm.family != "encoder-decoder" and prefill_tokens > limit:
         n_prefill = limit
@@ -370,7 +369,8 @@ def bench_model(
     variants = _variants(lm, result, sparse=sparse, sparsify_kwargs=sparsify_kwargs)
     vocab = _vocab(lm.config)
     prefill_kw = _forward_kwargs(lm, _ids(n_prefill, vocab, seed))
-    prompt_kw = _forward_kwargs(lm, _ids(n_prompt, vocab, seed + 1))
+    # speech: the same clip and transcription prefix serve both (synthesized once)
+    prompt_kw = prefill_kw if lm.is_speech else _forward_kwargs(lm, _ids(n_prompt, vocab, seed + 1))
     times, tokens = _time_variants(lm, variants, prefill_kw, prompt_kw, decode_tokens=decode_tokens,
                                    repeats=repeats, tick=tick)
     result["speed"] = _speed(times, tokens, n_prefill, lm.family != "encoder")
