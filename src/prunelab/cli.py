@@ -198,14 +198,23 @@ def prune(
                                      "the LM head int8 per row. Store with --format sparse."),
     group_size: int | None = typer.Option(None, "--group-size", help="Input columns per scale (int4: 128)."),
     out_dir: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    offload: str = typer.Option("auto", "--offload", help="disk: read, prune and write one block at a time (models "
+                                "larger than memory); none: load the whole model; auto: disk when the float32 "
+                                "weights exceed --max-memory."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget for the weights, e.g. 4GB "
+                                          "(default: 80 percent of the memory available now)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (a GPU when there is one): where "
+                               "calibration, Hessians and the weight solve run."),
 ) -> None:
     """Prune a model and write the checkpoint plus DIR/prune_report.json."""
     import time as _time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from prunelab.models.offload import parse_bytes
     from prunelab.pruning import PruneConfig, save_pruned
     from prunelab.pruning import prune as run_prune
+    from prunelab.pruning.offload import prune_to_disk
     from prunelab.pruning.registry import parse_options
     from prunelab.storage import load
 
@@ -218,7 +227,10 @@ def prune(
                                        calib_column=calib_column, nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl,
                                        **settings)
     t0 = _time.perf_counter()
-    lm = load(model)
+    budget = parse_bytes(max_memory) if max_memory is not None else None
+    lm = load(model, offload=offload, device=device, max_memory=budget)
+    if lm.offload is not None and fmt != "hf":
+        fail("--offload disk writes --format hf (one shard per block); convert afterwards with --offload none")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(f"{method} {pattern}", total=None)
@@ -226,9 +238,13 @@ def prune(
         def progress(message: str, done: int, total: int) -> None:
             bar.update(task, description=f"{method}: {message}", completed=done, total=total)
 
-        result = run_prune(lm, config, progress=progress)
+        if lm.offload is not None:
+            result = prune_to_disk(lm, config, out_dir, progress=progress)
+        else:
+            result = run_prune(lm, config, progress=progress)
     shrunk = result.extra.get("structured")  # the method's own report, also in prune_report.json
-    save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
+    if lm.offload is None:
+        save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
     rss = (result.peak_rss_bytes or 0) / 2**20
@@ -263,6 +279,10 @@ def eval_cmd(
     batch_size: int = typer.Option(8, "--batch-size"),
     data: str | None = typer.Option(None, "--data", help="Override the dataset file / directory."),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Cap on fine-tuning optimizer steps."),
+    offload: str = typer.Option("auto", "--offload", help="disk: stream the weights block by block (ppl runs "
+                                "block-major); none: load the whole model; auto: disk when it exceeds --max-memory."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Memory budget for the weights, e.g. 4GB."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
 ) -> None:
     """Evaluate a model: perplexity, pseudo-perplexity, embedding fidelity, GLUE SST-2 / MRPC, zero-shot accuracy.
 
@@ -284,7 +304,15 @@ def eval_cmd(
         console.print(f"[green]done[/] {name}: {getattr(result, 'primary', '')} = {getattr(result, 'value', None)} "
                       f"({getattr(result, 'wall_time_s', 0.0):.1f} s)", highlight=False)
 
-    payload = run_benchmarks(model, bench or None, options, reference=reference, progress=_progress)
+    from prunelab.evaluation.registry import get_bench
+    from prunelab.models.offload import parse_bytes
+    from prunelab.storage import load
+
+    for name in bench:  # a typo fails before the model is read
+        get_bench(name).with_arg(name, options)
+    budget = parse_bytes(max_memory) if max_memory is not None else None
+    lm = load(model, offload=offload, device=device, max_memory=budget)
+    payload = run_benchmarks(lm, bench or None, options, reference=reference, progress=_progress)
     write_json(out_path, payload)
     table = Table("bench", "status", "metrics", "n", "seqlen", "wall s")
     for r in payload["results"]:

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -38,6 +39,26 @@ def _apply_umask(root: Path) -> None:
                     os.chmod(path, mode & ~mask)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_orphans(target: Path) -> None:
+    """Temporary folders left for `target` by a killed run (its process is gone): a pruned 7B model's
+    half-written shards are gigabytes, so the next run clears them before it starts."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-")
+    for p in target.parent.glob(f".{target.name}.tmp-*"):
+        match = pattern.match(p.name)
+        if match and p.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces `target` only if the block succeeds.
@@ -46,7 +67,8 @@ def atomic_dir(target: str | os.PathLike[str], *, overwrite: bool = True) -> Ite
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    _remove_orphans(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; results should be as readable as any file
     try:
         yield tmp

@@ -45,8 +45,13 @@ def evaluate_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
     scorer = CausalScorer(lm.model)
     nll_sum, count = 0.0, 0
     blocks: Blocks = []
-    for start in range(0, n_windows, per_batch):
-        nll, n = scorer.window_nll(windows[start : start + per_batch], blocks)
+    batches = [windows[start : start + per_batch] for start in range(0, n_windows, per_batch)]
+    if lm.offload is not None:  # larger than memory: block-major, every block read once
+        from prunelab.evaluation.offload import offloaded_window_nll
+
+        nll_sum, count = offloaded_window_nll(lm, batches, blocks)
+    for batch in batches if lm.offload is None else []:
+        nll, n = scorer.window_nll(batch, blocks)
         nll_sum += nll
         count += n
     return ppl_result(
@@ -62,6 +67,7 @@ def evaluate_ppl(lm: LoadedModel, options: EvalOptions) -> EvalResult:
             "max_tokens": options.max_tokens,
             "text_sha256": corpus.text_sha256,
             "sliced_lm_head": bool(scorer.sliced),
+            "out_of_core": lm.offload is not None,
             "interval_data": ratio_interval_data(f"{BLOCK_TOKENS}-token blocks of the windows", blocks, "exp"),
         },
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -34,8 +35,12 @@ def evaluate(lm: LoadedModel | str, bench: str, options: EvalOptions | None = No
     was_training = lm.model.training
     lm.model.eval()
     start = time.perf_counter()
+    # Out of core, a bench other than ppl streams each block per forward pass, with the embeddings
+    # and head resident for the whole bench (ppl runs block-major on its own).
+    resident = lm.offload.outside() if lm.offload is not None and bench != "ppl" else contextlib.nullcontext()
     try:
-        result: EvalResult = fn(lm, options)
+        with resident:
+            result: EvalResult = fn(lm, options)
     finally:
         lm.model.train(was_training)
     result.wall_time_s = time.perf_counter() - start

@@ -116,6 +116,9 @@ class LoadedModel:
     # Quantized matrices (module name of the Linear -> scheme and scales); the model's weights
     # then hold the dequantized values. Empty for a float model.
     quant: dict[str, QuantInfo] = field(default_factory=dict)
+    # Out of core: the model lives on the meta device and `offload` reads each block's weights when
+    # it is used (`prunelab.models.offload`); None for a model held in memory.
+    offload: Any = None
 
     @property
     def config(self) -> Any:

@@ -224,6 +224,22 @@ def _check_exact(spec: MethodSpec, config: PruneConfig, result: PruneResult) -> 
             raise PruningError(f"{r.name}: pruned {r.pruned} entries, expected {expect} (internal error)")
 
 
+def report_header(lm: LoadedModel, result: PruneResult | None, format: str) -> dict[str, Any]:
+    """The model, method and outcome part of `prune_report.json` (in memory and out of core alike)."""
+    report: dict[str, Any] = {
+        "model": lm.spec.raw,
+        "model_spec": {"raw": lm.spec.raw, "kind": lm.spec.kind, "target": lm.spec.target},
+        "family": lm.family,
+        "source": str(lm.source),
+        "format": format,
+        "method": result.config.method if result else None,
+        "pattern": result.config.pattern if result else None,
+    }
+    if result is not None:
+        report.update(result.to_dict())
+    return report
+
+
 def save_pruned(lm: LoadedModel, result: PruneResult | None, out_dir: str | Path, *, format: str = "hf",
                 extra: dict[str, Any] | None = None) -> Path:
     """Write the pruned model atomically: checkpoint + tokenizer/processor + `prune_report.json`.
@@ -243,17 +259,7 @@ def save_pruned(lm: LoadedModel, result: PruneResult | None, out_dir: str | Path
     with atomic_dir(out_dir) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", QuantizedAsFloatWarning)
         save_checkpoint(lm, tmp, format=format)  # type: ignore[arg-type]  # with tokenizer/processor
-        report: dict[str, Any] = {
-            "model": lm.spec.raw,
-            "model_spec": {"raw": lm.spec.raw, "kind": lm.spec.kind, "target": lm.spec.target},
-            "family": lm.family,
-            "source": str(lm.source),
-            "format": format,
-            "method": result.config.method if result else None,
-            "pattern": result.config.pattern if result else None,
-        }
-        if result is not None:
-            report.update(result.to_dict())
+        report = report_header(lm, result, format)
         report["save_time_s"] = time.perf_counter() - t0
         report["peak_rss_bytes"] = peak_rss_bytes()
         if extra:

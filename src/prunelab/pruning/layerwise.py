@@ -17,7 +17,7 @@ from prunelab.models.types import LoadedModel, PrunableMatrix
 from prunelab.pruning.magnitude import prune_outside_blocks
 from prunelab.pruning.owl import block_sparsities
 from prunelab.pruning.sequential import ProgressFn, run_sequential
-from prunelab.pruning.types import PruneConfig
+from prunelab.pruning.types import PackedMasks, PruneConfig
 
 # solve(matrix, its weight (out, in), its statistics, target sparsity) -> keep-mask, applied to the weight
 Solve = Callable[[PrunableMatrix, torch.Tensor, Any, float], torch.Tensor]
@@ -31,7 +31,7 @@ def prune_layerwise(
     if calib is None:
         raise ValueError(f"{method} needs calibration inputs")
     targets = block_sparsities(lm, config, calib, progress)
-    masks: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = PackedMasks() if lm.offload is not None else {}
 
     def prune_one(m: PrunableMatrix, stats: Any) -> None:
         masks[m.name] = solve(m, m.weight(lm.model), stats, targets[(m.stack, m.block)])

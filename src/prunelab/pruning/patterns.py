@@ -8,6 +8,9 @@ and lets tests demand exact counts instead of "about s %".
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
 import torch
 
 from prunelab.errors import ConfigError
@@ -41,47 +44,64 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return (~prune).reshape(scores.shape)
 
 
-def lowest_k_magnitude_masks(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
-    """Keep-masks pruning the k smallest |w| over all `tensors` as if flattened and concatenated.
+def _magnitude_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().reshape(-1).float().abs().view(torch.int32)  # NaN sorts last, like kthvalue
 
-    Exactly `lowest_k_mask(cat(|w|), k)` split back per tensor (ties: earlier tensor, then earlier
-    flat index, pruned first), but found by a radix select on the float32 bit patterns of |w|
-    (for non-negative floats the integer order of the bits is the numeric order): one pass
-    histograms the high 16 bits, a second the low 16 bits inside the bucket holding rank k,
-    a third writes the masks. Extra memory is a few copies of the largest tensor, not of the
-    whole model: concatenating SmolLM2's 106 M weights for `kthvalue` peaked at 2.5 GB.
+
+@dataclass
+class MagnitudeCut:
+    """Where the k-th smallest |w| lies: prune bit patterns below `threshold`, plus the first
+    `ties_left` entries equal to it (in tensor order, then flat index)."""
+
+    threshold: int
+    ties_left: int
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """The keep-mask of the next tensor in order (call once per tensor, in order)."""
+        b = _magnitude_bits(t)
+        prune = b < self.threshold
+        if self.ties_left > 0:
+            ties = torch.nonzero(b == self.threshold).reshape(-1)[: self.ties_left]
+            prune[ties] = True
+            self.ties_left -= ties.numel()
+        return (~prune).reshape(t.shape)
+
+
+def magnitude_cut(tensors: Callable[[], Iterable[torch.Tensor]], k: int) -> MagnitudeCut:
+    """A radix select on the float32 bit patterns of |w| over every tensor `tensors()` yields.
+
+    For non-negative floats the integer order of the bits is the numeric order: one pass
+    histograms the high 16 bits, a second the low 16 bits inside the bucket holding rank k.
+    `tensors` is called once per pass, so the tensors may be read from disk one at a time.
     """
-    n = sum(t.numel() for t in tensors)
-    if k <= 0 or k >= n:
-        return [torch.full_like(t, k <= 0, dtype=torch.bool) for t in tensors]
-
-    def bits(t: torch.Tensor) -> torch.Tensor:
-        return t.detach().reshape(-1).float().abs().view(torch.int32)  # NaN sorts last, like kthvalue
-
     high = torch.zeros(1 << 15, dtype=torch.int64)
-    for t in tensors:
-        high += torch.bincount(bits(t) >> 16, minlength=1 << 15)
+    for t in tensors():
+        high += torch.bincount(_magnitude_bits(t) >> 16, minlength=1 << 15)
     cum = torch.cumsum(high, 0)
     bucket = int(torch.searchsorted(cum, k))  # first bucket whose cumulative count reaches k
     rank = k - (int(cum[bucket - 1]) if bucket else 0)  # 1-based rank inside the bucket
     low = torch.zeros(1 << 16, dtype=torch.int64)
-    for t in tensors:
-        b = bits(t)
+    for t in tensors():
+        b = _magnitude_bits(t)
         low += torch.bincount(b[(b >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
     cum = torch.cumsum(low, 0)
     lo = int(torch.searchsorted(cum, rank))
-    threshold = (bucket << 16) | lo
-    ties_left = rank - (int(cum[lo - 1]) if lo else 0)  # values equal to the threshold still to prune
-    masks = []
-    for t in tensors:
-        b = bits(t)
-        prune = b < threshold
-        if ties_left > 0:
-            ties = torch.nonzero(b == threshold).reshape(-1)[:ties_left]
-            prune[ties] = True
-            ties_left -= ties.numel()
-        masks.append((~prune).reshape(t.shape))
-    return masks
+    return MagnitudeCut((bucket << 16) | lo, rank - (int(cum[lo - 1]) if lo else 0))
+
+
+def lowest_k_magnitude_masks(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """Keep-masks pruning the k smallest |w| over all `tensors` as if flattened and concatenated.
+
+    Exactly `lowest_k_mask(cat(|w|), k)` split back per tensor (ties: earlier tensor, then earlier
+    flat index, pruned first), but found by `magnitude_cut` and a third pass writing the masks.
+    Extra memory is a few copies of the largest tensor, not of the whole model: concatenating
+    SmolLM2's 106 M weights for `kthvalue` peaked at 2.5 GB.
+    """
+    n = sum(t.numel() for t in tensors)
+    if k <= 0 or k >= n:
+        return [torch.full_like(t, k <= 0, dtype=torch.bool) for t in tensors]
+    cut = magnitude_cut(lambda: tensors, k)
+    return [cut.keep(t) for t in tensors]
 
 
 def rowwise_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,12 +118,12 @@ def rowwise_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     base, extra = divmod(k, rows)
     order = torch.sort(scores, dim=1, stable=True).indices
-    per_row = torch.full((rows,), base, dtype=torch.long)
+    per_row = torch.full((rows,), base, dtype=torch.long, device=scores.device)
     if extra:
         candidate = torch.gather(scores, 1, order[:, base : base + 1]).reshape(-1)
         winners = torch.sort(candidate, stable=True).indices[:extra]
         per_row[winners] += 1
-    rank = torch.arange(cols).unsqueeze(0).expand(rows, cols)
+    rank = torch.arange(cols, device=scores.device).unsqueeze(0).expand(rows, cols)
     prune_sorted = rank < per_row.unsqueeze(1)
     mask = torch.ones_like(scores, dtype=torch.bool)
     mask.scatter_(1, order, ~prune_sorted)

@@ -28,20 +28,29 @@ sized by `max_position_embeddings`.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import os
-import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from prunelab.models.types import LoadedModel, PrunableMatrix, Stack
+from prunelab.models.blocks import (
+    BlockInput,
+    BlockRef,
+    block_prefix,
+    call_block,
+    capture_block_kwargs,
+    capture_inputs,
+    mixed_layer_types,
+    stack_blocks,
+)
+from prunelab.models.types import LoadedModel, PrunableMatrix
 from prunelab.pruning.types import PruningError
 
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|block|blocks)\.\d+)(?:\.|$)")
+__all__ = ["BlockInput", "BlockRef", "ProgressFn", "SequentialRunner", "Stats", "block_prefix", "capture_inputs",
+           "plan_chunks", "run_sequential", "stack_blocks"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -50,46 +59,6 @@ class Stats(Protocol):
     """A per-linear accumulator of input statistics (column norms, Hessian, ...)."""
 
     def add(self, x: torch.Tensor) -> None: ...
-
-
-@dataclass
-class BlockRef:
-    """One transformer block: its module and the prunable matrices inside it."""
-
-    stack: Stack
-    index: int
-    prefix: str
-    module: nn.Module
-    matrices: list[PrunableMatrix] = field(default_factory=list)
-
-    @property
-    def label(self) -> str:
-        return f"{self.stack} block {self.index}"
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook to end a forward pass at the first block."""
-
-
-def block_prefix(name: str) -> str:
-    """`model.layers.3.self_attn.q_proj` → `model.layers.3` (the block's qualified name)."""
-    match = _BLOCK.match(name)
-    if not match:
-        raise PruningError(f"cannot find the transformer block of '{name}'")
-    return match.group(1)
-
-
-def stack_blocks(lm: LoadedModel, stack: Stack) -> list[BlockRef]:
-    """The blocks of one stack in execution order, each with its prunable matrices."""
-    refs: dict[str, BlockRef] = {}
-    for m in lm.prunable:
-        if m.stack != stack or m.block < 0:
-            continue
-        prefix = block_prefix(m.name)
-        if prefix not in refs:
-            refs[prefix] = BlockRef(stack, m.block, prefix, lm.model.get_submodule(prefix))
-        refs[prefix].matrices.append(m)
-    return sorted(refs.values(), key=lambda b: b.index)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,100 +121,6 @@ def _batches(calib: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, 
 # ----------------------------------------------------------------------------------------------
 # Capturing a block's inputs
 # ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BlockInput:
-    """What one block receives for one chunk: hidden states plus named keyword arguments."""
-
-    hidden: torch.Tensor
-    kwargs: dict[str, Any]
-
-
-def _normalize(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> BlockInput:
-    """Bind positional and keyword arguments to names so blocks can be called as block(h, **kw)."""
-    sig = inspect.signature(block.forward)
-    bound = sig.bind_partial(*args, **kwargs)
-    named: dict[str, Any] = {}
-    for key, value in bound.arguments.items():
-        kind = sig.parameters[key].kind
-        if kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif kind is inspect.Parameter.VAR_POSITIONAL:
-            if value:
-                raise PruningError(f"{type(block).__name__} takes *args; cannot replay its inputs")
-        else:
-            named[key] = value
-    first = next(iter(sig.parameters))
-    hidden = named.pop(first, None)
-    if hidden is None:  # passed as hidden_states=... keyword under another name
-        hidden = named.pop("hidden_states")
-    if "use_cache" in named:
-        named["use_cache"] = False
-    return BlockInput(hidden, named)
-
-
-def capture_inputs(runner: Callable[[], Any], block: nn.Module) -> BlockInput:
-    """Run `runner()` (a forward pass) until `block` is called; return what it received."""
-    seen: list[BlockInput] = []
-
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen.append(_normalize(module, args, kwargs))
-        raise _StopForward
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        runner()
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise PruningError(f"the forward pass never reached {type(block).__name__}: cannot calibrate this model")
-    return seen[0]
-
-
-def _mixed_layer_types(config: Any) -> bool:
-    """Models whose blocks get different attention masks (sliding-window vs full layers)."""
-    types = getattr(config, "layer_types", None) or []
-    return len(set(types)) > 1
-
-
-def capture_block_kwargs(runner: Callable[[], Any], blocks: list[BlockRef]) -> list[dict[str, Any]]:
-    """Keyword arguments of every block (for models whose blocks get different masks).
-
-    For block i, blocks 0..i-1 are temporarily replaced by the identity, so the capture costs
-    an embedding pass, not i blocks; only the keywords are kept (hidden states come from the
-    sequential chain). Used only for models whose blocks return plain tensors.
-    """
-    out = []
-    for i, block in enumerate(blocks):
-        saved = [b.module.__dict__.get("forward") for b in blocks[:i]]  # instance-level overrides, if any
-        try:
-            for b in blocks[:i]:
-                b.module.forward = lambda hidden_states, *a, **k: hidden_states  # type: ignore[method-assign]
-            out.append(capture_inputs(runner, block.module).kwargs)
-        finally:
-            for b, fwd in zip(blocks[:i], saved, strict=True):
-                if fwd is None:
-                    del b.module.forward  # back to the class's forward
-                else:
-                    b.module.forward = fwd  # type: ignore[method-assign]
-    return out
-
-
-def _call_block(block: nn.Module, inp: BlockInput) -> torch.Tensor:
-    """Run one block; keep T5's shared position biases (returned by block 0) for later blocks."""
-    out = block(inp.hidden, **inp.kwargs)
-    if isinstance(out, torch.Tensor):
-        return out
-    hidden = out[0]
-    extra = list(out[1:])
-    if extra and torch.is_tensor(extra[0]) and "position_bias" in inp.kwargs:
-        inp.kwargs["position_bias"] = extra[0]
-    if len(extra) > 1 and torch.is_tensor(extra[1]) and "encoder_decoder_position_bias" in inp.kwargs:
-        inp.kwargs["encoder_decoder_position_bias"] = extra[1]
-    return hidden
 
 
 # ----------------------------------------------------------------------------------------------
@@ -324,6 +199,9 @@ class SequentialRunner:
         if not calib:
             raise PruningError("no calibration samples")
         batches = _batches(calib, chunk_size or plan_chunks(self.lm, calib))
+        device = self.lm.offload.device if self.lm.offload is not None else next(self.lm.model.parameters()).device
+        if device.type != "cpu":  # inputs go where the blocks run (a GPU, with --device)
+            batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
         with torch.no_grad():
             for blocks, runners in self.stacks(batches):
                 self.run_stack(blocks, runners)
@@ -357,22 +235,29 @@ class SequentialRunner:
         model = self.lm.model
         runners: list[Runner] = []
         for b, eb in zip(batches, enc_batches, strict=True):
-            enc_out = encoder(**eb).last_hidden_state
+            with self.outside():
+                enc_out = encoder(**eb).last_hidden_state
             kw = dict(b, encoder_outputs=BaseModelOutput(last_hidden_state=enc_out), use_cache=False)
             for k in ("input_ids", "input_features", "inputs_embeds"):
                 kw.pop(k, None)
             runners.append(lambda kw=kw: model(**kw))
         return runners
 
+    def outside(self) -> contextlib.AbstractContextManager[None]:
+        """Out of core: embeddings, norms and head resident for a pass through the model (else nothing)."""
+        return self.lm.offload.outside() if self.lm.offload is not None else contextlib.nullcontext()
+
     def capture_inputs(self, blocks: list[BlockRef], runners: list[Runner]) -> list[BlockInput]:
         """What the stack's first block receives, per chunk."""
-        return [capture_inputs(r, blocks[0].module) for r in runners]
+        with self.outside():
+            return [capture_inputs(r, blocks[0].module) for r in runners]
 
     def run_stack(self, blocks: list[BlockRef], runners: list[Runner]) -> None:
         inputs = self.capture_inputs(blocks, runners)
         per_block: list[list[dict[str, Any]]] | None = None
-        if _mixed_layer_types(self.lm.config):
-            per_block = [capture_block_kwargs(r, blocks) for r in runners]  # [chunk][block]
+        if mixed_layer_types(self.lm.config):
+            with self.outside():
+                per_block = [capture_block_kwargs(r, blocks) for r in runners]  # [chunk][block]
         for bi, block in enumerate(blocks):
             if per_block is not None:
                 for ci, inp in enumerate(inputs):
@@ -380,6 +265,14 @@ class SequentialRunner:
             self.run_block(block, inputs)
 
     def run_block(self, block: BlockRef, inputs: list[BlockInput]) -> None:
+        offload = self.lm.offload
+        if offload is not None:
+            offload.pin(block.prefix)  # read once, kept through every pass over the block
+        self._run_block(block, inputs)
+        if offload is not None:  # written out when it was pruned, then released
+            offload.finish(block.prefix, write=self.prune_one is not None)
+
+    def _run_block(self, block: BlockRef, inputs: list[BlockInput]) -> None:
         hooks = _Hooks(self.lm, block, self.make_stats, self.prune_one)
         try:
             if len(inputs) == 1 or self.prune_one is None:
@@ -388,7 +281,7 @@ class SequentialRunner:
                 self.block_stats(block, hooks, inputs)
                 hooks.remove()
                 self.prune_block(block, hooks)
-                outs = [_call_block(block.module, inp) for inp in inputs]
+                outs = [call_block(block.module, inp) for inp in inputs]
         finally:
             hooks.remove()
         missing = [m.name for m in block.matrices if m.name not in hooks.stats]
@@ -406,14 +299,14 @@ class SequentialRunner:
         hooks.prune_inline = True
         outs = []
         for inp in inputs:
-            outs.append(_call_block(block.module, inp))
+            outs.append(call_block(block.module, inp))
             hooks.end_pass()
         return outs
 
     def block_stats(self, block: BlockRef, hooks: _Hooks, inputs: list[BlockInput]) -> None:
         """A statistics-only pass of every chunk through the block (outputs discarded)."""
         for inp in inputs:
-            _call_block(block.module, inp)
+            call_block(block.module, inp)
             hooks.end_pass()
 
     def prune_block(self, block: BlockRef, hooks: _Hooks) -> None:

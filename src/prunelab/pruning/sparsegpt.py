@@ -51,6 +51,8 @@ class HessianStats:
 
     def add(self, x: torch.Tensor) -> None:
         xf = x.float()
+        if self.H.device != x.device:  # the Hessian lives where the block runs (--device cuda)
+            self.H = self.H.to(x.device)
         self.H += (xf.t() @ xf).double()
         self.n += x.shape[0]
 
@@ -121,7 +123,7 @@ def _sweep(
     """
     W = W.clone()
     rows, cols = W.shape
-    mask = torch.ones(rows, cols, dtype=torch.bool) if fixed is None else fixed.clone()
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=W.device) if fixed is None else fixed.clone()
     if nm is not None and fixed is None:
         blocksize = max(nm[1], (blocksize // nm[1]) * nm[1])  # groups must not straddle blocks
     for i1 in range(0, cols, blocksize):

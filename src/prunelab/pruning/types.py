@@ -183,6 +183,41 @@ _CORE_KEYS = ("config", "requested_sparsity", "achieved_sparsity_prunable", "ach
               "peak_rss_bytes", "warnings", "matrices")
 
 
+class PackedMasks(dict):  # type: ignore[type-arg]
+    """Keep-masks stored one bit per weight: what an out-of-core prune can afford to hold for a whole model.
+
+    Behaves as `dict[str, Tensor]` (a bool tensor goes in and comes out); `pruned[name]` counts the
+    pruned entries at insertion, so accounting never unpacks.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.pruned: dict[str, int] = {}
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        import numpy as np
+
+        self.shapes[name] = tuple(mask.shape)
+        self.pruned[name] = int(mask.numel() - int(mask.sum()))
+        super().__setitem__(name, np.packbits(mask.detach().to("cpu").numpy().reshape(-1)))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        import numpy as np
+        import torch
+
+        shape = self.shapes[name]
+        flat = np.unpackbits(super().__getitem__(name), count=int(np.prod(shape))).astype(bool)
+        return torch.from_numpy(flat).reshape(shape)
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[name] if name in self else default
+
+    def update_from(self, masks: dict[str, torch.Tensor]) -> None:
+        for name in masks:
+            self[name] = masks[name]
+
+
 @dataclass
 class PruneResult:
     """What was pruned. `masks[name]` is a bool tensor in (out, in) orientation, True = kept."""

@@ -25,6 +25,8 @@ class NormStats:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
+        if self.sq.device != x.device:  # statistics live where the block runs (--device cuda)
+            self.sq = self.sq.to(x.device)
         self.sq += torch.linalg.vector_norm(x.float(), dim=0).double().pow(2)
         self.n += x.shape[0]
 

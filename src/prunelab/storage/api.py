@@ -28,6 +28,7 @@ from prunelab.models import (
     resolve_source,
     weight_files,
 )
+from prunelab.models.offload import fp32_bytes, load_offloaded, resolve_device, should_offload
 from prunelab.models.types import LoadedModel, ModelSpec
 from prunelab.quant import QuantInfo
 from prunelab.storage.checkpoint import (
@@ -96,6 +97,9 @@ def load(
     dtype: torch.dtype | None = torch.float32,
     trust_remote_code: bool = False,
     auto_class: Any = None,
+    offload: bool | str = False,
+    device: str = "cpu",
+    max_memory: int | None = None,
 ) -> LoadedModel:
     """Load any model spec (zoo alias, local directory, .gguf, hub id), in eval mode, as a `LoadedModel`.
 
@@ -106,8 +110,16 @@ def load(
     keeps the dtype the weights are stored in. A quantized sparse checkpoint loads dequantized
     (float32 `q * s`, so every evaluation runs on what was stored) with `lm.quant` restored: its
     integers and scales come back bit for bit.
+
+    `offload=True` (or "disk") leaves the weights on disk: the model is built on the meta device
+    and each block is read when used (`prunelab.models.offload`), on `device`, within `max_memory`
+    bytes; "auto" does so only when the float32 weights exceed `max_memory` (default: 80 % of the
+    memory available now). In memory, `device` is where the model is moved after loading.
     """
     spec = parse_spec(spec if isinstance(spec, ModelSpec) else str(spec))
+    if offload_mode(spec, offload, max_memory) == "disk":
+        return load_offloaded(spec, device=device, max_memory=max_memory, dtype=dtype)
+    target = resolve_device(device)
     source = resolve_source(spec)
     config = read_config(source)
     detect_family(config)  # an unsupported architecture fails here, before any weights are read
@@ -119,7 +131,26 @@ def load(
                            auto_class=auto_class)
     lm = loaded_model(model, spec, source, config, include_embeddings=include_embeddings)
     lm.quant = quant
+    if target.type != "cpu":
+        lm.model.to(target)
     return lm
+
+
+def offload_mode(spec: ModelSpec, offload: bool | str, max_memory: int | None) -> str:
+    """"disk" or "none" for `load(offload=...)`: True/"disk", False/"none", or "auto" by size."""
+    mode = {True: "disk", False: "none"}.get(offload, offload)  # type: ignore[call-overload]
+    if mode not in ("none", "disk", "auto"):
+        raise ConfigError(f"unknown --offload {offload!r}: use none, disk or auto")
+    if mode == "none":
+        return mode
+    source = resolve_source(spec)
+    if is_sparse_checkpoint(source):
+        if mode == "disk":
+            raise ConfigError(f"{spec.raw} is a prunelab sparse checkpoint: it loads in memory only (--offload none)")
+        return "none"
+    if mode == "auto":
+        return "disk" if should_offload(fp32_bytes(source), max_memory) else "none"
+    return mode
 
 
 def iter_tensors(directory: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:

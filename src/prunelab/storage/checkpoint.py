@@ -259,7 +259,7 @@ def write_sparse(
     with atomic_dir(out_dir) as tmp:
         for fname, shard in zip(names, shards, strict=True):
             save_file(shard, str(tmp / fname), metadata={"format": FORMAT_NAME, "version": str(FORMAT_VERSION)})
-        _save_config(model, tmp)
+        save_config(model, tmp)
         write_preprocessors(tmp, tokenizer if tokenizer is not None else lm_tok, processor)
         for extra in extra_files or ():
             copy_extra(Path(extra), tmp, reserved)
@@ -275,7 +275,7 @@ def write_preprocessors(directory: Path, tokenizer: Any, processor: Any) -> None
         processor.save_pretrained(str(directory))
 
 
-def _save_config(model: Any, tmp: Path) -> None:
+def save_config(model: Any, tmp: Path) -> None:
     """config.json (with architectures/dtype as save_pretrained writes them) + generation config."""
     config = copy.deepcopy(model.config)
     config.architectures = [type(model).__name__]

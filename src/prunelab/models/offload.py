@@ -1,0 +1,353 @@
+"""Models larger than memory: the skeleton on the meta device, each block's weights read just in time.
+
+`load_offloaded` builds the model from its config with every parameter on the meta device (no
+memory; buffers such as rotary frequencies are still computed), then `Offload` reads weights
+from the safetensors shards only while they are needed:
+
+* a transformer block's weights are read when the block is called and released after it,
+  unless a caller pins the block (the pruning engine pins the block it is solving, then writes
+  it out and releases it: `pin` / `release`);
+* embeddings, norms and the head (everything outside the numbered blocks) are read inside
+  `with offload.outside():` — the embedding pass before the first block, the head after the last.
+
+Tensors are read with plain positioned reads into a fresh buffer, not through a memory map:
+pages of a mapped shard would count towards the process's resident memory until the map is
+closed, doubling the footprint of the largest tensor. Values are converted to the model's
+dtype exactly as `from_pretrained` does, so an out-of-core run computes on the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunelab.errors import ConfigError, ModelLoadError
+from prunelab.models.blocks import BlockError, block_prefix
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """`4GB`, `512MiB`, `1.5 GB`, `1000000` → bytes; anything else is a one-line error."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match or match.group(2) not in _UNITS:
+        raise ConfigError(f"cannot read the memory size {text!r}: write it like 4GB, 512MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+def format_bytes(n: float) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors shard."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, from its JSON header (nothing else is read)."""
+    with open(path, "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        if e["dtype"] not in _DTYPES:
+            raise ModelLoadError(f"{path.name}: tensor {name} has dtype {e['dtype']}, which prunelab cannot stream")
+        begin, end = e["data_offsets"]
+        out[name] = StoredTensor(path, _DTYPES[e["dtype"]], tuple(e["shape"]), 8 + size + begin, end - begin)
+    return out
+
+
+def read_stored(t: StoredTensor) -> torch.Tensor:
+    """One tensor, read into a fresh buffer with a positioned read (no memory map)."""
+    buf = torch.empty(t.nbytes, dtype=torch.uint8)
+    with open(t.file, "rb", buffering=0) as fh:
+        fh.seek(t.start)
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < t.nbytes:
+            n = fh.readinto(view[got:])
+            if not n:
+                raise ModelLoadError(f"{t.file} is truncated: re-download or re-save the checkpoint")
+            got += n
+    return buf.view(t.dtype).reshape(t.shape)
+
+
+def checkpoint_index(files: list[Path]) -> dict[str, StoredTensor]:
+    index: dict[str, StoredTensor] = {}
+    for f in files:
+        index.update(read_header(f))
+    return index
+
+
+@dataclass
+class _Slot:
+    """A parameter or persistent buffer: its checkpoint key and every (module, attribute) that holds it."""
+
+    key: str
+    holders: list[tuple[nn.Module, str, bool]] = field(default_factory=list)  # (module, attr, is_parameter)
+    meta: torch.Tensor | None = None
+
+
+class Offload:
+    """Just-in-time weights for a model built on the meta device (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, index: dict[str, StoredTensor], *, dtype: torch.dtype | None,
+                 device: torch.device, budget_bytes: int | None = None) -> None:
+        self.model, self.index, self.dtype, self.device = model, index, dtype, device
+        self.budget_bytes = budget_bytes
+        self.slots = self._slots(model)
+        self.units: dict[str, list[str]] = {}  # block prefix -> slot names ("" = outside every block)
+        for name in self.slots:
+            self.units.setdefault(_unit_of(name), []).append(name)
+        self.resident: set[str] = set()
+        self.pinned: set[str] = set()
+        self.bytes_read = 0
+        # Called with (unit, its tensors) when a pruned block is finished: the pruning engine writes it out.
+        self.sink: Callable[[str, dict[str, torch.Tensor]], None] | None = None
+        self._hooks = [self._hook_block(prefix) for prefix in self.units if prefix]
+
+    # -- which tensor is where ------------------------------------------------------------------
+    def _slots(self, model: nn.Module) -> dict[str, _Slot]:
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        slots: dict[str, _Slot] = {}
+        by_id: dict[int, str] = {}
+        for mod_name, module in model.named_modules(remove_duplicate=False):
+            for attr, t in list(module._parameters.items()) + [
+                (b, module._buffers[b]) for b in module._buffers if b not in module._non_persistent_buffers_set
+            ]:
+                if t is None:
+                    continue
+                name = f"{mod_name}.{attr}" if mod_name else attr
+                first = by_id.setdefault(id(t), name)
+                if first not in slots:
+                    slots[first] = _Slot(self._key(name, prefix))
+                slots[first].holders.append((module, attr, attr in module._parameters))
+                if first != name and not slots[first].key:
+                    slots[first].key = self._key(name, prefix)
+        missing = [n for n, s in slots.items() if not s.key and any(h[2] for h in s.holders)]
+        if missing:
+            raise ModelLoadError(f"cannot stream {missing[0]}: no such tensor in the checkpoint's shards; "
+                                 "load it in memory instead (--offload none)")
+        return {n: s for n, s in slots.items() if s.key}
+
+    def _key(self, name: str, prefix: str) -> str:
+        for cand in (name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"):
+            if cand in self.index:
+                return cand
+        return ""
+
+    # -- reading and releasing ------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """The stored tensor behind a model name, in the model's dtype (a new tensor)."""
+        stored = self.index[self.slots[name].key]
+        self.bytes_read += stored.nbytes
+        t = read_stored(stored)
+        if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+            t = t.to(self.dtype)
+        return t.to(self.device)
+
+    def _set(self, name: str, value: torch.Tensor | None) -> None:
+        slot = self.slots[name]
+        if slot.meta is None:
+            module, attr, _ = slot.holders[0]
+            slot.meta = getattr(module, attr)
+        new: Any = slot.meta if value is None else value
+        if value is not None and slot.holders[0][2]:
+            new = nn.Parameter(value, requires_grad=False)
+        for module, attr, is_param in slot.holders:
+            (module._parameters if is_param else module._buffers)[attr] = new
+
+    def load(self, unit: str) -> None:
+        """Read every tensor of a block (or of the outside, unit "") unless it is already resident."""
+        if unit in self.resident:
+            return
+        for name in self.units.get(unit, []):
+            self._set(name, self.read(name))
+        self.resident.add(unit)
+
+    def release(self, unit: str) -> None:
+        """Back to the meta device: the block's memory is freed (its module keeps its shapes)."""
+        for name in self.units.get(unit, []):
+            self._set(name, None)
+        self.resident.discard(unit)
+        self.pinned.discard(unit)
+
+    def pin(self, unit: str) -> None:
+        """Load a block and keep it until `release` (a block being solved is called more than once)."""
+        self.load(unit)
+        self.pinned.add(unit)
+
+    def repoint(self, shard: Path) -> None:
+        """Tensors just written to `shard` are read from there from now on: a pruned block that runs
+        again (an encoder feeding its decoder) must run pruned."""
+        for name, stored in read_header(shard).items():
+            if name in self.slots:
+                self.index[self.slots[name].key] = stored
+
+    def finish(self, unit: str, *, write: bool) -> None:
+        """A block is done: hand its (pruned) tensors to the sink when asked, then free them."""
+        if write and self.sink is not None:
+            self.sink(unit, self.tensors(unit))
+        self.release(unit)
+
+    def tensors(self, unit: str) -> dict[str, torch.Tensor]:
+        """A resident unit's current tensors by model name (what a writer stores)."""
+        out = {}
+        for name in self.units.get(unit, []):
+            module, attr, _ = self.slots[name].holders[0]
+            out[name] = getattr(module, attr).detach()
+        return out
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Embeddings, norms and head resident inside the block; released after."""
+        was = "" in self.resident
+        self.load("")
+        try:
+            yield
+        finally:
+            if not was:
+                self.release("")
+
+    def _hook_block(self, prefix: str) -> Any:
+        module = self.model.get_submodule(prefix)
+
+        def pre(mod: nn.Module, args: Any) -> None:
+            if "forward" not in mod.__dict__:  # a block replaced by a stand-in needs no weights
+                self.load(prefix)
+
+        def post(mod: nn.Module, args: Any, out: Any) -> None:
+            if prefix not in self.pinned:
+                self.release(prefix)
+
+        return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def unit_bytes(self, unit: str) -> int:
+        """fp32-equivalent bytes of one unit's tensors once read (what the budget is compared with)."""
+        item = (self.dtype or torch.float32).itemsize
+        return sum(math_prod(self.index[self.slots[n].key].shape) * item for n in self.units.get(unit, []))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.unit_bytes(u) for u in self.units)
+
+    def blocks(self) -> list[str]:
+        return [u for u in self.units if u]
+
+    def check_budget(self) -> None:
+        """A budget smaller than one block cannot work: say which block and by how much."""
+        if self.budget_bytes is None:
+            return
+        unit = max(self.units, key=self.unit_bytes)
+        need = self.unit_bytes(unit)
+        if need > self.budget_bytes:
+            what = unit or "the weights outside the blocks (embeddings, norms, head)"
+            raise ConfigError(f"--max-memory {format_bytes(self.budget_bytes)} is smaller than {what}, which needs "
+                              f"{format_bytes(need)}: raise --max-memory to at least {format_bytes(2 * need)}")
+
+
+def math_prod(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _unit_of(name: str) -> str:
+    try:
+        return block_prefix(name)
+    except BlockError:  # not inside a numbered block: embeddings, norms, head
+        return ""
+
+
+def meta_model(source: Path, config: Any, auto_class: Any) -> nn.Module:
+    """The model's modules with parameters on the meta device (buffers real) and weights tied."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = auto_class.from_config(config)
+    model.tie_weights()
+    return model.eval()
+
+
+def resolve_device(device: str) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (a GPU when there is one); asking for a missing GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is visible to PyTorch here; use --device cpu or auto")
+        return torch.device(device)
+    if device != "cpu":
+        raise ConfigError(f"unknown --device {device!r}: use cpu, cuda or auto")
+    return torch.device("cpu")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux); elsewhere physical memory as torch sees it is not known: 8 GB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 10**9
+
+
+def load_offloaded(spec: Any, *, device: str = "cpu", max_memory: int | None = None,
+                   dtype: torch.dtype | None = torch.float32) -> Any:
+    """A `LoadedModel` whose weights stay on disk until used (`lm.offload`); see the module docstring."""
+    from prunelab.models.family import detect_family
+    from prunelab.models.loader import auto_class_for, loaded_model, read_config, resolve_source, weight_files
+    from prunelab.models.spec import parse_spec
+
+    spec = parse_spec(spec)
+    source = resolve_source(spec)
+    config = read_config(source)
+    family = detect_family(config)
+    index = checkpoint_index(weight_files(source))
+    model = meta_model(source, config, auto_class_for(config, family, source))
+    offload = Offload(model, index, dtype=dtype, device=resolve_device(device), budget_bytes=max_memory)
+    offload.check_budget()
+    lm = loaded_model(model, spec, source, config)
+    lm.offload = offload
+    return lm
+
+
+def should_offload(source_bytes: int, max_memory: int | None) -> bool:
+    """`--offload auto`: stream from disk when the weights exceed the budget (default: 80 % of free memory)."""
+    budget = max_memory if max_memory is not None else int(0.8 * available_memory_bytes())
+    return source_bytes > budget
+
+
+def fp32_bytes(source: Path) -> int:
+    """Bytes of a checkpoint's floating-point weights once in float32 (headers only are read)."""
+    from prunelab.models.loader import weight_files
+
+    index = checkpoint_index(weight_files(source))
+    return sum(math_prod(t.shape) * (4 if t.dtype.is_floating_point else t.dtype.itemsize) for t in index.values())
