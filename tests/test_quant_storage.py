@@ -64,6 +64,8 @@ def test_quantized_round_trip_is_exact(tmp_path: Path, arch: str, quant: str, pa
     for name, info in lm.quant.items():
         assert back.quant[name].scheme == info.scheme
         assert torch.equal(back.quant[name].scales, info.scales) and back.quant[name].scales.dtype == torch.float32
+        assert (info.zeros is None) == (info.scheme.bits == 8)  # int4 is asymmetric: scale + zero point
+        assert info.zeros is None or torch.equal(back.quant[name].zeros, info.zeros)
         assert torch.equal(_ints(back, name), _ints(lm, name))
     before, after = lm.model.state_dict(), back.model.state_dict()
     assert before.keys() == after.keys()
@@ -80,7 +82,8 @@ def test_quantized_round_trip_is_exact(tmp_path: Path, arch: str, quant: str, pa
         assert p["quant"] == quant and p["bits"] == int(quant[3:]) and p["group_size"] == SCHEMES[quant]
         assert p["transposed"] == prunable[name].transposed
         n, nnz = math.prod(e["shape"]), e["nnz"]
-        scale_bytes = math.prod(e["components"]["scales"]["shape"]) * 4
+        scale_bytes = math.prod(e["components"]["scales"]["shape"]) * (4 if quant == "int8" else 5)  # + uint8 zero
+        assert ("zeros" in e["components"]) == (quant == "int4")
         bitmask = math.ceil(n / 8) + (nnz if quant == "int8" else math.ceil(nnz / 2)) + scale_bytes
         assert e["stored_bytes"] <= bitmask  # smallest by exact byte count: never above the bitmask's
         if pattern == "2:4":  # 3 bits per group of 4 vs a bit each: nm, unless rounding to 0 thinned the rows
@@ -112,9 +115,9 @@ def test_encoded_components_layout_and_byte_counts() -> None:
     packed = enc.components["values"]
     assert torch.equal(((packed.to(torch.int16) & 0xF) ^ 8) - 8, nz[0::2].to(torch.int16))
     n, nnz = flat.numel(), nz.numel()
-    assert enc.stored_bytes == math.ceil(n / 8) + math.ceil(nnz / 2) + 16 * 2 * 4
+    assert enc.stored_bytes == math.ceil(n / 8) + math.ceil(nnz / 2) + 16 * 2 * (4 + 1)  # scales + zero points
     assert torch.equal(enc.to_ints(), q) and torch.equal(enc.to_dense(), info.dequantize(q))
-    assert torch.equal(enc.quant_info().scales, info.scales)
+    assert torch.equal(enc.quant_info().scales, info.scales) and torch.equal(enc.quant_info().zeros, info.zeros)
 
 
 def test_dense_quantized_head_and_smallest_encoding_wins() -> None:

@@ -23,7 +23,7 @@ from prunelab.pruning.patterns import lowest_k_mask, nm_mask, target_count
 from prunelab.pruning.registry import PruneWarning
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import PruneConfig, PruningError
-from prunelab.quant import QuantInfo, QuantScheme, block_scales, quantize_rtn, quantize_with_scales
+from prunelab.quant import QuantInfo, QuantScheme, block_grid, quantize_rtn, round_to_grid
 
 DAMP_RETRIES = 4  # dampening ×10 up to this many times before giving up
 
@@ -89,15 +89,20 @@ class _Quantizer:
         self.ref = ref
         self.n_groups, self.g = scheme.groups(ref.shape[1])
         self.scales = torch.ones(ref.shape[0], self.n_groups, dtype=torch.float32)
+        self.zeros = None if scheme.bits != 4 else torch.zeros(ref.shape[0], self.n_groups, dtype=torch.uint8)
 
     def column(self, c: int, w: torch.Tensor, ahead: torch.Tensor) -> torch.Tensor:
-        """Dequantized column `c` (exactly `q * s` in float32); `ahead` = the group's columns from `c` on."""
+        """Dequantized column `c` (exactly `d * s` in float32); `ahead` = the group's columns from `c` on."""
         k = c // self.g
-        if c % self.g == 0:
-            ref = block_scales(self.ref[:, c:c + self.g], self.scheme)
-            self.scales[:, k] = torch.maximum(block_scales(ahead, self.scheme), ref)
-        s = self.scales[:, k]
-        return quantize_with_scales(w, s, self.scheme).to(torch.float32) * s
+        if c % self.g == 0:  # the grid covers both the current weights and the reference's (a union of ranges)
+            s, z = block_grid(torch.cat([ahead, self.ref[:, c:c + self.g]], dim=1), self.scheme)
+            self.scales[:, k] = s
+            if self.zeros is not None:
+                self.zeros[:, k] = z
+        return round_to_grid(w, self.scales[:, k], None if self.zeros is None else self.zeros[:, k], self.scheme)
+
+    def info(self) -> QuantInfo:
+        return QuantInfo(self.scheme, self.scales, self.zeros)
 
 
 def _group_ahead(W: torch.Tensor, W1: torch.Tensor, mask1: torch.Tensor, i: int, i1: int, i2: int,
@@ -194,8 +199,10 @@ def _joint_sweep(
         return ((r @ Hd) * r).sum(1)
 
     joint = (err(Q) <= err(R)).unsqueeze(1)
-    scales = torch.where(joint, quantizer.scales, rtn.scales)
-    return torch.where(joint, Q, R), torch.where(joint, mask, ref_mask), QuantInfo(scheme, scales)
+    mine = quantizer.info()
+    scales = torch.where(joint, mine.scales, rtn.scales)
+    zeros = None if rtn.zeros is None or mine.zeros is None else torch.where(joint, mine.zeros, rtn.zeros)
+    return torch.where(joint, Q, R), torch.where(joint, mask, ref_mask), QuantInfo(scheme, scales, zeros)
 
 
 def sparsegpt_matrix(

@@ -29,7 +29,14 @@ from numba import njit, prange
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel
 from prunelab.quant import QuantScheme, quantize_rtn
-from prunelab.runtime.qkernels import FAST, PAD, QPack, mat_rows, row_values
+from prunelab.runtime.qkernels import FAST, LAYOUT_VERSION, PAD, QPack, mat_rows, row_values
+
+# numba caches `_step` by this file's content alone, not by the qkernels it inlines: pinning the kernels'
+# layout version here makes a kernel change change this file too (and so recompile the step).
+PINNED_LAYOUT = 2
+if LAYOUT_VERSION != PINNED_LAYOUT:
+    raise RuntimeError(f"qkernels layout {LAYOUT_VERSION} != {PINNED_LAYOUT} pinned in fused_decode.py: "
+                       "bump PINNED_LAYOUT (numba would otherwise reuse a cached step built for the old kernels)")
 
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

@@ -5,7 +5,8 @@ byte (int4), a 2-byte column index would cost more than the value. The layout he
 `prunelab.storage` writes: per matrix a little-order bitmask over the row-major elements (bit
 `i % 8` of byte `i // 8` says whether element `i` is kept, 1 bit per weight), then the kept values
 in row-major order (int8; int4 packed two per byte, element 2k in the low nibble; or fp32) and
-float32 scales per output row and group of input columns. The runtime keeps exactly these bytes
+float32 scales per output row and group of input columns (int4: plus a uint8 zero point per group,
+kept after the matrix's values in the same byte buffer; see `prunelab.quant`). The runtime keeps exactly these bytes
 plus an int64 offset per row, so the resident model is the stored model (no fp32 copy).
 
 How it is fast: on a CPU with AVX-512 VBMI2, `vpexpandb` places 64 packed int8 values at the
@@ -18,6 +19,10 @@ per 16 bits. LLVM exposes these as intrinsics that numba reaches through `numba.
 without VBMI2 the same IR uses LLVM's generic `llvm.masked.expandload`, which compiles everywhere
 (scalarised), and a plain scalar path (`fast=False`) is kept for matrices whose rows are not whole
 64-bit words (in_features % 64 != 0, or a group size that is not a multiple of 64) and for tests.
+
+An int4 nibble becomes its level with `d = ((nibble + z) & 15) - z` (z: the group's zero point),
+the same three byte operations per 64 values as a sign extension (which is the `z = 8` case), so
+asymmetric int4 costs nothing over symmetric; a pruned lane (expanded as 0) stays 0.
 
 Accumulation is fp32, in the group, then `group_sum * scale` into the row total: the result is a
 dense matmul of the dequantized matrix up to fp32 summation order (~1e-7 relative).
@@ -47,6 +52,10 @@ _FEATURES = _host_features()
 HAS_VBMI2 = {"avx512vbmi2", "avx512vbmi", "avx512bw", "avx512f"} <= _FEATURES
 HAS_AVX512F = "avx512f" in _FEATURES
 PAD = 64  # bytes of slack after every value buffer: the vector loads read up to 64 bytes past a row
+# The layout of QPack's buffers and the kernels' arguments. numba caches a compiled function by its own
+# file's content only, so fused_decode.py (whose cached step inlines these kernels) pins this number:
+# bump both together, or a stale cached step keeps running the old kernels.
+LAYOUT_VERSION = 2  # 2: int4 zero points (M_ZOFF)
 
 # ---------------------------------------------------------------------------------------------------
 # LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
@@ -86,8 +95,9 @@ _NIB_EVEN = [(k >> 1) + 64 * (k & 1) for k in range(64)]  # nibble k of a byte r
 _NIB_ODD = [((k + 1) >> 1) + 64 * ((k + 1) & 1) for k in range(64)]  # ... starting at a high nibble
 
 
-def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """The 64 sign-extended int4 values starting at nibble `vo` (as <64 x i8>), and their address."""
+def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value, z: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The 64 int4 levels `((nibble + z) & 15) - z` starting at nibble `vo` (as <64 x i8>; `z` an i8
+    zero point), and no address (the values live in a register)."""
     byte = builder.lshr(vo, ir.Constant(_I64, 1))
     p = _ptr(builder, vals, byte, _V64I8)
     raw = builder.load(p, align=1)
@@ -106,12 +116,13 @@ def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value) -> tuple[ir.V
     else:
         is_odd = builder.trunc(vo, _I1)
         nib = builder.select(is_odd, _shuffle(builder, lo, hi, _NIB_ODD), _shuffle(builder, lo, hi, _NIB_EVEN))
-    eight = ir.Constant(_V64I8, [8] * 64)
-    return builder.sub(builder.xor(nib, eight), eight), None
+    zv = builder.insert_element(ir.Constant(_V64I8, ir.Undefined), z, ir.Constant(_I32, 0))
+    zv = _shuffle(builder, zv, zv, [0] * 64)
+    return builder.sub(builder.and_(builder.add(nib, zv), ir.Constant(_V64I8, [15] * 64)), zv), None
 
 
 def _word_values(builder: ir.IRBuilder, bits: int, dense: bool, vals: ir.Value, vo: ir.Value,
-                 w: ir.Value) -> tuple[ir.Value, ir.Value]:
+                 w: ir.Value, z: ir.Value) -> tuple[ir.Value, ir.Value]:
     """(64 float lanes of this word's weights, number of values consumed)."""
     if bits == 32:
         return _word_values_f32(builder, dense, vals, vo, w)
@@ -119,7 +130,7 @@ def _word_values(builder: ir.IRBuilder, bits: int, dense: bool, vals: ir.Value, 
         p = _ptr(builder, vals, vo, _V64I8)
         q, mem = builder.load(p, align=1), p
     else:
-        q, mem = _int4_run(builder, vals, vo)
+        q, mem = _int4_run(builder, vals, vo, z)
     if dense:
         return builder.sitofp(q, _V64F), ir.Constant(_I64, 64)
     fn = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
@@ -163,7 +174,7 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
         arr = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
         vals, masks, x, scales = arr
-        voff, moff, xoff, soff, ngroups, wpg = args[1], args[3], args[5], args[7], args[8], args[9]
+        voff, moff, xoff, soff, ngroups, wpg, zoff = args[1], args[3], args[5], args[7], args[8], args[9], args[10]
         fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
         one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
         total_words = builder.mul(ngroups, wpg)
@@ -180,7 +191,8 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
         builder.cbranch(builder.icmp_signed("<", i, total_words), body, done)
         builder.position_at_end(body)
         w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
-        q, used = _word_values(builder, bits, dense, vals, vo, w)
+        z = builder.load(builder.gep(vals, [builder.add(zoff, g)])) if bits == 4 else None
+        q, used = _word_values(builder, bits, dense, vals, vo, w, z)
         xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
         acc1 = builder.call(fma, [q, xv, acc])
         vo1, k1, i1 = builder.add(vo, used), builder.add(k, one), builder.add(i, one)
@@ -210,9 +222,9 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
 
 def _make_row(bits: int, dense: bool):  # noqa: ANN202 - returns a numba intrinsic
     @intrinsic
-    def row(typingctx, vals, voff, masks, moff, x, xoff, scales, soff, ngroups, wpg):  # noqa: ANN001, ANN202
+    def row(typingctx, vals, voff, masks, moff, x, xoff, scales, soff, ngroups, wpg, zoff):  # noqa: ANN001, ANN202
         sig = types.float32(vals, types.int64, masks, types.int64, x, types.int64, scales, types.int64,
-                            types.int64, types.int64)
+                            types.int64, types.int64, types.int64)
         return sig, _row_codegen(bits, dense)
 
     return row
@@ -226,13 +238,14 @@ _dense_i8, _dense_i4, _dense_f32 = _make_row(8, True), _make_row(4, True), _make
 # ---------------------------------------------------------------------------------------------------
 KIND_F32, KIND_I8, KIND_I4 = 0, 1, 2
 # columns of QPack.meta
-M_OUT, M_IN, M_KIND, M_DENSE, M_GS, M_MOFF, M_VOFF, M_SOFF, M_ROFF, M_FAST = range(10)
-N_META = 10
+M_OUT, M_IN, M_KIND, M_DENSE, M_GS, M_MOFF, M_VOFF, M_SOFF, M_ROFF, M_FAST, M_ZOFF = range(11)
+N_META = 11  # M_ZOFF: byte offset (in qvals) of an int4 matrix's zero points, one per row and group
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _value_at(kind, qvals, fvals, vo):  # pragma: no cover - compiled
-    """The unscaled value number `vo` of a value run (fp32, int8 byte, or int4 nibble)."""
+def _value_at(kind, qvals, fvals, vo, zi):  # pragma: no cover - compiled
+    """The unscaled value number `vo` of a value run (fp32, int8 byte, or int4 nibble with the zero point
+    at `qvals[zi]`, read only for int4: other kinds have no zero points there)."""
     if kind == KIND_F32:
         return fvals[vo]
     if kind == KIND_I8:
@@ -240,7 +253,8 @@ def _value_at(kind, qvals, fvals, vo):  # pragma: no cover - compiled
         return np.float32(c - 256 if c > 127 else c)
     c = np.int32(qvals[vo >> 1])
     nib = (c >> 4) if vo & 1 else (c & 15)
-    return np.float32(nib - 16 if nib >= 8 else nib)
+    z = np.int32(qvals[zi])
+    return np.float32(((nib + z) & 15) - z)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -250,13 +264,13 @@ def _kept(meta, m, r, j, mbytes):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, x, xoff):  # pragma: no cover - compiled
+def _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, zo, x, xoff):  # pragma: no cover - compiled
     inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
     total = np.float32(0.0)
     acc = np.float32(0.0)
     for j in range(inp):
         if _kept(meta, m, r, j, mbytes):
-            acc += _value_at(kind, qvals, fvals, vo) * x[xoff + j]
+            acc += _value_at(kind, qvals, fvals, vo, zo + j // gs) * x[xoff + j]
             vo += 1
         if (j + 1) % gs == 0:
             total += acc * scales[soff + j // gs]
@@ -266,10 +280,10 @@ def _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, x, xoff):  #
 
 @njit(cache=True, nogil=True, inline="always")
 def _offsets(meta, m, r, rowptr):  # pragma: no cover - compiled
-    """(first value, first mask word, first scale) of row `r` of matrix `m`."""
+    """(first value, first mask word, first scale, first zero point) of row `r` of matrix `m`."""
     inp, gs = meta[m, M_IN], meta[m, M_GS]
     vo = meta[m, M_VOFF] + (r * inp if meta[m, M_DENSE] else rowptr[meta[m, M_ROFF] + r])
-    return vo, meta[m, M_MOFF] + r * (inp // 64), meta[m, M_SOFF] + r * (inp // gs)
+    return vo, meta[m, M_MOFF] + r * (inp // 64), meta[m, M_SOFF] + r * (inp // gs), meta[m, M_ZOFF] + r * (inp // gs)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -282,43 +296,43 @@ def mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xo
     ng, wpg, dense = inp // gs, gs // 64, meta[m, M_DENSE] != 0
     if not (fast and meta[m, M_FAST]):
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, x, xoff)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, zo, x, xoff)
     elif kind == KIND_I8 and not dense:
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _row_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
     elif kind == KIND_I4 and not dense:
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _row_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
     elif kind == KIND_F32 and not dense:
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _row_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _row_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
     elif kind == KIND_I8:
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _dense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _dense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
     elif kind == KIND_I4:
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _dense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _dense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
     else:
         for r in range(r0, r1):
-            vo, moff, soff = _offsets(meta, m, r, rowptr)
-            y[yoff + r] = _dense_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg)
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            y[yoff + r] = _dense_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
 
 
 @njit(cache=True, nogil=True)
 def row_values(meta, m, r, mbytes, qvals, fvals, scales, rowptr, out):  # pragma: no cover - compiled
     """Row `r` of matrix `m` dequantized into `out[:in]` (an embedding lookup)."""
     inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
-    vo, _, soff = _offsets(meta, m, r, rowptr)
+    vo, _, soff, zo = _offsets(meta, m, r, rowptr)
     for j in range(inp):
         out[j] = 0.0
         if _kept(meta, m, r, j, mbytes):
-            out[j] = _value_at(kind, qvals, fvals, vo) * scales[soff + j // gs]
+            out[j] = _value_at(kind, qvals, fvals, vo, zo + j // gs) * scales[soff + j // gs]
             vo += 1
 
 
@@ -351,12 +365,15 @@ def _encode(weight: torch.Tensor, info: QuantInfo | None, dense: bool) -> _Part:
     """The stored layout of one matrix: kept-bitmask, values (int8 / packed int4 / fp32), scales, row offsets."""
     w = weight.detach().to(torch.float32).cpu()
     out, inp = w.shape
+    zeros = np.zeros(0, np.uint8)
     if info is None:
         kind, q, scales, gs = KIND_F32, w, torch.ones(out, 1), inp
     else:
         kind = KIND_I8 if info.scheme.bits == 8 else KIND_I4
         q, scales = info.ints(w), info.scales.to(torch.float32)
         gs = inp // scales.shape[1]
+        if kind == KIND_I4:  # stored after the values; a missing set (old symmetric int4) is zero point 8
+            zeros = info.expanded_zeros(scales.shape[1]).to(torch.uint8).reshape(-1).numpy()
     kept = torch.ones_like(q, dtype=torch.bool) if dense else q != 0
     mask = np.zeros(0, np.uint8) if dense else np.packbits(kept.reshape(-1).numpy(), bitorder="little")
     mask = np.concatenate([mask, np.zeros((-mask.size) % 8, np.uint8)])
@@ -369,7 +386,8 @@ def _encode(weight: torch.Tensor, info: QuantInfo | None, dense: bool) -> _Part:
     else:
         qvals = pack_int4(flat).numpy()
     fast = int(inp % 64 == 0 and gs % 64 == 0)
-    row = [out, inp, kind, int(dense), gs, 0, 0, 0, 0, fast]
+    row = [out, inp, kind, int(dense), gs, 0, 0, 0, 0, fast, qvals.size]  # M_ZOFF: relative until finalize
+    qvals = np.concatenate([qvals, zeros])
     return _Part(mask, qvals, fvals, scales.reshape(-1).numpy().astype(np.float32),
                  np.zeros(0, np.int64) if dense else _rowptr(kept), row)
 
@@ -408,6 +426,7 @@ class QPack:
             row[M_MOFF] = offs[0]
             row[M_VOFF] = offs[1] * (2 if row[M_KIND] == KIND_I4 else 1) if row[M_KIND] else offs[2]
             row[M_SOFF], row[M_ROFF] = offs[3], offs[4]
+            row[M_ZOFF] += offs[1]
             meta.append(row)
             offs += [p.mask.size // 8, p.qvals.size, p.fvals.size, p.scales.size, p.rowptr.size]
         cat = np.concatenate

@@ -42,7 +42,10 @@ element). A tensor is seen as a 2-D matrix `(R, C)`: `R = shape[0]`, `C = n // R
 Quantized tensors (`encode_quantized`, for the matrices in `LoadedModel.quant`) use the same
 encodings with integer values: int8 values (int4: two per byte, `prunelab.quant.pack_int4`,
 element 2k in the low nibble, an odd count padded with a zero nibble) plus a `scales` component,
-float32 `(out, groups)` in the matrix's logical `(out, in)` orientation. `params` then hold
+float32 `(out, groups)` in the matrix's logical `(out, in)` orientation, and for int4 a `zeros`
+component, uint8 zero points in `[0, 15]` of the same shape (the integers are then the wrapped
+levels `d mod 16`, see `prunelab.quant`; 0 still means pruned; an int4 tensor without `zeros`
+reads as zero point 8, the symmetric grid). `params` then hold
 `quant` ("int8"/"int4"), `bits`, `group_size` (null: one scale per row), `transposed` (true for
 a GPT-2 `Conv1D` weight stored `(in, out)`: the integers follow the stored layout, the scales
 the logical one) and, for `bitmask`, `bitorder: "little"` — element *i* is bit `i % 8` of byte
@@ -226,7 +229,7 @@ class EncodedTensor:
         """The scheme and the stored scales (float32 `(out, groups)`, logical orientation), bit for bit."""
         self._validate_common()
         return QuantInfo(QuantScheme(int(self.params["bits"]), self.params.get("group_size")),
-                         self.components["scales"])
+                         self.components["scales"], self.components.get("zeros"))
 
     def _logical_shape(self) -> tuple[int, int]:
         rows, cols = self.shape if len(self.shape) == 2 else (0, 0)
@@ -253,7 +256,7 @@ class EncodedTensor:
             self._fail(f"unknown encoding {self.encoding!r}")
         if not 0 <= self.nnz <= self.numel:
             self._fail(f"nnz {self.nnz} outside 0..{self.numel}")
-        extra = set(self.components) - {"data", "mask", "values", "indptr", "indices", "groups", "scales"}
+        extra = set(self.components) - {"data", "mask", "values", "indptr", "indices", "groups", "scales", "zeros"}
         if extra or ("scales" in self.components) != self.quantized:
             self._fail(f"unexpected components {sorted(extra or {'scales'})}")
         if self.quantized:
@@ -273,6 +276,11 @@ class EncodedTensor:
             self._fail(f"scales are {sc.dtype} {tuple(sc.shape)}, expected float32 ({out}, {groups})")
         if not bool((torch.isfinite(sc) & (sc > 0)).all()):
             self._fail("scales must be finite and positive")
+        zp = self.components.get("zeros")
+        if zp is not None and (bits != 4 or zp.dtype != torch.uint8 or zp.shape != sc.shape
+                               or (zp.numel() and int(zp.max()) > 15)):
+            self._fail(f"zeros are {zp.dtype} {tuple(zp.shape)}: expected int4 zero points, uint8 in [0, 15] "
+                       f"shaped like the scales")
 
     def _expect_values(self, comp: str, count: int) -> torch.Tensor:
         """The value stream of `count` values: the tensor's dtype, or int8 / packed int4 when quantized."""
@@ -716,4 +724,6 @@ def encode_quantized(w: torch.Tensor, name: str, info: QuantInfo, *, transposed:
     if bits == 4 and "values" in enc.components:
         enc.components["values"] = pack_int4(enc.components["values"])
     enc.components["scales"] = info.scales.detach().to("cpu", torch.float32).contiguous()
+    if info.zeros is not None:
+        enc.components["zeros"] = info.zeros.detach().to("cpu", torch.uint8).contiguous()
     return enc

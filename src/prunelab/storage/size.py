@@ -93,8 +93,9 @@ def _quant_label(params: dict[str, Any]) -> str | None:
 
 
 def _scale_bytes(entry: dict[str, Any]) -> int:
-    scales = entry.get("components", {}).get("scales")
-    return math.prod(scales["shape"]) * 4 if scales else 0
+    comps = entry.get("components", {})
+    scales, zeros = comps.get("scales"), comps.get("zeros")  # float32 scales, uint8 int4 zero points
+    return (math.prod(scales["shape"]) * 4 if scales else 0) + (math.prod(zeros["shape"]) if zeros else 0)
 
 
 def _row(name: str, entry: dict[str, Any]) -> dict[str, Any]:
