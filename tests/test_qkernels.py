@@ -33,6 +33,11 @@ CASES = [  # out, in, bits (32 = fp32), group size, sparsity, pattern, dense
     (31, 100, 8, None, 0.6, "unstructured", False),  # in % 64 != 0: the scalar path on both settings
     (29, 72, 4, 36, 0.5, "unstructured", False),
     (13, 96, 4, 32, 0.0, "2:4", False),  # group size not a multiple of 64: scalar path
+    (48, 192, 4, 32, 0.0, "2:4", False),  # group size 32 (GGUF blocks): two groups per 64-bit word, SIMD
+    (21, 128, 4, 32, 0.6, "unstructured", False),
+    (19, 256, 8, 32, 0.0, "unstructured", True),  # the int8 head of a GGUF Q8_0 embedding
+    (23, 128, 8, 32, 0.7, "unstructured", False),
+    (11, 128, 4, 32, 0.0, "unstructured", True),
     (8, 64, 8, None, 0.99, "unstructured", False),  # rows with no kept weight at all
 ]
 

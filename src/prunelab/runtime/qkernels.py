@@ -18,7 +18,7 @@ per 16 bits. LLVM exposes these as intrinsics that numba reaches through `numba.
 (the register form: the memory form of `vpexpandb` measured 3.6x slower on Zen 5). On a CPU
 without VBMI2 the same IR uses LLVM's generic `llvm.masked.expandload`, which compiles everywhere
 (scalarised), and a plain scalar path (`fast=False`) is kept for matrices whose rows are not whole
-64-bit words (in_features % 64 != 0, or a group size that is not a multiple of 64) and for tests.
+64-bit words (in_features % 64 != 0, or a group size that is neither 32 nor a multiple of 64) and for tests.
 
 An int4 nibble becomes its level with `d = ((nibble + z) & 15) - z` (z: the group's zero point),
 the same three byte operations per 64 values as a sign extension (which is the `z = 8` case), so
@@ -55,7 +55,7 @@ PAD = 64  # bytes of slack after every value buffer: the vector loads read up to
 # The layout of QPack's buffers and the kernels' arguments. numba caches a compiled function by its own
 # file's content only, so fused_decode.py (whose cached step inlines these kernels) pins this number:
 # bump both together, or a stale cached step keeps running the old kernels.
-LAYOUT_VERSION = 2  # 2: int4 zero points (M_ZOFF)
+LAYOUT_VERSION = 3  # 2: int4 zero points (M_ZOFF); 3: group size 32 on the SIMD path
 
 # ---------------------------------------------------------------------------------------------------
 # LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
@@ -95,9 +95,9 @@ _NIB_EVEN = [(k >> 1) + 64 * (k & 1) for k in range(64)]  # nibble k of a byte r
 _NIB_ODD = [((k + 1) >> 1) + 64 * ((k + 1) & 1) for k in range(64)]  # ... starting at a high nibble
 
 
-def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value, z: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """The 64 int4 levels `((nibble + z) & 15) - z` starting at nibble `vo` (as <64 x i8>; `z` an i8
-    zero point), and no address (the values live in a register)."""
+def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value, zv: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The 64 int4 levels `((nibble + z) & 15) - z` starting at nibble `vo` (as <64 x i8>; `zv` the
+    zero points as <64 x i8>), and no address (the values live in a register)."""
     byte = builder.lshr(vo, ir.Constant(_I64, 1))
     p = _ptr(builder, vals, byte, _V64I8)
     raw = builder.load(p, align=1)
@@ -116,25 +116,31 @@ def _int4_run(builder: ir.IRBuilder, vals: ir.Value, vo: ir.Value, z: ir.Value) 
     else:
         is_odd = builder.trunc(vo, _I1)
         nib = builder.select(is_odd, _shuffle(builder, lo, hi, _NIB_ODD), _shuffle(builder, lo, hi, _NIB_EVEN))
-    zv = builder.insert_element(ir.Constant(_V64I8, ir.Undefined), z, ir.Constant(_I32, 0))
-    zv = _shuffle(builder, zv, zv, [0] * 64)
-    return builder.sub(builder.and_(builder.add(nib, zv), ir.Constant(_V64I8, [15] * 64)), zv), None
+    return nib if zv is None else _unwrap(builder, nib, zv), None
+
+
+def _unwrap(builder: ir.IRBuilder, nib: ir.Value, zv: ir.Value) -> ir.Value:
+    """int4 levels `((nibble + z) & 15) - z` of 64 nibbles (0 stays 0: a pruned lane after an expand)."""
+    return builder.sub(builder.and_(builder.add(nib, zv), ir.Constant(_V64I8, [15] * 64)), zv)
 
 
 def _word_values(builder: ir.IRBuilder, bits: int, dense: bool, vals: ir.Value, vo: ir.Value,
-                 w: ir.Value, z: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """(64 float lanes of this word's weights, number of values consumed)."""
+                 w: ir.Value, z: ir.Value, z_after: bool = False) -> tuple[ir.Value, ir.Value]:
+    """(64 float lanes of this word's weights, number of values consumed). `z_after`: unwrap the int4
+    nibbles after the expand (the zero points `z` vary across the word's columns, not its packed lanes)."""
     if bits == 32:
         return _word_values_f32(builder, dense, vals, vo, w)
     if bits == 8:
         p = _ptr(builder, vals, vo, _V64I8)
         q, mem = builder.load(p, align=1), p
     else:
-        q, mem = _int4_run(builder, vals, vo, z)
+        q, mem = _int4_run(builder, vals, vo, None if z_after and not dense else z)
     if dense:
         return builder.sitofp(q, _V64F), ir.Constant(_I64, 64)
     fn = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
     q = _expand_i8(builder, q, builder.bitcast(w, _V64I1), mem)
+    if bits == 4 and z_after:
+        q = _unwrap(builder, q, z)
     return builder.sitofp(q, _V64F), builder.call(fn, [w])
 
 
@@ -191,7 +197,7 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
         builder.cbranch(builder.icmp_signed("<", i, total_words), body, done)
         builder.position_at_end(body)
         w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
-        z = builder.load(builder.gep(vals, [builder.add(zoff, g)])) if bits == 4 else None
+        z = _splat2(builder, vals, builder.add(zoff, g), None, _V64I8) if bits == 4 else None
         q, used = _word_values(builder, bits, dense, vals, vo, w, z)
         xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
         acc1 = builder.call(fma, [q, xv, acc])
@@ -220,18 +226,68 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
     return codegen
 
 
-def _make_row(bits: int, dense: bool):  # noqa: ANN202 - returns a numba intrinsic
+def _splat2(builder: ir.IRBuilder, base: ir.Value, i0: ir.Value, i1: ir.Value | None, vty: ir.VectorType) -> ir.Value:
+    """64 lanes of `base[i0]`, or with `i1`: lanes 0-31 `base[i0]`, lanes 32-63 `base[i1]` (two groups of 32)."""
+    lanes = []
+    for i in (i0, i1 if i1 is not None else i0):
+        v = builder.load(builder.gep(base, [i]))
+        lanes.append(builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(_I32, 0)))
+    return _shuffle(builder, lanes[0], lanes[1], [0] * 32 + [64] * 32)
+
+
+def _row_codegen_half(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callback
+    """Group size 32 (the GGUF block): each 64-column word holds two groups, so every word gets a scale
+    vector (and int4 a zero-point vector) of two halves and is scaled as it is read."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        arr = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
+        vals, masks, x, scales = arr
+        voff, moff, xoff, soff, ngroups, zoff = args[1], args[3], args[5], args[7], args[8], args[10]
+        fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
+        one, two, zero_v = ir.Constant(_I64, 1), ir.Constant(_I64, 2), ir.Constant(_V64F, None)
+        words = builder.lshr(ngroups, one)
+        entry = builder.block
+        head, body, done = (builder.append_basic_block(f"qh.{n}") for n in ("head", "body", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        i, vo, total = builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
+        for phi, init in ((i, ir.Constant(_I64, 0)), (vo, voff), (total, zero_v)):
+            phi.add_incoming(init, entry)
+        builder.cbranch(builder.icmp_signed("<", i, words), body, done)
+        builder.position_at_end(body)
+        w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
+        g0 = builder.mul(i, two)
+        z = None
+        if bits == 4:
+            z0 = builder.add(zoff, g0)
+            z = _splat2(builder, vals, z0, builder.add(z0, one), _V64I8)
+        q, used = _word_values(builder, bits, dense, vals, vo, w, z, z_after=True)
+        s0 = builder.add(soff, g0)
+        sv = _splat2(builder, scales, s0, builder.add(s0, one), _V64F)
+        xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
+        total1 = builder.call(fma, [builder.fmul(q, xv), sv, total])
+        for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), (total, total1)):
+            phi.add_incoming(v, builder.block)
+        builder.branch(head)
+        builder.position_at_end(done)
+        return _hsum(builder, total)
+
+    return codegen
+
+
+def _make_row(bits: int, dense: bool, half: bool = False):  # noqa: ANN202 - returns a numba intrinsic
     @intrinsic
     def row(typingctx, vals, voff, masks, moff, x, xoff, scales, soff, ngroups, wpg, zoff):  # noqa: ANN001, ANN202
         sig = types.float32(vals, types.int64, masks, types.int64, x, types.int64, scales, types.int64,
                             types.int64, types.int64, types.int64)
-        return sig, _row_codegen(bits, dense)
+        return sig, (_row_codegen_half if half else _row_codegen)(bits, dense)
 
     return row
 
 
 _row_i8, _row_i4, _row_f32 = _make_row(8, False), _make_row(4, False), _make_row(32, False)
 _dense_i8, _dense_i4, _dense_f32 = _make_row(8, True), _make_row(4, True), _make_row(32, True)
+_half_i8, _half_i4 = _make_row(8, False, True), _make_row(4, False, True)  # group size 32
+_hdense_i8, _hdense_i4 = _make_row(8, True, True), _make_row(4, True, True)
 
 # ---------------------------------------------------------------------------------------------------
 # One row of any matrix in a QPack; the portable scalar path; matrix-vector products
@@ -287,6 +343,22 @@ def _offsets(meta, m, r, rowptr):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=True)
+def _rows_half(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff):  # pragma: no cover - compiled
+    """`mat_rows` for group size 32 (int8 / int4 only: an fp32 matrix has one group per row)."""
+    kind, ng, dense = meta[m, M_KIND], meta[m, M_IN] // 32, meta[m, M_DENSE] != 0
+    for r in range(r0, r1):
+        vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+        if kind == KIND_I8 and not dense:
+            y[yoff + r] = _half_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        elif kind == KIND_I4 and not dense:
+            y[yoff + r] = _half_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        elif kind == KIND_I8:
+            y[yoff + r] = _hdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        else:
+            y[yoff + r] = _hdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
 def mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xoff, y, yoff, fast):  # pragma: no cover
     """y[yoff + r] = row r of matrix `m` times `x[xoff : xoff + in]`, for r in [r0, r1).
 
@@ -298,6 +370,8 @@ def mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xo
         for r in range(r0, r1):
             vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
             y[yoff + r] = _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, zo, x, xoff)
+    elif gs == 32:
+        _rows_half(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff)
     elif kind == KIND_I8 and not dense:
         for r in range(r0, r1):
             vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
@@ -385,7 +459,7 @@ def _encode(weight: torch.Tensor, info: QuantInfo | None, dense: bool) -> _Part:
         qvals = flat.to(torch.int8).numpy().view(np.uint8)
     else:
         qvals = pack_int4(flat).numpy()
-    fast = int(inp % 64 == 0 and gs % 64 == 0)
+    fast = int(inp % 64 == 0 and (gs % 64 == 0 or (gs == 32 and kind != KIND_F32)))
     row = [out, inp, kind, int(dense), gs, 0, 0, 0, 0, fast, qvals.size]  # M_ZOFF: relative until finalize
     qvals = np.concatenate([qvals, zeros])
     return _Part(mask, qvals, fvals, scales.reshape(-1).numpy().astype(np.float32),
