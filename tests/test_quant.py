@@ -18,7 +18,7 @@ from layer_problems import correlated_problem
 from prunelab.errors import ConfigError
 from prunelab.pruning import PruneConfig, prune
 from prunelab.pruning.patterns import check_nm, nm_target_count, target_count
-from prunelab.pruning.quantize import gptq_on_support, head_modules, rtn_in_place
+from prunelab.pruning.quantize import gptq_on_support, head_modules, head_scheme, rtn_in_place
 from prunelab.pruning.refine import reconstruction_error
 from prunelab.pruning.sparsegpt import obs_solve, sparsegpt_matrix
 from prunelab.quant import QuantScheme, quantize_rtn
@@ -149,7 +149,8 @@ def test_prune_quantizes_every_kept_weight(tiny_dirs, method, pattern, quant, ar
     assert head and set(report["head"]["modules"]) == set(head)
     assert set(lm.quant) == {m.name for m in lm.prunable} | set(head)
     for name in head:
-        assert lm.quant[name].scheme == QuantScheme(8, None)
+        assert lm.quant[name].scheme == head_scheme(lm.model.get_submodule(name).weight.shape[1])
+        assert lm.quant[name].scheme.group_size in (None, 32) and lm.quant[name].scheme.bits == 8
         _check_on_grid(lm.model.get_submodule(name).weight, lm.quant[name])
     nm = cfg.nm
     for m, r in zip(lm.prunable, result.matrices, strict=True):

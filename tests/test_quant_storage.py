@@ -167,7 +167,7 @@ def test_size_report_and_iter_tensors(tmp_path: Path) -> None:
     # little more where kept weights rounded to 0; fp32 dense would be 8 bytes per kept weight at 2:4
     assert rep["totals"]["pruned"]["bytes_per_kept_weight"] < 1.2
     head = rows["lm_head.weight"] if "lm_head.weight" in rows else rows["model.embed_tokens.weight"]
-    assert head["quant"] == "int8/row" and head["bits"] == 8
+    assert head["quant"] == "int8/g32" and head["bits"] == 8  # int8 per row and GGUF block of 32 (Q8_0 grid)
     state = lm.model.state_dict()
     for name, t in iter_tensors(out):
         assert torch.equal(t, state[name]), name
