@@ -65,10 +65,13 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     Hd = H.clone()
     Hd.diagonal().add_(percdamp * float(torch.diagonal(H).mean()))
     L, info = torch.linalg.cholesky_ex(Hd)
+    del Hd  # each step frees the previous: four float64 n×n matrices at once would peak a large layer
     if int(info) != 0:
         raise torch.linalg.LinAlgError("H + damp·I is not positive definite")
     Hinv = torch.cholesky_inverse(L)
+    del L
     U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    del Hinv
     if int(info) != 0 or not torch.isfinite(U).all():
         raise torch.linalg.LinAlgError("inverse Hessian is not positive definite")
     return U
@@ -106,14 +109,17 @@ class _Quantizer:
 
 
 def _group_ahead(W: torch.Tensor, W1: torch.Tensor, mask1: torch.Tensor, i: int, i1: int, i2: int,
-                 g: int) -> torch.Tensor:
+                 g: int, fixed: torch.Tensor | None) -> torch.Tensor:
     """Columns c .. c+g of the current weights (c = i1 + i): the block's updated ones (pruned entries
-    of this block already zero) and, past the block, the lazily-updated rest (GPTQ reads them the same)."""
+    of this block already zero) and, past the block, the lazily-updated rest (GPTQ reads them the same),
+    there too without the weights a known support (`fixed`) prunes: a weight about to become 0 must not
+    widen the grid of the kept ones (int8 per row: the group is the whole row, mostly past the block)."""
     inside = W1[:, i:i + g] * mask1[:, i:i + g]
     c = i1 + i
     if c + g <= i2:
         return inside
-    return torch.cat([inside, W[:, i2:c + g]], dim=1)
+    rest = W[:, i2:c + g] if fixed is None else W[:, i2:c + g] * fixed[:, i2:c + g]
+    return torch.cat([inside, rest], dim=1)
 
 
 def _sweep(
@@ -152,7 +158,7 @@ def _sweep(
                 mask1[:, i:j] = nm_mask(W1[:, i:j].pow(2) / d[i:j].pow(2).unsqueeze(0), *nm)
             w = W1[:, i]
             if quant is not None:
-                ahead = _group_ahead(W, W1, mask1, i, i1, i2, quant.g) if (i1 + i) % quant.g == 0 else w
+                ahead = _group_ahead(W, W1, mask1, i, i1, i2, quant.g, fixed) if (i1 + i) % quant.g == 0 else w
                 w_kept = quant.column(i1 + i, w, ahead)
             else:
                 w_kept = w
