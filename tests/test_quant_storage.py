@@ -20,7 +20,7 @@ from prunelab.errors import CheckpointError
 from prunelab.models import TINY_ARCHS, byte_tokenizer, tiny_model, wrap_model
 from prunelab.pruning import PruneConfig
 from prunelab.pruning.quantize import quantize_remaining
-from prunelab.quant import QuantScheme, quantize_rtn
+from prunelab.quant import QuantInfo, QuantScheme, quantize_rtn
 from prunelab.storage import INDEX_NAME, iter_tensors, load, save, size_report
 from prunelab.storage.api import QuantizedAsFloatWarning
 from prunelab.storage.checkpoint import iter_encoded
@@ -185,3 +185,24 @@ def test_hf_format_writes_dequantized_float_with_one_warning(tmp_path: Path) -> 
     assert not back.quant
     for name, t in lm.model.state_dict().items():
         assert torch.equal(back.model.state_dict()[name], t), name
+
+
+def test_int4_zero_points_and_symmetric_int4_without_them() -> None:
+    """int4 is a scale and a zero point per group: the levels d = ((q + z) & 15) - z of the stored nibbles
+    q reproduce the weights, 0 stays pruned; an int4 tensor without `zeros` (symmetric) reads as z = 8."""
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.rand(6, 64, generator=gen) + 0.1) * (torch.rand(6, 64, generator=gen) > 0.5)  # positive: z = 0
+    q, info = quantize_rtn(w, QuantScheme(4, 32))
+    assert info.zeros is not None and info.zeros.dtype == torch.uint8 and int(info.zeros.max()) == 0
+    assert int(info.levels(q).max()) == 15 and torch.equal(q == 0, w == 0)  # all 16 levels on one side of 0
+    enc = encode_quantized(info.dequantize(q), "pos", info)
+    assert torch.equal(enc.to_dense(), info.dequantize(q)) and torch.equal(enc.components["zeros"], info.zeros)
+    sym = QuantInfo(QuantScheme(4, 32), info.scales)  # no zero points: the symmetric grid [-8, 7]
+    qs = torch.randint(-8, 8, (6, 64), generator=gen, dtype=torch.int8)
+    enc = encode_quantized(sym.dequantize(qs), "sym", sym)
+    assert "zeros" not in enc.components and torch.equal(enc.to_ints(), qs)
+    assert torch.equal(enc.to_dense(), qs.float() * sym.expanded_scales(64))
+    bad = encode_quantized(info.dequantize(q), "pos", info)
+    bad.components["zeros"] = bad.components["zeros"] + 16
+    with pytest.raises(CheckpointError, match="tensor pos: zeros are"):
+        bad.validate()
