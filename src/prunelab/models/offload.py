@@ -22,6 +22,7 @@ import contextlib
 import json
 import re
 import struct
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,24 @@ class _Slot:
     meta: torch.Tensor | None = None
 
 
+def bound_heap(threshold: int = 1 << 20) -> None:
+    """Every allocation of `threshold` bytes or more gets its own memory map (glibc `M_MMAP_THRESHOLD`).
+
+    glibc otherwise raises that threshold as large blocks are freed and serves the next blocks of
+    a similar size from its heap, which it rarely returns to the system: after a few hundred
+    block reads the heap holds tens of megabytes no tensor uses. Out of core, memory is the point,
+    so freed tensors must go back at once. No-op where glibc's `mallopt` is not available.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD; a fixed value also stops the dynamic raise
+    except (OSError, AttributeError):
+        pass
+
+
 class Offload:
     """Just-in-time weights for a model built on the meta device (see the module docstring)."""
 
@@ -125,10 +144,12 @@ class Offload:
             self.units.setdefault(_unit_of(name), []).append(name)
         self.resident: set[str] = set()
         self.pinned: set[str] = set()
+        self.pinned_at: dict[str, float] = {}  # when each block was last pinned (its read, solve and write time)
         self.bytes_read = 0
         # Called with (unit, its tensors) when a pruned block is finished: the pruning engine writes it out.
         self.sink: Callable[[str, dict[str, torch.Tensor]], None] | None = None
         self._hooks = [self._hook_block(prefix) for prefix in self.units if prefix]
+        bound_heap()
 
     # -- which tensor is where ------------------------------------------------------------------
     def _slots(self, model: nn.Module) -> dict[str, _Slot]:
@@ -198,6 +219,7 @@ class Offload:
 
     def pin(self, unit: str) -> None:
         """Load a block and keep it until `release` (a block being solved is called more than once)."""
+        self.pinned_at[unit] = time.perf_counter()
         self.load(unit)
         self.pinned.add(unit)
 
@@ -263,10 +285,13 @@ class Offload:
         """A budget smaller than one block cannot work: say which block and by how much."""
         if self.budget_bytes is None:
             return
-        unit = max(self.units, key=self.unit_bytes)
+        blocks = self.blocks()
+        unit = max(blocks, key=self.unit_bytes) if blocks else ""
+        if self.unit_bytes(unit) <= self.budget_bytes:
+            unit = ""  # every block fits: the embeddings and head must too
         need = self.unit_bytes(unit)
         if need > self.budget_bytes:
-            what = unit or "the weights outside the blocks (embeddings, norms, head)"
+            what = f"block {unit}" if unit else "the weights outside the blocks (embeddings, norms, head)"
             raise ConfigError(f"--max-memory {format_bytes(self.budget_bytes)} is smaller than {what}, which needs "
                               f"{format_bytes(need)}: raise --max-memory to at least {format_bytes(2 * need)}")
 

@@ -69,8 +69,7 @@ class _Sink:
         self.zeros: dict[str, int] = {}
         self.total_params = self.total_zeros = 0
         self.written: set[str] = set()
-        self.block_seconds: list[float] = []
-        self._last = time.perf_counter()
+        self.block_seconds: list[float] = []  # per block: read, calibration pass and solve, write
 
     def __call__(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
         if unit and unit in self.written:
@@ -78,7 +77,7 @@ class _Sink:
         self.written.add(unit)
         for name, t in tensors.items():
             if name in self.params:
-                zeros = int((t == 0).sum())
+                zeros = t.numel() - int(torch.count_nonzero(t))  # no int64 temporary the size of t
                 self.total_params += t.numel()
                 self.total_zeros += zeros
                 if name in self.by_param:
@@ -86,9 +85,7 @@ class _Sink:
         shard = self.stream.write(tensors)
         if unit and shard is not None:
             self.offload.repoint(shard)
-            now = time.perf_counter()
-            self.block_seconds.append(now - self._last)
-            self._last = now
+            self.block_seconds.append(time.perf_counter() - self.offload.pinned_at[unit])
 
 
 def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, progress: ProgressFn | None = None,
@@ -99,12 +96,14 @@ def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, 
     _validate(lm, config)
     check_out_of_core(lm, config)
     offload = lm.offload
-    baseline = current_rss_bytes()
+    baseline, peak_before = current_rss_bytes(), peak_rss_bytes()
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
     result = PruneResult(config=config)
     with atomic_dir(out_dir) as tmp, torch.no_grad():
         sink = _Sink(lm, ShardStream(tmp))
+        for name in offload.units.get("", []):  # embeddings, norms, head (never pruned here): copied first,
+            sink("", {name: offload.read(name)})  # one tensor at a time, while the heap is still clean
         offload.sink = sink
         try:
             masks = _run_method(lm, config, result, progress)
@@ -114,8 +113,6 @@ def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, 
                     offload.finish(unit, write=True)
         finally:
             offload.sink = None
-        for name in offload.units.get("", []):  # embeddings, norms, head: one tensor at a time
-            sink("", {name: offload.read(name)})
         sink.stream.finish()
         save_config(lm.model, tmp)
         write_preprocessors(tmp, lm.tokenizer, lm.processor)
@@ -125,6 +122,7 @@ def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, 
         result.peak_rss_bytes = peak_rss_bytes()
         result.extra["offload"] = {
             "mode": "disk", "device": str(offload.device), "baseline_rss_bytes": baseline,
+            "peak_rss_before_bytes": peak_before,
             "bytes_read": offload.bytes_read, "bytes_written": sink.stream.bytes_written,
             "block_seconds": sink.block_seconds, "model_bytes": offload.total_bytes,
             "budget_bytes": offload.budget_bytes,
