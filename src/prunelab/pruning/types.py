@@ -197,9 +197,10 @@ class PackedMasks(dict):  # type: ignore[type-arg]
 
     def __setitem__(self, name: str, mask: torch.Tensor) -> None:
         import numpy as np
+        import torch
 
         self.shapes[name] = tuple(mask.shape)
-        self.pruned[name] = int(mask.numel() - int(mask.sum()))
+        self.pruned[name] = int(mask.numel() - int(torch.count_nonzero(mask)))
         super().__setitem__(name, np.packbits(mask.detach().to("cpu").numpy().reshape(-1)))
 
     def __getitem__(self, name: str) -> torch.Tensor:
