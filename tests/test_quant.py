@@ -20,7 +20,7 @@ from prunelab.pruning import PruneConfig, prune
 from prunelab.pruning.patterns import check_nm, nm_target_count, target_count
 from prunelab.pruning.quantize import gptq_on_support, head_modules, head_scheme, rtn_in_place
 from prunelab.pruning.refine import reconstruction_error
-from prunelab.pruning.sparsegpt import obs_solve, sparsegpt_matrix
+from prunelab.pruning.sparsegpt import obs_solve, refit_scales, sparsegpt_matrix
 from prunelab.quant import QuantScheme, quantize_rtn
 from prunelab.storage import load
 
@@ -84,6 +84,20 @@ def test_gptq_on_a_fixed_support_beats_rtn_of_the_solution():
     fixed, info = gptq_on_support(sg, H, keep, INT4)
     _check_on_grid(fixed, info, keep)
     assert reconstruction_error(W, fixed, H) < reconstruction_error(W, _rtn(sg, INT4), H)
+
+
+@pytest.mark.parametrize("scheme", [INT4, INT8], ids=["int4g32", "int8"])
+def test_scale_refit_lowers_the_layer_error_and_keeps_the_integers(scheme):
+    W, H = _problem(seed=6)
+    sg, keep = sparsegpt_matrix(W, H, 0.5, (2, 4))
+    q, info = quantize_rtn(sg, scheme)
+    new = refit_scales(W, info.levels(q), info, H.double())
+    assert (new.zeros is None) == (info.zeros is None) and (new.zeros is None or torch.equal(new.zeros, info.zeros))
+    assert bool((new.scales > 0).all()) and not torch.equal(new.scales, info.scales)
+    w = new.dequantize(q)
+    assert torch.equal(_check_on_grid(w, new, keep), q)
+    base = reconstruction_error(W, sg, H)
+    assert reconstruction_error(W, w, H) - base < 0.8 * (reconstruction_error(W, info.dequantize(q), H) - base)
 
 
 def test_int8_is_per_row_and_joint_never_loses_a_row_to_rtn():
