@@ -76,7 +76,8 @@ def test_nm_pattern_out_of_core(tiny_dirs, small_text, tmp_path):
 
 
 def test_budget_smaller_than_a_block_is_one_line(tiny_dirs):
-    with pytest.raises(ConfigError, match=r"--max-memory 1.0 kB is smaller than block model.layers.\d, which needs \d+.\d kB: raise --max-memory"):
+    message = r"--max-memory 1.0 kB is smaller than block model.layers.\d, which needs \d+.\d kB: raise --max-memory"
+    with pytest.raises(ConfigError, match=message):
         load(tiny_dirs["llama"], offload=True, max_memory=1000)
 
 
@@ -193,3 +194,46 @@ def test_sigkill_leaves_no_output_and_the_rerun_completes(tmp_path, small_text):
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "prune_report.json").read_text())["achieved_sparsity_prunable"] == 0.5
     assert not any(tmp_path.glob(".out.tmp-*"))  # the orphan was cleared
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_smollm2_out_of_core_equals_in_memory(tmp_path, small_text, method):
+    """The real model: identical weights, masks and perplexity in memory and out of core."""
+    from prunelab.evaluation import EvalOptions, evaluate
+
+    config = PruneConfig(method=method, sparsity=0.5, nsamples=4, seqlen=128, calib=str(small_text))
+    lm = load("zoo:smollm2")
+    ref = prune(lm, config)
+    res = prune_to_disk(load("zoo:smollm2", offload=True), config, tmp_path / "out")
+    written = _written(tmp_path / "out")
+    for m in lm.prunable:
+        assert torch.equal(written[m.param_name], m.weight(lm.model)), m.name
+        assert torch.equal(res.masks[m.name], ref.masks[m.name]), m.name
+    del written, ref
+    options = EvalOptions(seqlen=128, max_tokens=2 * 128, data=str(small_text))
+    assert evaluate(load(tmp_path / "out", offload=True), "ppl", options).value == evaluate(lm, "ppl", options).value
+
+
+@pytest.mark.parametrize("chunk_mb", [None, "0.05"])
+def test_activations_spill_to_disk_over_budget(tiny_dirs, small_text, tmp_path, monkeypatch, chunk_mb):
+    """Activations above a quarter of --max-memory go to temporary files (in one chunk or several): same result."""
+    import prunelab.pruning.sequential as seq
+
+    if chunk_mb is not None:  # several chunks: statistics pass, prune, output pass, each chunk read back
+        monkeypatch.setenv("PRUNELAB_CALIB_MEMORY_MB", chunk_mb)
+    config = PruneConfig(method="sparsegpt", sparsity=0.5, nsamples=16, seqlen=64, calib=str(small_text))
+    lm = load(tiny_dirs["llama"])
+    prune(lm, config)
+    lazy = load(tiny_dirs["llama"], offload=True)
+    budget = max(lazy.offload.unit_bytes(u) for u in lazy.offload.units)
+    lazy = load(tiny_dirs["llama"], offload=True, max_memory=budget)
+    spilled: list[int] = []
+    keep = seq.ActivationSpill.keep
+    monkeypatch.setattr(seq.ActivationSpill, "keep",
+                        lambda self, h, c: spilled.append(self.folder is not None) or keep(self, h, c))
+    prune_to_disk(lazy, config, tmp_path / "out")
+    assert spilled and all(spilled)
+    written = _written(tmp_path / "out")
+    for m in lm.prunable:
+        assert torch.equal(written[m.param_name], m.weight(lm.model)), m.name

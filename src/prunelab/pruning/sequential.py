@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -132,6 +134,57 @@ PruneOne = Callable[[PrunableMatrix, Stats], None]
 AfterBlock = Callable[[BlockRef, dict[str, Stats]], None]
 
 
+class ActivationSpill:
+    """Calibration activations on disk instead of in memory, when they exceed the out-of-core budget.
+
+    Out of core, the chunks' hidden states between blocks are the one thing that grows with the
+    calibration set rather than with a block: above a quarter of `--max-memory` each chunk's
+    output is written to a temporary file and read back when the next block runs, so memory holds
+    one chunk at a time. The numbers are the same either way (a float tensor round-trips exactly).
+    With no folder (the usual case) `keep` and `get` pass tensors through.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder, self.step = folder, 0
+
+    @classmethod
+    @contextlib.contextmanager
+    def when_needed(cls, lm: LoadedModel, inputs: list[BlockInput]) -> Iterator[ActivationSpill]:
+        budget = lm.offload.budget_bytes if lm.offload is not None else None
+        size = sum(i.hidden.numel() * i.hidden.element_size() for i in inputs)
+        if budget is None or size <= budget // 4:
+            yield cls(None)
+            return
+        with tempfile.TemporaryDirectory(prefix="prunelab-activations-") as folder:
+            spill = cls(Path(folder))
+            for ci, inp in enumerate(inputs):
+                inp.hidden = spill.keep(inp.hidden, ci)
+            spill.advance()
+            yield spill
+
+    def keep(self, hidden: torch.Tensor, chunk: int) -> Any:
+        if self.folder is None:
+            return hidden
+        if not torch.isfinite(hidden).all():
+            return hidden  # the runner reports it with the block's name
+        path = self.folder / f"step{self.step}-chunk{chunk}.pt"
+        torch.save(hidden.cpu(), path)
+        return (path, hidden.device)
+
+    def get(self, hidden: Any) -> torch.Tensor:
+        if torch.is_tensor(hidden):
+            return hidden
+        path, device = hidden
+        return torch.load(path, weights_only=True).to(device)
+
+    def advance(self) -> None:
+        """The previous step's files are no longer needed once every chunk has moved on."""
+        if self.folder is not None:
+            for old in self.folder.glob(f"step{self.step - 1}-*.pt"):
+                old.unlink()
+        self.step += 1
+
+
 class _Hooks:
     """Pre-hooks on every prunable linear of a block; inputs shared by q/k/v are accumulated once."""
 
@@ -193,6 +246,7 @@ class SequentialRunner:
         self.after_block, self.progress = after_block, progress
         self.done = 0
         self.total = 0
+        self.spill = ActivationSpill(None)
 
     def run(self, calib: list[dict[str, torch.Tensor]], chunk_size: int | None = None) -> None:
         """Calibrate (and prune) every stack of the model in execution order."""
@@ -254,6 +308,11 @@ class SequentialRunner:
 
     def run_stack(self, blocks: list[BlockRef], runners: list[Runner]) -> None:
         inputs = self.capture_inputs(blocks, runners)
+        with contextlib.ExitStack() as stack:
+            self.spill = stack.enter_context(ActivationSpill.when_needed(self.lm, inputs))
+            self._run_stack(blocks, runners, inputs)
+
+    def _run_stack(self, blocks: list[BlockRef], runners: list[Runner], inputs: list[BlockInput]) -> None:
         per_block: list[list[dict[str, Any]]] | None = None
         if mixed_layer_types(self.lm.config):
             with self.outside():
@@ -281,7 +340,7 @@ class SequentialRunner:
                 self.block_stats(block, hooks, inputs)
                 hooks.remove()
                 self.prune_block(block, hooks)
-                outs = [call_block(block.module, inp) for inp in inputs]
+                outs = [self.spill.keep(self.call(block, inp), i) for i, inp in enumerate(inputs)]
         finally:
             hooks.remove()
         missing = [m.name for m in block.matrices if m.name not in hooks.stats]
@@ -298,15 +357,19 @@ class SequentialRunner:
         """Statistics, pruning (inline, in execution order) and outputs together."""
         hooks.prune_inline = True
         outs = []
-        for inp in inputs:
-            outs.append(call_block(block.module, inp))
+        for i, inp in enumerate(inputs):
+            outs.append(self.spill.keep(self.call(block, inp), i))
             hooks.end_pass()
         return outs
+
+    def call(self, block: BlockRef, inp: BlockInput) -> torch.Tensor:
+        """One chunk through one block (its hidden states read back first when they were spilled)."""
+        return call_block(block.module, BlockInput(self.spill.get(inp.hidden), inp.kwargs))  # kwargs shared
 
     def block_stats(self, block: BlockRef, hooks: _Hooks, inputs: list[BlockInput]) -> None:
         """A statistics-only pass of every chunk through the block (outputs discarded)."""
         for inp in inputs:
-            call_block(block.module, inp)
+            self.call(block, inp)
             hooks.end_pass()
 
     def prune_block(self, block: BlockRef, hooks: _Hooks) -> None:
@@ -322,9 +385,10 @@ class SequentialRunner:
     def propagate(self, block: BlockRef, inputs: list[BlockInput], outs: list[torch.Tensor]) -> None:
         """The block's pruned outputs become the next block's inputs."""
         for inp, out in zip(inputs, outs, strict=True):
-            if not torch.isfinite(out).all():
+            if torch.is_tensor(out) and not torch.isfinite(out).all():
                 raise PruningError(f"{block.label}: non-finite activations after pruning; lower the sparsity")
             inp.hidden = out
+        self.spill.advance()
         self.done += 1
         if self.progress is not None:
             self.progress(block.label, self.done, self.total)
