@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional  # noqa: F401  (typer needs Optional in some annotations)
+from typing import Any, Optional  # noqa: F401  (typer needs Optional in some annotations)
 
 import typer
 from rich.console import Console
@@ -242,20 +242,24 @@ def prune(
             result = prune_to_disk(lm, config, out_dir, progress=progress)
         else:
             result = run_prune(lm, config, progress=progress)
-    shrunk = result.extra.get("structured")  # the method's own report, also in prune_report.json
     if lm.offload is None:
         save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
+    _print_prune_summary(model, f"{method} {pattern}{f' + {quant}' if quant else ''}", result, out_dir)
+
+
+def _print_prune_summary(model: str, what: str, result: Any, out_dir: Path) -> None:
+    """Warnings, then one line: what is now zero (or, for structured pruning, what was removed)."""
     for w in result.warnings:
         console.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-    rss = (result.peak_rss_bytes or 0) / 2**20
+    shrunk = result.extra.get("structured")  # the method's own report, also in prune_report.json
     if shrunk:  # structured pruning removes weights instead of zeroing them
         out.print(f"{model}: structured {shrunk['target']} → parameters {shrunk['params_before']:,} → "
                   f"{shrunk['params_after']:,} (−{shrunk['params_removed']:,}) → {out_dir}",
                   highlight=False, soft_wrap=True)
         return
+    rss = (result.peak_rss_bytes or 0) / 2**20
     out.print(
-        f"{model}: {method} {pattern}{f' + {quant}' if quant else ''} → {result.sparsity_prunable:.2%} of prunable "
-        "weights zero "
+        f"{model}: {what} → {result.sparsity_prunable:.2%} of prunable weights zero "
         f"({result.sparsity_total:.2%} of all), {len(result.matrices)} matrices, "
         f"{result.timings.get('total', 0):.1f} s, peak RSS {rss:.0f} MiB → {out_dir}",
         highlight=False, soft_wrap=True,
