@@ -85,9 +85,9 @@ def make_model(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
 
 
 def _numel(path: Path) -> int:
-    from prunelab.models.offload import math_prod, read_header
+    from prunelab.models.header import read_header
 
-    return sum(math_prod(t.shape) for t in read_header(path).values())
+    return sum(t.numel for t in read_header(path))
 
 
 def ppl(model: Path, work: Path, tag: str) -> dict[str, Any]:
@@ -137,7 +137,7 @@ def global_magnitude(work: Path, repeats: int = 3) -> dict[str, Any]:
 def _global_magnitude_once(work: Path) -> dict[str, Any]:
     from prunelab.models import resolve_source
     from prunelab.models.loader import weight_files
-    from prunelab.models.offload import checkpoint_index, math_prod
+    from prunelab.models.offload import checkpoint_index
 
     out = work / "smollm2-magnitude"
     run = child(["prune", "zoo:smollm2", "--method", "magnitude", "--sparsity", "0.5", "--offload", "disk",
@@ -145,7 +145,7 @@ def _global_magnitude_once(work: Path) -> dict[str, Any]:
     report = json.loads((out / "prune_report.json").read_text())
     shutil.rmtree(out)
     index = checkpoint_index(weight_files(resolve_source("zoo:smollm2")))
-    largest = max(4 * math_prod(t.shape) for t in index.values())
+    largest = max(4 * t.numel for t in index.values())
     baseline = report["offload"]["baseline_rss_bytes"]
     bound = baseline + 1.5 * largest
     return {"peak_rss_bytes": run["peak_rss_bytes"], "baseline_rss_bytes": baseline, "largest_tensor_bytes": largest,

@@ -1,4 +1,4 @@
-"""Bounded memory-mapped reads of tensor chunks (headers: `prunelab.storage.header`).
+"""Bounded memory-mapped reads of tensor chunks (headers: `prunelab.models.header`).
 
 The default scan reads float32/bfloat16/float16 bytes itself (stats.summarize_file_range: `pread` from
 compiled code); the windows here serve the other dtypes, in-Python consumers and comparisons.
@@ -9,7 +9,7 @@ costs 4 GB of RSS. Here the (tiny, JSON) header is parsed and checked once, and 
 of a tensor is mapped on its own window (`mmap` with an offset) and unmapped as soon as it
 has been scanned, so peak memory is one chunk regardless of model size. The raw window also
 lets bfloat16 be read as uint16 bit patterns without torch. The header is parsed by the one
-safetensors parser, `prunelab.storage.header.read_header` (re-exported here for the scan).
+safetensors parser, `prunelab.models.header.read_header` (re-exported here for the scan).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TypeVar
 import numpy as np
 
 from prunelab.errors import CheckpointError
-from prunelab.storage.header import DTYPES, TensorInfo, read_header
+from prunelab.models.header import DTYPES, TensorInfo, read_header
 
 __all__ = ["CHUNK_BYTES", "DTYPES", "IO_MODES", "TensorInfo", "chunk_ranges", "iter_read_chunks", "read_header",
            "scan_chunks", "with_chunk"]

@@ -11,29 +11,20 @@ in-memory forward, so the numbers are identical, not merely close.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from prunelab.evaluation.common import Blocks, CausalScorer
-from prunelab.models.blocks import BlockRef, capture_block_kwargs, capture_inputs, mixed_layer_types, stack_blocks
+from prunelab.models.blocks import (
+    BlockRef,
+    capture_block_kwargs,
+    capture_inputs,
+    mixed_layer_types,
+    stack_blocks,
+    stand_ins,
+)
 from prunelab.models.types import LoadedModel
-
-
-@contextlib.contextmanager
-def stand_ins(blocks: list[BlockRef], last: Any = None) -> Iterator[None]:
-    """Blocks replaced by the identity (and the last one by `last()` when given) for one forward."""
-    try:
-        for b in blocks:
-            b.module.forward = lambda hidden_states, *a, **k: hidden_states  # type: ignore[method-assign]
-        if last is not None:
-            blocks[-1].module.forward = lambda *a, **k: last()  # type: ignore[method-assign]
-        yield
-    finally:
-        for b in blocks:
-            b.module.__dict__.pop("forward", None)
 
 
 def _block_major(lm: LoadedModel, blocks: list[BlockRef], batches: list[torch.Tensor]) -> list[Any]:

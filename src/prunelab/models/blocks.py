@@ -9,9 +9,10 @@ embeddings, T5 position bias, encoder hidden states...); `call_block` replays a 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,26 +128,39 @@ def mixed_layer_types(config: Any) -> bool:
     return len(set(types)) > 1
 
 
+@contextlib.contextmanager
+def stand_ins(blocks: list[BlockRef], last: Callable[[], Any] | None = None) -> Iterator[None]:
+    """Blocks replaced by the identity (the last one by `last()` when given) for the forwards inside.
+
+    A capture then costs an embedding pass, not a pass through every block before the one it
+    needs; out of core, a block with a stand-in is not read from disk. Instance-level `forward`
+    overrides that were there before come back afterwards.
+    """
+    saved = [b.module.__dict__.get("forward") for b in blocks]
+    try:
+        for b in blocks:
+            b.module.forward = lambda hidden_states, *a, **k: hidden_states  # type: ignore[method-assign]
+        if last is not None and blocks:
+            blocks[-1].module.forward = lambda *a, **k: last()  # type: ignore[method-assign]
+        yield
+    finally:
+        for b, fwd in zip(blocks, saved, strict=True):
+            if fwd is None:
+                b.module.__dict__.pop("forward", None)  # back to the class's forward
+            else:
+                b.module.forward = fwd  # type: ignore[method-assign]
+
+
 def capture_block_kwargs(runner: Callable[[], Any], blocks: list[BlockRef]) -> list[dict[str, Any]]:
     """Keyword arguments of every block (for models whose blocks get different masks).
 
-    For block i, blocks 0..i-1 are temporarily replaced by the identity, so the capture costs
-    an embedding pass, not i blocks; only the keywords are kept (hidden states come from the
-    sequential chain). Used only for models whose blocks return plain tensors.
+    For block i, blocks 0..i-1 are stand-ins (the identity); only the keywords are kept (hidden
+    states come from the sequential chain). Used only for models whose blocks return plain tensors.
     """
     out = []
     for i, block in enumerate(blocks):
-        saved = [b.module.__dict__.get("forward") for b in blocks[:i]]  # instance-level overrides, if any
-        try:
-            for b in blocks[:i]:
-                b.module.forward = lambda hidden_states, *a, **k: hidden_states  # type: ignore[method-assign]
+        with stand_ins(blocks[:i]):
             out.append(capture_inputs(runner, block.module).kwargs)
-        finally:
-            for b, fwd in zip(blocks[:i], saved, strict=True):
-                if fwd is None:
-                    del b.module.forward  # back to the class's forward
-                else:
-                    b.module.forward = fwd  # type: ignore[method-assign]
     return out
 
 

@@ -19,11 +19,9 @@ dtype exactly as `from_pretrained` does, so an out-of-core run computes on the s
 from __future__ import annotations
 
 import contextlib
-import json
 import re
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +31,8 @@ from torch import nn
 
 from prunelab.errors import ConfigError, ModelLoadError
 from prunelab.models.blocks import BlockError, block_prefix
+from prunelab.models.header import TORCH_DTYPES, TensorInfo, read_header
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -55,34 +51,7 @@ def format_bytes(n: float) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor lies in a safetensors shard."""
-
-    file: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    start: int  # absolute byte offset in the file
-    nbytes: int
-
-
-def read_header(path: Path) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, from its JSON header (nothing else is read)."""
-    with open(path, "rb") as fh:
-        (size,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(size))
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        if e["dtype"] not in _DTYPES:
-            raise ModelLoadError(f"{path.name}: tensor {name} has dtype {e['dtype']}, which prunelab cannot stream")
-        begin, end = e["data_offsets"]
-        out[name] = StoredTensor(path, _DTYPES[e["dtype"]], tuple(e["shape"]), 8 + size + begin, end - begin)
-    return out
-
-
-def read_stored(t: StoredTensor) -> torch.Tensor:
+def read_stored(t: TensorInfo) -> torch.Tensor:
     """One tensor, read into a fresh buffer with a positioned read (no memory map)."""
     buf = torch.empty(t.nbytes, dtype=torch.uint8)
     with open(t.file, "rb", buffering=0) as fh:
@@ -94,13 +63,14 @@ def read_stored(t: StoredTensor) -> torch.Tensor:
             if not n:
                 raise ModelLoadError(f"{t.file} is truncated: re-download or re-save the checkpoint")
             got += n
-    return buf.view(t.dtype).reshape(t.shape)
+    return buf.view(TORCH_DTYPES[t.dtype]).reshape(t.shape)
 
 
-def checkpoint_index(files: list[Path]) -> dict[str, StoredTensor]:
-    index: dict[str, StoredTensor] = {}
+def checkpoint_index(files: list[Path]) -> dict[str, TensorInfo]:
+    """Every tensor of a checkpoint by name, from the shards' headers (the one parser, `models.header`)."""
+    index: dict[str, TensorInfo] = {}
     for f in files:
-        index.update(read_header(f))
+        index.update({t.name: t for t in read_header(f)})
     return index
 
 
@@ -134,14 +104,12 @@ def bound_heap(threshold: int = 1 << 20) -> None:
 class Offload:
     """Just-in-time weights for a model built on the meta device (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, index: dict[str, StoredTensor], *, dtype: torch.dtype | None,
+    def __init__(self, model: nn.Module, index: dict[str, TensorInfo], *, dtype: torch.dtype | None,
                  device: torch.device, budget_bytes: int | None = None) -> None:
         self.model, self.index, self.dtype, self.device = model, index, dtype, device
         self.budget_bytes = budget_bytes
         self.slots = self._slots(model)
-        self.units: dict[str, list[str]] = {}  # block prefix -> slot names ("" = outside every block)
-        for name in self.slots:
-            self.units.setdefault(_unit_of(name), []).append(name)
+        self.units = units_of(self.slots)  # block prefix -> slot names ("" = outside every block)
         self.resident: set[str] = set()
         self.pinned: set[str] = set()
         self.pinned_at: dict[str, float] = {}  # when each block was last pinned (its read, solve and write time)
@@ -226,9 +194,9 @@ class Offload:
     def repoint(self, shard: Path) -> None:
         """Tensors just written to `shard` are read from there from now on: a pruned block that runs
         again (an encoder feeding its decoder) must run pruned."""
-        for name, stored in read_header(shard).items():
-            if name in self.slots:
-                self.index[self.slots[name].key] = stored
+        for stored in read_header(shard):
+            if stored.name in self.slots:
+                self.index[self.slots[stored.name].key] = stored
 
     def finish(self, unit: str, *, write: bool) -> None:
         """A block is done: hand its (pruned) tensors to the sink when asked, then free them."""
@@ -272,7 +240,7 @@ class Offload:
     def unit_bytes(self, unit: str) -> int:
         """fp32-equivalent bytes of one unit's tensors once read (what the budget is compared with)."""
         item = (self.dtype or torch.float32).itemsize
-        return sum(math_prod(self.index[self.slots[n].key].shape) * item for n in self.units.get(unit, []))
+        return sum(self.index[self.slots[n].key].numel * item for n in self.units.get(unit, []))
 
     @property
     def total_bytes(self) -> int:
@@ -296,11 +264,12 @@ class Offload:
                               f"{format_bytes(need)}: raise --max-memory to at least {format_bytes(2 * need)}")
 
 
-def math_prod(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+def units_of(names: Iterable[str]) -> dict[str, list[str]]:
+    """Tensor names grouped by transformer block, in order; "" holds everything outside the blocks."""
+    units: dict[str, list[str]] = {}
+    for name in names:
+        units.setdefault(_unit_of(name), []).append(name)
+    return units
 
 
 def _unit_of(name: str) -> str:
@@ -334,7 +303,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def available_memory_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux); elsewhere physical memory as torch sees it is not known: 8 GB."""
+    """MemAvailable from /proc/meminfo (Linux); where that cannot be read, a conservative 8 GB."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -375,4 +344,4 @@ def fp32_bytes(source: Path) -> int:
     from prunelab.models.loader import weight_files
 
     index = checkpoint_index(weight_files(source))
-    return sum(math_prod(t.shape) * (4 if t.dtype.is_floating_point else t.dtype.itemsize) for t in index.values())
+    return sum(4 * t.numel if t.is_float else t.nbytes for t in index.values())

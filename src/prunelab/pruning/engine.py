@@ -33,7 +33,7 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _validate(lm: LoadedModel, config: PruneConfig) -> None:
+def validate_request(lm: LoadedModel, config: PruneConfig) -> None:
     """Method, pattern, OWL and the method's options are checked by `PruneConfig.validate` (from the spec)."""
     config.validate()
     if not lm.prunable:
@@ -58,7 +58,7 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
     sparsegpt/alps, round-to-nearest after any other method or after `--refine`) and `lm.quant`
     says how; exact counts are checked on the masks, so a kept weight rounded to 0 only adds zeros.
     """
-    _validate(lm, config)
+    validate_request(lm, config)
     spec = config.spec
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
@@ -91,7 +91,7 @@ def prune(lm: LoadedModel, config: PruneConfig, *, progress: ProgressFn | None =
         result.extra["quantization"] = quantize_remaining(lm, config, masks)
         result.timings["quantize"] = time.perf_counter() - t2
     _account(lm, config, masks, result)
-    _check_exact(spec, config, result)
+    check_exact_counts(spec, config, result)
     if config.owl:
         result.extra["owl"] = owl_profile(result.matrices)
     result.timings["total"] = time.perf_counter() - t0
@@ -158,7 +158,7 @@ def owl_profile(matrices: list[MatrixReport]) -> dict[str, float]:
     return {k: pruned[k] / numel[k] for k in pruned}
 
 
-def _requested(config: PruneConfig) -> float:
+def requested_sparsity(config: PruneConfig) -> float:
     if config.nm is not None:
         return config.nm[0] / config.nm[1]
     return float(config.sparsity)
@@ -182,7 +182,7 @@ def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor
             numel = w.numel()
             result.matrices.append(MatrixReport(
                 name=m.name, module_type=m.module_type, stack=m.stack, block=m.block, numel=numel,
-                requested=_requested(config),
+                requested=requested_sparsity(config),
                 achieved=zeros / numel, pruned=pruned, zeros=zeros,
             ))
             result.prunable_params += numel
@@ -196,12 +196,17 @@ def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor
             result.total_params += p.numel()
             result.total_zeros += int((p == 0).sum())
     result.masks = masks
-    if config.owl:  # per-block requested sparsity: recover it from the mask counts
+    owl_requested(config, result)
+
+
+def owl_requested(config: PruneConfig, result: PruneResult) -> None:
+    """With OWL each block had its own target: recover every matrix's requested sparsity from its mask counts."""
+    if config.owl:
         for r in result.matrices:
             r.requested = r.pruned / r.numel
 
 
-def _check_exact(spec: MethodSpec, config: PruneConfig, result: PruneResult) -> None:
+def check_exact_counts(spec: MethodSpec, config: PruneConfig, result: PruneResult) -> None:
     """A method whose spec says `exact_counts` must hit its target count exactly (per matrix, or over all
     prunable weights for `count_scope="global"`); a miss is a bug, not a user error."""
     if not spec.exact_counts:

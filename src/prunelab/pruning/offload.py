@@ -23,7 +23,14 @@ from prunelab.errors import ConfigError
 from prunelab.io import atomic_dir, write_json
 from prunelab.models.blocks import block_prefix
 from prunelab.models.types import LoadedModel, PrunableMatrix
-from prunelab.pruning.engine import _check_exact, _validate, peak_rss_bytes, report_header
+from prunelab.pruning.engine import (
+    check_exact_counts,
+    owl_requested,
+    peak_rss_bytes,
+    report_header,
+    requested_sparsity,
+    validate_request,
+)
 from prunelab.pruning.patterns import MagnitudeCut, magnitude_cut, target_count
 from prunelab.pruning.registry import MethodOutput
 from prunelab.pruning.sequential import ProgressFn
@@ -93,7 +100,7 @@ def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, 
     """Prune `lm` (loaded out of core) with `config` and write the result to `out_dir` as it goes."""
     if lm.offload is None:
         raise ConfigError("prune_to_disk needs a model loaded out of core (storage.load(..., offload=True))")
-    _validate(lm, config)
+    validate_request(lm, config)
     check_out_of_core(lm, config)
     offload = lm.offload
     baseline, peak_before = current_rss_bytes(), peak_rss_bytes()
@@ -117,7 +124,7 @@ def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, 
         save_config(lm.model, tmp)
         write_preprocessors(tmp, lm.tokenizer, lm.processor)
         _account(lm, config, masks, sink, result)
-        _check_exact(config.spec, config, result)
+        check_exact_counts(config.spec, config, result)
         result.timings["total"] = time.perf_counter() - t0
         result.peak_rss_bytes = peak_rss_bytes()
         result.extra["offload"] = {
@@ -209,7 +216,7 @@ def _global_magnitude(lm: LoadedModel, config: PruneConfig, progress: ProgressFn
 def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor], sink: _Sink,
              result: PruneResult) -> None:
     """The engine's per-matrix figures, from the counts taken as each block was written."""
-    requested = config.nm[0] / config.nm[1] if config.nm is not None else float(config.sparsity)
+    requested = requested_sparsity(config)
     pruned_counts = getattr(masks, "pruned", None)
     for m in lm.prunable:
         if m.name not in masks:
@@ -223,9 +230,7 @@ def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor
         result.prunable_zeros += zeros
     result.total_params, result.total_zeros = sink.total_params, sink.total_zeros
     result.masks = masks
-    if config.owl:
-        for r in result.matrices:
-            r.requested = r.pruned / r.numel
+    owl_requested(config, result)
 
 
 def _report(lm: LoadedModel, result: PruneResult, extra: dict[str, Any] | None) -> dict[str, Any]:

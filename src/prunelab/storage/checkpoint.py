@@ -18,7 +18,7 @@ component (`encodings.encode_quantized`, params `quant`/`bits`/`group_size`/`tra
 loading gives the dequantized float32 weights and the `QuantInfo` of every owner module back.
 
 Reading streams tensor by tensor (`iter_encoded`): the index is schema-checked, every shard
-header is parsed by the one safetensors parser (`storage.header`) and checked against the index
+header is parsed by the one safetensors parser (`models.header`) and checked against the index
 (so a truncated file names the tensor whose bytes are missing), every component is checksummed
 and every tensor structurally validated. Loading a model (`sparse_model`, the sparse step of
 `prunelab.storage.load`) is all-or-nothing: everything is decoded and checked *before* the model
@@ -42,6 +42,7 @@ import torch
 from prunelab.errors import CheckpointError, ConfigError, first_line
 from prunelab.io import atomic_dir, write_json
 from prunelab.models import auto_class_for, detect_family, find_prunable
+from prunelab.models.header import TORCH_DTYPES, TensorInfo, read_header
 from prunelab.quant import QuantInfo
 from prunelab.storage.encodings import (
     ENCODINGS,
@@ -51,7 +52,6 @@ from prunelab.storage.encodings import (
     encode_quantized,
     encode_tensor,
 )
-from prunelab.storage.header import TensorInfo, read_header
 
 FORMAT_NAME = "prunelab-sparse"
 FORMAT_VERSION = 1
@@ -59,11 +59,6 @@ INDEX_NAME = "sparse_index.json"
 WEIGHTS_STEM = "model.sparse"
 DEFAULT_SHARD_BYTES = 4 << 30
 _SEP = "::"
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 _RESERVED = {INDEX_NAME, "config.json"}
 
 
@@ -410,7 +405,7 @@ def _read_component(name: str, cname: str, c: dict[str, Any], header: dict[str, 
     if info is None:
         raise CheckpointError(f"tensor {name}: component {key} is missing from {fname}")
     want_dtype = dtype_from_name(c["dtype"], name)
-    if _ST_DTYPES.get(info.dtype) != want_dtype or list(info.shape) != c["shape"]:
+    if TORCH_DTYPES.get(info.dtype) != want_dtype or list(info.shape) != c["shape"]:
         raise CheckpointError(
             f"tensor {name}: component {cname} is {info.dtype} {list(info.shape)} in {fname} but the "
             f"index says {c['dtype']} {c['shape']}"

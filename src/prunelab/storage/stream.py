@@ -16,10 +16,9 @@ from pathlib import Path
 import torch
 
 from prunelab.io import write_json
+from prunelab.models.header import TORCH_DTYPES
 
-_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-          torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-          torch.bool: "BOOL"}
+_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
 

@@ -15,7 +15,7 @@ import torch
 
 from prunelab.models.family import detect_family
 from prunelab.models.loader import auto_class_for
-from prunelab.models.offload import Offload, meta_model
+from prunelab.models.offload import meta_model, units_of
 from prunelab.storage.checkpoint import save_config, write_preprocessors
 from prunelab.storage.stream import ShardStream
 
@@ -33,22 +33,21 @@ def random_checkpoint(config: Any, directory: str | Path, *, seed: int = 0, toke
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = meta_model(directory, config, auto_class_for(config, detect_family(config)))
-    slots = Offload(model, _meta_index(model), dtype=None, device=torch.device("cpu")).units
+    state = model.state_dict(keep_vars=True)
+    first: dict[int, str] = {}
+    for name, t in state.items():  # a tied tensor is stored once, under its first name, as save_pretrained does
+        first.setdefault(id(t), name)
+    shapes = {n: tuple(state[n].shape) for n in first.values()}
+    units = units_of(shapes)
     gen = torch.Generator().manual_seed(seed)
     stream = ShardStream(directory)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
-    for unit in [u for u in slots if u] + [""]:
+    for unit in [u for u in units if u] + [""]:
         if unit:
-            stream.write({n: _draw(n, shapes[n], gen) for n in slots[unit]})
+            stream.write({n: _draw(n, shapes[n], gen) for n in units[unit]})
         else:
-            for n in slots[unit]:  # embeddings and head: one shard each
+            for n in units[unit]:  # embeddings and head: one shard each
                 stream.write({n: _draw(n, shapes[n], gen)})
     stream.finish()
     save_config(model, directory)
     write_preprocessors(directory, tokenizer, None)
     return directory
-
-
-def _meta_index(model: torch.nn.Module) -> dict[str, Any]:
-    """Every tensor name as if stored, so `Offload` groups the skeleton's tensors into units."""
-    return dict.fromkeys(model.state_dict(keep_vars=True), None)

@@ -1,10 +1,11 @@
 """The one safetensors header parser: where every tensor of a file lives, checked strictly.
 
-Both readers of raw safetensors use it: the sparse checkpoint (`storage.checkpoint`, whose
-shards hold encoded components) and the streaming statistics of `analysis` (which map byte
-ranges of dense weights itself). The checks are strict — sizes, offsets, dtypes, overlap —
-because a corrupt or truncated file must become a one-line `CheckpointError` naming what is
-damaged, not a crash or silently wrong numbers.
+Every reader of raw safetensors uses it: the sparse checkpoint (`storage.checkpoint`, whose
+shards hold encoded components), the streaming statistics of `analysis` (which map byte
+ranges of dense weights itself) and the out-of-core model (`models.offload`, which reads one
+block's tensors at a time). It sits in `models` so that all three can import it. The checks
+are strict — sizes, offsets, dtypes, overlap — because a corrupt or truncated file must become
+a one-line `CheckpointError` naming what is damaged, not a crash or silently wrong numbers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from prunelab.errors import CheckpointError
 
@@ -34,6 +36,12 @@ DTYPES: dict[str, tuple[np.dtype, bool]] = {
     "BOOL": (np.dtype("?"), False),
 }
 _ITEMSIZE_OTHER = {"F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+#: safetensors dtype ↔ torch dtype, for readers and writers that build tensors from the bytes.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
 MAX_HEADER = 100 * 1024 * 1024
 
 
