@@ -41,6 +41,12 @@ CASES = [  # out, in, bits (32 = fp32), group size, sparsity, pattern, dense
     (23, 128, 8, 32, 0.7, "unstructured", False),
     (11, 128, 4, 32, 0.0, "unstructured", True),
     (8, 64, 8, None, 0.99, "unstructured", False),  # rows with no kept weight at all
+    (27, 192, 4, 16, 0.0, "2:4", False),  # group size 16: four groups per 64-bit word, SIMD
+    (18, 128, 4, 16, 0.6, "unstructured", False),
+    (14, 128, 8, 16, 0.7, "unstructured", False),
+    (9, 192, 4, 16, 0.0, "unstructured", True),
+    (10, 128, 8, 16, 0.0, "unstructured", True),
+    (7, 80, 4, 16, 0.5, "unstructured", False),  # in % 64 != 0: scalar path
 ]
 
 
@@ -57,6 +63,8 @@ def test_matches_dense_matmul_of_dequantized(case: tuple, fast: bool) -> None:
     pack.add(torch.randn(5, 64), None)  # a matrix before it: offsets into shared buffers are exercised
     m = pack.add(w, info, dense=dense)
     pack.finalize()
+    simd = inp % 64 == 0 and (gs is None or gs % 64 == 0 or (gs in (16, 32) and bits != 32))
+    assert pack.meta[m, qk.M_FAST] == simd  # the cases exercise the SIMD path they are named for
     x = torch.randn(3, inp, generator=torch.Generator().manual_seed(1))
     ref = (x.double() @ w.double().T).numpy()
     y = pack.matmul(m, x.numpy(), fast=fast)
@@ -109,13 +117,13 @@ def test_no_expand_reads_memory() -> None:
 
     pack = qk.QPack()
     w = _matrix(8, 128, 0.7, "unstructured", seed=0)
-    for bits, gs in ((8, None), (8, 32), (4, 64), (4, 32)):
+    for bits, gs in ((8, None), (8, 32), (4, 64), (4, 32), (4, 16), (8, 16)):
         q, info = quantize_rtn(w, QuantScheme(bits, gs))
         pack.add(info.dequantize(q), info)
     pack.finalize()
     rows = njit(fastmath=True)(qk.mat_rows.py_func)  # a fresh compile (cached code cannot be inspected)
     x, y = np.zeros(128 + qk.PAD, np.float32), np.zeros(8, np.float32)
-    for m in range(4):
+    for m in range(6):
         rows(*pack.buffers()[:1], m, 0, 8, *pack.buffers()[1:], x, 0, y, 0, True)
     asm = "".join(rows.inspect_asm().values())
     assert "vpexpandb" in asm

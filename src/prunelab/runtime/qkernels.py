@@ -18,7 +18,7 @@ per 16 bits. LLVM exposes these as intrinsics that numba reaches through `numba.
 (the register form: the memory form of `vpexpandb` measured 3.6x slower on Zen 5). On a CPU
 without VBMI2 the same IR uses LLVM's generic `llvm.masked.expandload`, which compiles everywhere
 (scalarised), and a plain scalar path (`fast=False`) is kept for matrices whose rows are not whole
-64-bit words (in_features % 64 != 0, or a group size that is neither 32 nor a multiple of 64) and for tests.
+64-bit words (in_features % 64 != 0, or a group size that is neither 16, 32 nor a multiple of 64) and for tests.
 
 An int4 nibble becomes its level with `d = ((nibble + z) & 15) - z` (z: the group's zero point),
 the same three byte operations per 64 values as a sign extension (which is the `z = 8` case), so
@@ -55,7 +55,7 @@ PAD = 64  # bytes of slack after every value buffer: the vector loads read up to
 # The layout of QPack's buffers and the kernels' arguments. numba caches a compiled function by its own
 # file's content only, so fused_decode.py (whose cached step inlines these kernels) pins this number:
 # bump both together, or a stale cached step keeps running the old kernels.
-LAYOUT_VERSION = 4  # 2: int4 zero points (M_ZOFF); 3: group size 32 on the SIMD path; 4: register expand
+LAYOUT_VERSION = 5  # 2: int4 zero points; 3: group size 32 on the SIMD path; 4: register expand; 5: group 16
 
 # ---------------------------------------------------------------------------------------------------
 # LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
@@ -200,7 +200,7 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
             phi.add_incoming(init, entry)
         builder.cbranch(builder.icmp_signed("<", g, ngroups), gbody, done)
         builder.position_at_end(gbody)
-        z = _splat2(builder, vals, builder.add(zoff, g), None, _V64I8) if bits == 4 else None
+        z = _splat_groups(builder, vals, builder.add(zoff, g), 1, _V64I8) if bits == 4 else None
         builder.branch(whead)
         builder.position_at_end(whead)  # over the group's words: k, value offset wvo, group sum acc
         k, wvo, acc = builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
@@ -229,25 +229,27 @@ def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callba
     return codegen
 
 
-def _splat2(builder: ir.IRBuilder, base: ir.Value, i0: ir.Value, i1: ir.Value | None, vty: ir.VectorType) -> ir.Value:
-    """64 lanes of `base[i0]`, or with `i1`: lanes 0-31 `base[i0]`, lanes 32-63 `base[i1]` (two groups of 32)."""
-    lanes = []
-    for i in (i0, i1 if i1 is not None else i0):
-        v = builder.load(builder.gep(base, [i]))
-        lanes.append(builder.insert_element(ir.Constant(vty, ir.Undefined), v, ir.Constant(_I32, 0)))
-    return _shuffle(builder, lanes[0], lanes[1], [0] * 32 + [64] * 32)
+def _splat_groups(builder: ir.IRBuilder, base: ir.Value, first: ir.Value, n: int, vty: ir.VectorType) -> ir.Value:
+    """64 lanes holding `base[first + l // (64 // n)]` in lane l: one value per group of a word that spans
+    `n` groups (n = 1: a broadcast)."""
+    small = ir.Constant(ir.VectorType(vty.element, n), ir.Undefined)
+    for j in range(n):
+        v = builder.load(builder.gep(base, [builder.add(first, ir.Constant(_I64, j))]))
+        small = builder.insert_element(small, v, ir.Constant(_I32, j))
+    return _shuffle(builder, small, small, [lane // (64 // n) for lane in range(64)])
 
 
-def _row_codegen_half(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callback
-    """Group size 32 (the GGUF block): each 64-column word holds two groups, so every word gets a scale
-    vector (and int4 a zero-point vector) of two halves and is scaled as it is read."""
+def _row_codegen_split(bits: int, dense: bool, per_word: int):  # noqa: ANN202 - numba codegen callback
+    """Group size 64 / `per_word` (32: the GGUF block; 16): each 64-column word holds `per_word` groups,
+    so every word gets a scale vector (and int4 a zero-point vector) of `per_word` runs and is scaled as
+    it is read."""
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
         arr = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
         vals, masks, x, scales = arr
         voff, moff, xoff, soff, ngroups, zoff = args[1], args[3], args[5], args[7], args[8], args[10]
         fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
-        one, two, zero_v = ir.Constant(_I64, 1), ir.Constant(_I64, 2), ir.Constant(_V64F, None)
-        words = builder.lshr(ngroups, one)
+        one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
+        words = builder.udiv(ngroups, ir.Constant(_I64, per_word))
         entry = builder.block
         head, body, done = (builder.append_basic_block(f"qh.{n}") for n in ("head", "body", "done"))
         builder.branch(head)
@@ -258,14 +260,10 @@ def _row_codegen_half(bits: int, dense: bool):  # noqa: ANN202 - numba codegen c
         builder.cbranch(builder.icmp_signed("<", i, words), body, done)
         builder.position_at_end(body)
         w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
-        g0 = builder.mul(i, two)
-        z = None
-        if bits == 4:
-            z0 = builder.add(zoff, g0)
-            z = _splat2(builder, vals, z0, builder.add(z0, one), _V64I8)
+        g0 = builder.mul(i, ir.Constant(_I64, per_word))
+        z = _splat_groups(builder, vals, builder.add(zoff, g0), per_word, _V64I8) if bits == 4 else None
         q, used = _word_values(builder, bits, dense, vals, vo, w, z, z_after=True)
-        s0 = builder.add(soff, g0)
-        sv = _splat2(builder, scales, s0, builder.add(s0, one), _V64F)
+        sv = _splat_groups(builder, scales, builder.add(soff, g0), per_word, _V64F)
         xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
         total1 = builder.call(fma, [builder.fmul(q, xv), sv, total])
         for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), (total, total1)):
@@ -277,20 +275,24 @@ def _row_codegen_half(bits: int, dense: bool):  # noqa: ANN202 - numba codegen c
     return codegen
 
 
-def _make_row(bits: int, dense: bool, half: bool = False):  # noqa: ANN202 - returns a numba intrinsic
+def _make_row(bits: int, dense: bool, per_word: int = 1):  # noqa: ANN202 - returns a numba intrinsic
+    """A row intrinsic; `per_word` groups per 64-column word (1: group size a multiple of 64)."""
     @intrinsic
     def row(typingctx, vals, voff, masks, moff, x, xoff, scales, soff, ngroups, wpg, zoff):  # noqa: ANN001, ANN202
         sig = types.float32(vals, types.int64, masks, types.int64, x, types.int64, scales, types.int64,
                             types.int64, types.int64, types.int64)
-        return sig, (_row_codegen_half if half else _row_codegen)(bits, dense)
+        return sig, _row_codegen(bits, dense) if per_word == 1 else _row_codegen_split(bits, dense, per_word)
 
     return row
 
 
 _row_i8, _row_i4, _row_f32 = _make_row(8, False), _make_row(4, False), _make_row(32, False)
 _dense_i8, _dense_i4, _dense_f32 = _make_row(8, True), _make_row(4, True), _make_row(32, True)
-_half_i8, _half_i4 = _make_row(8, False, True), _make_row(4, False, True)  # group size 32
-_hdense_i8, _hdense_i4 = _make_row(8, True, True), _make_row(4, True, True)
+_half_i8, _half_i4 = _make_row(8, False, 2), _make_row(4, False, 2)  # group size 32
+_hdense_i8, _hdense_i4 = _make_row(8, True, 2), _make_row(4, True, 2)
+_quarter_i8, _quarter_i4 = _make_row(8, False, 4), _make_row(4, False, 4)  # group size 16
+_qdense_i8, _qdense_i4 = _make_row(8, True, 4), _make_row(4, True, 4)
+SPLIT_GROUPS = (32, 16)  # group sizes below 64 with a SIMD path (int8 / int4)
 
 # ---------------------------------------------------------------------------------------------------
 # One row of any matrix in a QPack; the portable scalar path; matrix-vector products
@@ -346,19 +348,30 @@ def _offsets(meta, m, r, rowptr):  # pragma: no cover - compiled
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _rows_half(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff):  # pragma: no cover - compiled
-    """`mat_rows` for group size 32 (int8 / int4 only: an fp32 matrix has one group per row)."""
-    kind, ng, dense = meta[m, M_KIND], meta[m, M_IN] // 32, meta[m, M_DENSE] != 0
+def _rows_split(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff):  # pragma: no cover - compiled
+    """`mat_rows` for group size 32 or 16 (int8 / int4 only: an fp32 matrix has one group per row)."""
+    kind, gs, dense = meta[m, M_KIND], meta[m, M_GS], meta[m, M_DENSE] != 0
+    ng, i8 = meta[m, M_IN] // gs, kind == KIND_I8
     for r in range(r0, r1):
         vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
-        if kind == KIND_I8 and not dense:
-            y[yoff + r] = _half_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-        elif kind == KIND_I4 and not dense:
-            y[yoff + r] = _half_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-        elif kind == KIND_I8:
-            y[yoff + r] = _hdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        if gs == 32:
+            if i8 and not dense:
+                v = _half_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+            elif not dense:
+                v = _half_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+            elif i8:
+                v = _hdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+            else:
+                v = _hdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        elif i8 and not dense:
+            v = _quarter_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        elif not dense:
+            v = _quarter_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        elif i8:
+            v = _qdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
         else:
-            y[yoff + r] = _hdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+            v = _qdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        y[yoff + r] = v
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -373,8 +386,8 @@ def mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xo
         for r in range(r0, r1):
             vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
             y[yoff + r] = _row_scalar(meta, m, r, mbytes, qvals, fvals, vo, scales, soff, zo, x, xoff)
-    elif gs == 32:
-        _rows_half(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff)
+    elif gs < 64:
+        _rows_split(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff)
     elif kind == KIND_I8 and not dense:
         for r in range(r0, r1):
             vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
@@ -462,7 +475,7 @@ def _encode(weight: torch.Tensor, info: QuantInfo | None, dense: bool) -> _Part:
         qvals = flat.to(torch.int8).numpy().view(np.uint8)
     else:
         qvals = pack_int4(flat).numpy()
-    fast = int(inp % 64 == 0 and (gs % 64 == 0 or (gs == 32 and kind != KIND_F32)))
+    fast = int(inp % 64 == 0 and (gs % 64 == 0 or (gs in SPLIT_GROUPS and kind != KIND_F32)))
     row = [out, inp, kind, int(dense), gs, 0, 0, 0, 0, fast, qvals.size]  # M_ZOFF: relative until finalize
     qvals = np.concatenate([qvals, zeros])
     return _Part(mask, qvals, fvals, scales.reshape(-1).numpy().astype(np.float32),
