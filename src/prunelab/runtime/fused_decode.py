@@ -33,7 +33,7 @@ from prunelab.runtime.qkernels import FAST, LAYOUT_VERSION, PAD, QPack, mat_rows
 
 # numba caches `_step` by this file's content alone, not by the qkernels it inlines: pinning the kernels'
 # layout version here makes a kernel change change this file too (and so recompile the step).
-PINNED_LAYOUT = 5
+PINNED_LAYOUT = 6
 if LAYOUT_VERSION != PINNED_LAYOUT:
     raise RuntimeError(f"qkernels layout {LAYOUT_VERSION} != {PINNED_LAYOUT} pinned in fused_decode.py: "
                        "bump PINNED_LAYOUT (numba would otherwise reuse a cached step built for the old kernels)")

@@ -55,7 +55,7 @@ PAD = 64  # bytes of slack after every value buffer: the vector loads read up to
 # The layout of QPack's buffers and the kernels' arguments. numba caches a compiled function by its own
 # file's content only, so fused_decode.py (whose cached step inlines these kernels) pins this number:
 # bump both together, or a stale cached step keeps running the old kernels.
-LAYOUT_VERSION = 5  # 2: int4 zero points; 3: group size 32 on the SIMD path; 4: register expand; 5: group 16
+LAYOUT_VERSION = 6  # 2: int4 zero points; 3: group 32 SIMD; 4: register expand; 5: group 16; 6: one split kernel
 
 # ---------------------------------------------------------------------------------------------------
 # LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
@@ -239,59 +239,74 @@ def _splat_groups(builder: ir.IRBuilder, base: ir.Value, first: ir.Value, n: int
     return _shuffle(builder, small, small, [lane // (64 // n) for lane in range(64)])
 
 
-def _row_codegen_split(bits: int, dense: bool, per_word: int):  # noqa: ANN202 - numba codegen callback
-    """Group size 64 / `per_word` (32: the GGUF block; 16): each 64-column word holds `per_word` groups,
-    so every word gets a scale vector (and int4 a zero-point vector) of `per_word` runs and is scaled as
-    it is read."""
+def _split_loop(builder: ir.IRBuilder, bits: int, dense: bool, per_word: int, ptrs: list[ir.Value],
+                args: list[ir.Value]) -> ir.Value:
+    """The row total (<64 x float>, not yet summed) of a row whose 64-column words hold `per_word` groups;
+    every word gets a scale vector (and int4 a zero-point vector) of `per_word` runs and is scaled as read."""
+    vals, masks, x, scales = ptrs
+    voff, moff, xoff, soff, ngroups, zoff = args[1], args[3], args[5], args[7], args[8], args[10]
+    fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
+    one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
+    words = builder.udiv(ngroups, ir.Constant(_I64, per_word))
+    entry = builder.block
+    head, body, done = (builder.append_basic_block(f"qh{per_word}.{n}") for n in ("head", "body", "done"))
+    builder.branch(head)
+    builder.position_at_end(head)
+    i, vo, total = builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
+    for phi, init in ((i, ir.Constant(_I64, 0)), (vo, voff), (total, zero_v)):
+        phi.add_incoming(init, entry)
+    builder.cbranch(builder.icmp_signed("<", i, words), body, done)
+    builder.position_at_end(body)
+    w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
+    g0 = builder.mul(i, ir.Constant(_I64, per_word))
+    z = _splat_groups(builder, vals, builder.add(zoff, g0), per_word, _V64I8) if bits == 4 else None
+    q, used = _word_values(builder, bits, dense, vals, vo, w, z, z_after=True)
+    sv = _splat_groups(builder, scales, builder.add(soff, g0), per_word, _V64F)
+    xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
+    total1 = builder.call(fma, [builder.fmul(q, xv), sv, total])
+    for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), (total, total1)):
+        phi.add_incoming(v, builder.block)
+    builder.branch(head)
+    builder.position_at_end(done)
+    return total
+
+
+def _row_codegen_split(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callback
+    """Group size 32 (the GGUF block) or 16: the `wpg` argument carries the groups per word (2 or 4), and
+    the row runs the loop compiled for that count (one well-predicted branch per row)."""
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        arr = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
-        vals, masks, x, scales = arr
-        voff, moff, xoff, soff, ngroups, zoff = args[1], args[3], args[5], args[7], args[8], args[10]
-        fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
-        one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
-        words = builder.udiv(ngroups, ir.Constant(_I64, per_word))
-        entry = builder.block
-        head, body, done = (builder.append_basic_block(f"qh.{n}") for n in ("head", "body", "done"))
-        builder.branch(head)
-        builder.position_at_end(head)
-        i, vo, total = builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
-        for phi, init in ((i, ir.Constant(_I64, 0)), (vo, voff), (total, zero_v)):
-            phi.add_incoming(init, entry)
-        builder.cbranch(builder.icmp_signed("<", i, words), body, done)
-        builder.position_at_end(body)
-        w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
-        g0 = builder.mul(i, ir.Constant(_I64, per_word))
-        z = _splat_groups(builder, vals, builder.add(zoff, g0), per_word, _V64I8) if bits == 4 else None
-        q, used = _word_values(builder, bits, dense, vals, vo, w, z, z_after=True)
-        sv = _splat_groups(builder, scales, builder.add(soff, g0), per_word, _V64F)
-        xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
-        total1 = builder.call(fma, [builder.fmul(q, xv), sv, total])
-        for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), (total, total1)):
-            phi.add_incoming(v, builder.block)
-        builder.branch(head)
-        builder.position_at_end(done)
+        ptrs = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
+        four, two, join = (builder.append_basic_block(f"qs.{n}") for n in ("four", "two", "join"))
+        builder.cbranch(builder.icmp_signed("==", args[9], ir.Constant(_I64, 4)), four, two)
+        totals = []
+        for block, per_word in ((four, 4), (two, 2)):
+            builder.position_at_end(block)
+            totals.append((_split_loop(builder, bits, dense, per_word, ptrs, list(args)), builder.block))
+            builder.branch(join)
+        builder.position_at_end(join)
+        total = builder.phi(_V64F)
+        for value, block in totals:
+            total.add_incoming(value, block)
         return _hsum(builder, total)
 
     return codegen
 
 
-def _make_row(bits: int, dense: bool, per_word: int = 1):  # noqa: ANN202 - returns a numba intrinsic
-    """A row intrinsic; `per_word` groups per 64-column word (1: group size a multiple of 64)."""
+def _make_row(bits: int, dense: bool, split: bool = False):  # noqa: ANN202 - returns a numba intrinsic
+    """A row intrinsic; `split`: group size 32 or 16 (`wpg` = groups per word), else a multiple of 64."""
     @intrinsic
     def row(typingctx, vals, voff, masks, moff, x, xoff, scales, soff, ngroups, wpg, zoff):  # noqa: ANN001, ANN202
         sig = types.float32(vals, types.int64, masks, types.int64, x, types.int64, scales, types.int64,
                             types.int64, types.int64, types.int64)
-        return sig, _row_codegen(bits, dense) if per_word == 1 else _row_codegen_split(bits, dense, per_word)
+        return sig, _row_codegen_split(bits, dense) if split else _row_codegen(bits, dense)
 
     return row
 
 
 _row_i8, _row_i4, _row_f32 = _make_row(8, False), _make_row(4, False), _make_row(32, False)
 _dense_i8, _dense_i4, _dense_f32 = _make_row(8, True), _make_row(4, True), _make_row(32, True)
-_half_i8, _half_i4 = _make_row(8, False, 2), _make_row(4, False, 2)  # group size 32
-_hdense_i8, _hdense_i4 = _make_row(8, True, 2), _make_row(4, True, 2)
-_quarter_i8, _quarter_i4 = _make_row(8, False, 4), _make_row(4, False, 4)  # group size 16
-_qdense_i8, _qdense_i4 = _make_row(8, True, 4), _make_row(4, True, 4)
+_split_i8, _split_i4 = _make_row(8, False, True), _make_row(4, False, True)  # group size 32 or 16
+_sdense_i8, _sdense_i4 = _make_row(8, True, True), _make_row(4, True, True)
 SPLIT_GROUPS = (32, 16)  # group sizes below 64 with a SIMD path (int8 / int4)
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,27 +366,17 @@ def _offsets(meta, m, r, rowptr):  # pragma: no cover - compiled
 def _rows_split(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xoff, y, yoff):  # pragma: no cover - compiled
     """`mat_rows` for group size 32 or 16 (int8 / int4 only: an fp32 matrix has one group per row)."""
     kind, gs, dense = meta[m, M_KIND], meta[m, M_GS], meta[m, M_DENSE] != 0
-    ng, i8 = meta[m, M_IN] // gs, kind == KIND_I8
+    ng, per_word = meta[m, M_IN] // gs, 64 // gs
     for r in range(r0, r1):
         vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
-        if gs == 32:
-            if i8 and not dense:
-                v = _half_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-            elif not dense:
-                v = _half_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-            elif i8:
-                v = _hdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-            else:
-                v = _hdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-        elif i8 and not dense:
-            v = _quarter_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-        elif not dense:
-            v = _quarter_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-        elif i8:
-            v = _qdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
+        if kind == KIND_I8 and not dense:
+            y[yoff + r] = _split_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, per_word, zo)
+        elif kind == KIND_I4 and not dense:
+            y[yoff + r] = _split_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, per_word, zo)
+        elif kind == KIND_I8:
+            y[yoff + r] = _sdense_i8(qvals, vo, masks, moff, x, xoff, scales, soff, ng, per_word, zo)
         else:
-            v = _qdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, 0, zo)
-        y[yoff + r] = v
+            y[yoff + r] = _sdense_i4(qvals, vo, masks, moff, x, xoff, scales, soff, ng, per_word, zo)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
