@@ -1,0 +1,1 @@
+"""Use a compressed model: text generation and an OpenAI-compatible HTTP server."""
