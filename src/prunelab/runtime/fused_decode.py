@@ -15,6 +15,14 @@ fp32 summation order.
 
     engine = DecodeEngine.from_model(lm)        # lm: LoadedModel (lm.quant used where present)
     ids = engine.generate(prompt_ids, 64)       # greedy; or engine.logits(ids) for scoring
+
+Many sequences at once (`BatchDecoder`, for a server's continuous batching): one call feeds any set of
+(sequence slot, position, token) entries — decode tokens of running sequences and prompt chunks of new
+ones alike — through every block, each row of every packed matrix read once for all entries
+(`qkernels.mat_rows_batch`), and returns the logits of the entries that ask for them.
+
+    batch = BatchDecoder(engine, slots=16)
+    logits = batch.step(tokens, slots, positions, want)   # (sum(want), vocab)
 """
 
 from __future__ import annotations
@@ -29,11 +37,11 @@ from numba import njit, prange
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel
 from prunelab.quant import QuantScheme, quantize_rtn
-from prunelab.runtime.qkernels import FAST, LAYOUT_VERSION, PAD, QPack, mat_rows, row_values
+from prunelab.runtime.qkernels import FAST, LAYOUT_VERSION, PAD, QPack, mat_rows, mat_rows_batch, row_values
 
 # numba caches `_step` by this file's content alone, not by the qkernels it inlines: pinning the kernels'
 # layout version here makes a kernel change change this file too (and so recompile the step).
-PINNED_LAYOUT = 6
+PINNED_LAYOUT = 7
 if LAYOUT_VERSION != PINNED_LAYOUT:
     raise RuntimeError(f"qkernels layout {LAYOUT_VERSION} != {PINNED_LAYOUT} pinned in fused_decode.py: "
                        "bump PINNED_LAYOUT (numba would otherwise reuse a cached step built for the old kernels)")
@@ -142,6 +150,94 @@ def _step(tok, pos, cfg, eps, scaling, lmats, offs, norms, fnorm, emb_m, head_m,
     _gemv_par(np.array([head_m]), offs[2], *buf, xn, logits, nch, fast)
 
 
+@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _gemv_batch(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, ys, nch,
+                fast):  # pragma: no cover - compiled
+    """`_gemv_par` for `n` inputs `xs` apart (outputs `ys` apart): each chunk of rows serves every input."""
+    for c in prange(mats.shape[0] * nch):
+        k, part = c // nch, c % nch
+        m = mats[k]
+        out = meta[m, 0]
+        r0, r1 = out * part // nch, out * (part + 1) // nch
+        mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, yoffs[k], ys, fast)
+
+
+@njit(parallel=True, cache=True, nogil=True, fastmath=True)
+def _attention_batch(qkv, qs, kc, vc, layer, slots, poss, n, nh, nkv, hd, scaling, out, os):  # pragma: no cover
+    """`_attention` for every (entry, head) pair, entry e reading its slot's cache up to its own position."""
+    group = nh // nkv
+    for c in prange(n * nh):
+        e, h = c // nh, c % nh
+        s_, pos, kvh, qo, oo = slots[e], poss[e], h // group, e * qs + h * hd, e * os + h * hd
+        scores = np.empty(pos + 1, np.float32)
+        best = np.float32(-np.inf)
+        for t in range(pos + 1):
+            acc = np.float32(0.0)
+            for i in range(hd):
+                acc += qkv[qo + i] * kc[layer, s_, kvh, t, i]
+            acc *= scaling
+            scores[t] = acc
+            best = max(best, acc)
+        tot = np.float32(0.0)
+        for t in range(pos + 1):
+            scores[t] = np.exp(scores[t] - best)
+            tot += scores[t]
+        for i in range(hd):
+            out[oo + i] = 0.0
+        for t in range(pos + 1):
+            p = scores[t] / tot
+            for i in range(hd):
+                out[oo + i] += p * vc[layer, s_, kvh, t, i]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _step_batch(toks, slots, poss, heads, cfg, eps, scaling, lmats, offs, norms, fnorm, emb_m, head_m, cos, sin,
+                kc, vc, meta, masks, mbytes, qvals, fvals, scales, rowptr,
+                x, xn, qkv, att, gu, act, tmp, logits, fast):  # pragma: no cover - compiled
+    """`_step` for `n = len(toks)` entries (token `toks[e]` of slot `slots[e]` at position `poss[e]`); the
+    logits of entries `heads` go to `logits` rows 0.. in that order. Every entry of a layer writes its K/V
+    before any entry attends, so a prompt chunk of one slot may sit in the same call (causal by position)."""
+    h, nh, nkv, hd, inter, nch = cfg[C_H], cfg[C_NH], cfg[C_NKV], cfg[C_HD], cfg[C_I], cfg[C_NCH]
+    n = toks.shape[0]
+    w, qw, gw, vocab = x.shape[1], qkv.shape[1], gu.shape[1], logits.shape[1]
+    xnf, qkvf, attf, guf, actf, tmpf, logf = (xn.reshape(-1), qkv.reshape(-1), att.reshape(-1), gu.reshape(-1),
+                                              act.reshape(-1), tmp.reshape(-1), logits.reshape(-1))
+    buf = (meta, masks, mbytes, qvals, fvals, scales, rowptr)
+    for e in range(n):
+        row_values(meta, emb_m, toks[e], mbytes, qvals, fvals, scales, rowptr, x[e])
+    qd, kd = nh * hd, nkv * hd
+    for layer in range(lmats.shape[0]):
+        for e in range(n):
+            _rmsnorm(x[e, :h], norms[layer, 0], eps, xn[e])
+        _gemv_batch(lmats[layer, 0:3], offs[0], *buf, xnf, w, n, qkvf, qw, nch, fast)
+        for e in range(n):
+            q = qkv[e]
+            _rope(q, 0, nh, hd, cos, sin, poss[e])
+            _rope(q, qd, nkv, hd, cos, sin, poss[e])
+            for g in range(nkv):
+                for i in range(hd):
+                    kc[layer, slots[e], g, poss[e], i] = q[qd + g * hd + i]
+                    vc[layer, slots[e], g, poss[e], i] = q[qd + kd + g * hd + i]
+        _attention_batch(qkvf, qw, kc, vc, layer, slots, poss, n, nh, nkv, hd, scaling, attf, w)
+        _gemv_batch(lmats[layer, 3:4], offs[2], *buf, attf, w, n, tmpf, w, nch, fast)
+        for e in range(n):
+            for i in range(h):
+                x[e, i] += tmp[e, i]
+            _rmsnorm(x[e, :h], norms[layer, 1], eps, xn[e])
+        _gemv_batch(lmats[layer, 4:6], offs[1], *buf, xnf, w, n, guf, gw, nch, fast)
+        for e in range(n):
+            for i in range(inter):
+                g_ = gu[e, i]
+                act[e, i] = g_ / (np.float32(1.0) + np.exp(-g_)) * gu[e, inter + i]
+        _gemv_batch(lmats[layer, 6:7], offs[2], *buf, actf, w, n, tmpf, w, nch, fast)
+        for e in range(n):
+            for i in range(h):
+                x[e, i] += tmp[e, i]
+    for j in range(heads.shape[0]):
+        _rmsnorm(x[heads[j], :h], fnorm, eps, xn[j])
+    _gemv_batch(np.array([head_m]), offs[2], *buf, xnf, w, heads.shape[0], logf, vocab, nch, fast)
+
+
 def _rope_table(inv_freq: torch.Tensor, attention_scaling: float, n: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin `(n, head_dim)` computed with the same fp32 ops as transformers' rotary embedding."""
     pos = torch.arange(n, dtype=torch.float32)[None, None, :]
@@ -199,6 +295,7 @@ class DecodeEngine:
     fast: bool = FAST
     pos: int = 0
     tokenizer: Any = None
+    context: int | None = None  # the model's longest sequence (max_position_embeddings)
 
     @classmethod
     def from_model(cls, lm: LoadedModel, *, head: str = "auto", fast: bool | None = None) -> DecodeEngine:
@@ -227,7 +324,8 @@ class DecodeEngine:
                   np.array(lmats, np.int64), np.ascontiguousarray(np.array(norms, np.float32)),
                   lm.model.model.norm.weight.detach().float().numpy().copy(), emb_m, head_m,
                   rot.inv_freq.detach().clone(), float(getattr(rot, "attention_scaling", 1.0)),
-                  int(c.vocab_size), FAST if fast is None else fast, tokenizer=lm.tokenizer)
+                  int(c.vocab_size), FAST if fast is None else fast, tokenizer=lm.tokenizer,
+                  context=lm.context_length)
         eng._allocate(256)
         return eng
 
@@ -299,6 +397,71 @@ class DecodeEngine:
             if eos_token_id is not None and tok == eos_token_id:
                 break
         return new
+
+
+class BatchDecoder:
+    """KV caches of `slots` sequences over one engine's packed weights, fed by a batched step.
+
+    Why apart from the engine: the engine's own cache serves `generate` / `logits` (one sequence), while a
+    server assigns slots to requests as they come and go; both read the same packed weights. A step takes
+    at most `max_entries` entries. The caches grow (doubling) up to the model's context length.
+    """
+
+    def __init__(self, engine: DecodeEngine, slots: int, *, max_entries: int = 64) -> None:
+        if slots < 1 or max_entries < 1:
+            raise ConfigError(f"a batch needs at least one slot and one entry (got {slots}, {max_entries})")
+        self.engine, self.slots, self.max_entries = engine, slots, max_entries
+        self.limit = engine.context or 1 << 20
+        h, nh, nkv, hd, inter = (int(v) for v in engine.cfg[:5])
+        wide = max(h, inter, nh * hd) + PAD
+        self.x, self.xn, self.att, self.act, self.tmp = (np.zeros((max_entries, wide), np.float32) for _ in range(5))
+        self.qkv = np.zeros((max_entries, (nh + 2 * nkv) * hd + PAD), np.float32)
+        self.gu = np.zeros((max_entries, 2 * inter + PAD), np.float32)
+        self.logits = np.zeros((max_entries, engine.vocab), np.float32)
+        qd, kd = nh * hd, nkv * hd
+        self.offs = np.array([[0, qd, qd + kd], [0, inter, 0], [0, 0, 0]], np.int64)
+        self.cfg = engine.cfg.copy()
+        self.positions = 0
+        self._grow(min(256, self.limit))
+
+    def _grow(self, positions: int) -> None:
+        """Caches and RoPE table for `positions` per slot, keeping what the slots hold."""
+        _, _, nkv, hd = (int(v) for v in self.engine.cfg[:4])
+        kc = np.zeros((self.engine.lmats.shape[0], self.slots, nkv, positions, hd), np.float32)
+        vc = np.zeros_like(kc)
+        if self.positions:
+            kc[:, :, :, : self.positions], vc[:, :, :, : self.positions] = self.kc, self.vc
+        self.kc, self.vc, self.positions = kc, vc, positions
+        self.cos, self.sin = _rope_table(self.engine.inv_freq, self.engine.attention_scaling, positions)
+        self.cfg[C_MAXPOS] = positions
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.kc.nbytes + self.vc.nbytes
+
+    def step(self, tokens: list[int], slots: list[int], positions: list[int], want: list[bool]) -> np.ndarray:
+        """Feed entry e = token `tokens[e]` of sequence slot `slots[e]` at `positions[e]`; the logits
+        `(sum(want), vocab)` of the entries with `want[e]`, in entry order (a view, overwritten next step).
+        A slot's positions before `positions[e]` must have been fed (earlier, or earlier in this call)."""
+        import numba
+
+        n = len(tokens)
+        if not 0 < n <= self.max_entries or not len(slots) == len(positions) == len(want) == n:
+            raise ConfigError(f"a batched step takes 1..{self.max_entries} entries of token, slot, position, want")
+        top = max(positions)
+        if top >= self.limit or min(positions) < 0 or not 0 <= min(slots) <= max(slots) < self.slots:
+            raise ConfigError(f"position {top} or slot out of range (context {self.limit}, {self.slots} slots)")
+        if top >= self.positions:
+            self._grow(min(self.limit, max(2 * self.positions, top + 1)))
+        self.cfg[C_NCH] = numba.get_num_threads()
+        heads = np.flatnonzero(np.asarray(want, bool)).astype(np.int64)
+        eng = self.engine
+        _step_batch(np.asarray(tokens, np.int64), np.asarray(slots, np.int64), np.asarray(positions, np.int64), heads,
+                    self.cfg, np.float32(eng.eps), np.float32(eng.scaling), eng.lmats, self.offs, eng.norms,
+                    eng.fnorm, eng.emb_m, eng.head_m, self.cos, self.sin, self.kc, self.vc, *eng.pack.buffers(),
+                    self.x[:n], self.xn[:n], self.qkv[:n], self.att[:n], self.gu[:n], self.act[:n], self.tmp[:n],
+                    self.logits, eng.fast)
+        return self.logits[: heads.size]
 
 
 def load_decoder(spec: str, *, head: str = "auto", fast: bool | None = None) -> DecodeEngine:

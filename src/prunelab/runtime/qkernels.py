@@ -55,7 +55,8 @@ PAD = 64  # bytes of slack after every value buffer: the vector loads read up to
 # The layout of QPack's buffers and the kernels' arguments. numba caches a compiled function by its own
 # file's content only, so fused_decode.py (whose cached step inlines these kernels) pins this number:
 # bump both together, or a stale cached step keeps running the old kernels.
-LAYOUT_VERSION = 6  # 2: int4 zero points; 3: group 32 SIMD; 4: register expand; 5: group 16; 6: one split kernel
+LAYOUT_VERSION = 7  # 2: int4 zero points; 3: group 32 SIMD; 4: register expand; 5: group 16; 6: one split kernel;
+# 7: batched rows
 
 # ---------------------------------------------------------------------------------------------------
 # LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
@@ -180,51 +181,95 @@ def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-def _row_codegen(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callback
-    """Group size a multiple of 64: an outer loop over the row's groups, an inner one over a group's words.
+# Intrinsic argument names, in order. A batched row (`nb` > 1) reads `nb` input vectors `xstride` apart and
+# writes its `nb` results into `y` `ystride` apart; a single row returns its float.
+_ROW_ARGS = ("vals", "voff", "masks", "moff", "x", "xoff", "scales", "soff", "ngroups", "wpg", "zoff")
+_BATCH_ARGS = _ROW_ARGS[:6] + ("xstride",) + _ROW_ARGS[6:] + ("y", "yoff", "ystride")
+_ARRAYS = ("vals", "masks", "x", "scales", "y")
+
+
+def _named(context, builder, sig, args, names):  # noqa: ANN001, ANN202
+    """The intrinsic's arguments by name; arrays as data pointers."""
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = (context.make_array(sig.args[i])(context, builder, args[i]).data if name in _ARRAYS
+                     else args[i])
+    return out
+
+
+def _x_offsets(builder: ir.IRBuilder, a: dict, nb: int) -> list[ir.Value]:
+    if nb == 1:
+        return [a["xoff"]]
+    return [builder.add(a["xoff"], builder.mul(a["xstride"], ir.Constant(_I64, b))) for b in range(nb)]
+
+
+def _finish(builder: ir.IRBuilder, a: dict, totals: list[ir.Value]) -> ir.Value | None:
+    """One row: the summed total. Batched: each total summed and stored at y[yoff + b * ystride]."""
+    if len(totals) == 1 and "y" not in a:
+        return _hsum(builder, totals[0])
+    for b, t in enumerate(totals):
+        at = builder.add(a["yoff"], builder.mul(a["ystride"], ir.Constant(_I64, b)))
+        builder.store(_hsum(builder, t), builder.gep(a["y"], [at]))
+    return None
+
+
+def _row_loop(builder: ir.IRBuilder, bits: int, dense: bool, a: dict, nb: int) -> list[ir.Value]:
+    """Group size a multiple of 64: an outer loop over the row's groups, an inner one over a group's words;
+    `nb` input vectors share every decoded word (one pass over the row's bytes serves them all).
     (One flat loop with a group-end branch inside compiled to register copies of the accumulator on every
     word; see `_expand_i8` for what the two changes bought together.)"""
+    vals, masks, x, scales = a["vals"], a["masks"], a["x"], a["scales"]
+    ngroups, wpg, zoff = a["ngroups"], a["wpg"], a["zoff"]
+    xoffs = _x_offsets(builder, a, nb)
+    fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
+    one, zero_v, c0 = ir.Constant(_I64, 1), ir.Constant(_V64F, None), ir.Constant(_I64, 0)
+    entry = builder.block
+    ghead, gbody, whead, wbody, gend, done = (builder.append_basic_block(f"qk.{n}") for n in
+                                              ("ghead", "gbody", "whead", "wbody", "gend", "done"))
+    builder.branch(ghead)
+    builder.position_at_end(ghead)  # over groups: g, first word i0, value offset vo, row totals
+    g, i0, vo = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64)
+    totals = [builder.phi(_V64F) for _ in range(nb)]
+    for phi, init in ((g, c0), (i0, c0), (vo, a["voff"]), *((t, zero_v) for t in totals)):
+        phi.add_incoming(init, entry)
+    builder.cbranch(builder.icmp_signed("<", g, ngroups), gbody, done)
+    builder.position_at_end(gbody)
+    z = _splat_groups(builder, vals, builder.add(zoff, g), 1, _V64I8) if bits == 4 else None
+    builder.branch(whead)
+    builder.position_at_end(whead)  # over the group's words: k, value offset wvo, group sums acc
+    k, wvo = builder.phi(_I64), builder.phi(_I64)
+    accs = [builder.phi(_V64F) for _ in range(nb)]
+    for phi, init in ((k, c0), (wvo, vo), *((acc, zero_v) for acc in accs)):
+        phi.add_incoming(init, gbody)
+    builder.cbranch(builder.icmp_signed("<", k, wpg), wbody, gend)
+    builder.position_at_end(wbody)
+    i = builder.add(i0, k)
+    w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(a["moff"], i)]))
+    q, used = _word_values(builder, bits, dense, vals, wvo, w, z)
+    col = builder.mul(i, ir.Constant(_I64, 64))
+    new_accs = [builder.call(fma, [q, builder.load(_ptr(builder, x, builder.add(xo, col), _V64F), align=4), acc])
+                for xo, acc in zip(xoffs, accs, strict=True)]
+    for phi, v in ((k, builder.add(k, one)), (wvo, builder.add(wvo, used)), *zip(accs, new_accs, strict=True)):
+        phi.add_incoming(v, builder.block)
+    builder.branch(whead)
+    builder.position_at_end(gend)
+    s = builder.load(builder.gep(scales, [builder.add(a["soff"], g)]))
+    splat = builder.insert_element(ir.Constant(_V64F, ir.Undefined), s, ir.Constant(_I32, 0))
+    splat = _shuffle(builder, splat, splat, [0] * 64)
+    for phi, v in ((g, builder.add(g, one)), (i0, builder.add(i0, wpg)), (vo, wvo)):
+        phi.add_incoming(v, gend)
+    for t, acc in zip(totals, accs, strict=True):
+        t.add_incoming(builder.call(fma, [acc, splat, t]), gend)
+    builder.branch(ghead)
+    builder.position_at_end(done)
+    return totals
+
+
+def _row_codegen(bits: int, dense: bool, nb: int = 1):  # noqa: ANN202 - numba codegen callback
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        arr = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
-        vals, masks, x, scales = arr
-        voff, moff, xoff, soff, ngroups, wpg, zoff = args[1], args[3], args[5], args[7], args[8], args[9], args[10]
-        fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
-        one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
-        entry = builder.block
-        ghead, gbody, whead, wbody, gend, done = (builder.append_basic_block(f"qk.{n}") for n in
-                                                  ("ghead", "gbody", "whead", "wbody", "gend", "done"))
-        builder.branch(ghead)
-        builder.position_at_end(ghead)  # over groups: g, first word i0, value offset vo, row total
-        g, i0, vo, total = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
-        for phi, init in ((g, ir.Constant(_I64, 0)), (i0, ir.Constant(_I64, 0)), (vo, voff), (total, zero_v)):
-            phi.add_incoming(init, entry)
-        builder.cbranch(builder.icmp_signed("<", g, ngroups), gbody, done)
-        builder.position_at_end(gbody)
-        z = _splat_groups(builder, vals, builder.add(zoff, g), 1, _V64I8) if bits == 4 else None
-        builder.branch(whead)
-        builder.position_at_end(whead)  # over the group's words: k, value offset wvo, group sum acc
-        k, wvo, acc = builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
-        for phi, init in ((k, ir.Constant(_I64, 0)), (wvo, vo), (acc, zero_v)):
-            phi.add_incoming(init, gbody)
-        builder.cbranch(builder.icmp_signed("<", k, wpg), wbody, gend)
-        builder.position_at_end(wbody)
-        i = builder.add(i0, k)
-        w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
-        q, used = _word_values(builder, bits, dense, vals, wvo, w, z)
-        xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
-        for phi, v in ((k, builder.add(k, one)), (wvo, builder.add(wvo, used)), (acc, builder.call(fma, [q, xv, acc]))):
-            phi.add_incoming(v, builder.block)
-        builder.branch(whead)
-        builder.position_at_end(gend)
-        s = builder.load(builder.gep(scales, [builder.add(soff, g)]))
-        splat = builder.insert_element(ir.Constant(_V64F, ir.Undefined), s, ir.Constant(_I32, 0))
-        splat = _shuffle(builder, splat, splat, [0] * 64)
-        for phi, v in ((g, builder.add(g, one)), (i0, builder.add(i0, wpg)), (vo, wvo),
-                       (total, builder.call(fma, [acc, splat, total]))):
-            phi.add_incoming(v, gend)
-        builder.branch(ghead)
-        builder.position_at_end(done)
-        return _hsum(builder, total)
+        a = _named(context, builder, sig, args, _ROW_ARGS if nb == 1 else _BATCH_ARGS)
+        out = _finish(builder, a, _row_loop(builder, bits, dense, a, nb))
+        return context.get_dummy_value() if out is None else out
 
     return codegen
 
@@ -239,55 +284,60 @@ def _splat_groups(builder: ir.IRBuilder, base: ir.Value, first: ir.Value, n: int
     return _shuffle(builder, small, small, [lane // (64 // n) for lane in range(64)])
 
 
-def _split_loop(builder: ir.IRBuilder, bits: int, dense: bool, per_word: int, ptrs: list[ir.Value],
-                args: list[ir.Value]) -> ir.Value:
-    """The row total (<64 x float>, not yet summed) of a row whose 64-column words hold `per_word` groups;
+def _split_loop(builder: ir.IRBuilder, bits: int, dense: bool, per_word: int, a: dict, nb: int) -> list[ir.Value]:
+    """The row totals (<64 x float>, not yet summed) of a row whose 64-column words hold `per_word` groups;
     every word gets a scale vector (and int4 a zero-point vector) of `per_word` runs and is scaled as read."""
-    vals, masks, x, scales = ptrs
-    voff, moff, xoff, soff, ngroups, zoff = args[1], args[3], args[5], args[7], args[8], args[10]
+    vals, masks, x, scales = a["vals"], a["masks"], a["x"], a["scales"]
+    xoffs = _x_offsets(builder, a, nb)
     fma = _fn(builder, "llvm.fmuladd.v64f32", _V64F, [_V64F, _V64F, _V64F])
     one, zero_v = ir.Constant(_I64, 1), ir.Constant(_V64F, None)
-    words = builder.udiv(ngroups, ir.Constant(_I64, per_word))
+    words = builder.udiv(a["ngroups"], ir.Constant(_I64, per_word))
     entry = builder.block
     head, body, done = (builder.append_basic_block(f"qh{per_word}.{n}") for n in ("head", "body", "done"))
     builder.branch(head)
     builder.position_at_end(head)
-    i, vo, total = builder.phi(_I64), builder.phi(_I64), builder.phi(_V64F)
-    for phi, init in ((i, ir.Constant(_I64, 0)), (vo, voff), (total, zero_v)):
+    i, vo = builder.phi(_I64), builder.phi(_I64)
+    totals = [builder.phi(_V64F) for _ in range(nb)]
+    for phi, init in ((i, ir.Constant(_I64, 0)), (vo, a["voff"]), *((t, zero_v) for t in totals)):
         phi.add_incoming(init, entry)
     builder.cbranch(builder.icmp_signed("<", i, words), body, done)
     builder.position_at_end(body)
-    w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(moff, i)]))
+    w = ir.Constant(_I64, -1) if dense else builder.load(builder.gep(masks, [builder.add(a["moff"], i)]))
     g0 = builder.mul(i, ir.Constant(_I64, per_word))
-    z = _splat_groups(builder, vals, builder.add(zoff, g0), per_word, _V64I8) if bits == 4 else None
+    z = _splat_groups(builder, vals, builder.add(a["zoff"], g0), per_word, _V64I8) if bits == 4 else None
     q, used = _word_values(builder, bits, dense, vals, vo, w, z, z_after=True)
-    sv = _splat_groups(builder, scales, builder.add(soff, g0), per_word, _V64F)
-    xv = builder.load(_ptr(builder, x, builder.add(xoff, builder.mul(i, ir.Constant(_I64, 64))), _V64F), align=4)
-    total1 = builder.call(fma, [builder.fmul(q, xv), sv, total])
-    for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), (total, total1)):
+    sv = _splat_groups(builder, scales, builder.add(a["soff"], g0), per_word, _V64F)
+    col = builder.mul(i, ir.Constant(_I64, 64))
+    new = [builder.call(fma, [builder.fmul(q, builder.load(_ptr(builder, x, builder.add(xo, col), _V64F), align=4)),
+                              sv, t]) for xo, t in zip(xoffs, totals, strict=True)]
+    for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), *zip(totals, new, strict=True)):
         phi.add_incoming(v, builder.block)
     builder.branch(head)
     builder.position_at_end(done)
-    return total
+    return totals
 
 
-def _row_codegen_split(bits: int, dense: bool):  # noqa: ANN202 - numba codegen callback
+def _row_codegen_split(bits: int, dense: bool, nb: int = 1):  # noqa: ANN202 - numba codegen callback
     """Group size 32 (the GGUF block) or 16: the `wpg` argument carries the groups per word (2 or 4), and
     the row runs the loop compiled for that count (one well-predicted branch per row)."""
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
-        ptrs = [context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2, 4, 6)]
+        a = _named(context, builder, sig, args, _ROW_ARGS if nb == 1 else _BATCH_ARGS)
         four, two, join = (builder.append_basic_block(f"qs.{n}") for n in ("four", "two", "join"))
-        builder.cbranch(builder.icmp_signed("==", args[9], ir.Constant(_I64, 4)), four, two)
-        totals = []
+        builder.cbranch(builder.icmp_signed("==", a["wpg"], ir.Constant(_I64, 4)), four, two)
+        branches = []
         for block, per_word in ((four, 4), (two, 2)):
             builder.position_at_end(block)
-            totals.append((_split_loop(builder, bits, dense, per_word, ptrs, list(args)), builder.block))
+            branches.append((_split_loop(builder, bits, dense, per_word, a, nb), builder.block))
             builder.branch(join)
         builder.position_at_end(join)
-        total = builder.phi(_V64F)
-        for value, block in totals:
-            total.add_incoming(value, block)
-        return _hsum(builder, total)
+        totals = []
+        for b in range(nb):
+            t = builder.phi(_V64F)
+            for values, block in branches:
+                t.add_incoming(values[b], block)
+            totals.append(t)
+        out = _finish(builder, a, totals)
+        return context.get_dummy_value() if out is None else out
 
     return codegen
 
@@ -303,10 +353,29 @@ def _make_row(bits: int, dense: bool, split: bool = False):  # noqa: ANN202 - re
     return row
 
 
+BATCH = 4  # input vectors per batched row call: 4 x 4 zmm accumulators, the decoded word kept in registers
+
+
+def _make_row_batch(bits: int, dense: bool, split: bool = False):  # noqa: ANN202 - returns a numba intrinsic
+    """A batched row intrinsic: the same row against `BATCH` inputs, results stored into `y` (no return)."""
+    @intrinsic
+    def row_b(typingctx, vals, voff, masks, moff, x, xoff, xstride, scales, soff, ngroups, wpg, zoff,  # noqa: ANN001, ANN202
+              y, yoff, ystride):
+        sig = types.none(vals, types.int64, masks, types.int64, x, types.int64, types.int64, scales, types.int64,
+                         types.int64, types.int64, types.int64, y, types.int64, types.int64)
+        return sig, (_row_codegen_split if split else _row_codegen)(bits, dense, BATCH)
+
+    return row_b
+
+
 _row_i8, _row_i4, _row_f32 = _make_row(8, False), _make_row(4, False), _make_row(32, False)
 _dense_i8, _dense_i4, _dense_f32 = _make_row(8, True), _make_row(4, True), _make_row(32, True)
 _split_i8, _split_i4 = _make_row(8, False, True), _make_row(4, False, True)  # group size 32 or 16
 _sdense_i8, _sdense_i4 = _make_row(8, True, True), _make_row(4, True, True)
+_brow_i8, _brow_i4, _brow_f32 = _make_row_batch(8, False), _make_row_batch(4, False), _make_row_batch(32, False)
+_bdense_i8, _bdense_i4, _bdense_f32 = _make_row_batch(8, True), _make_row_batch(4, True), _make_row_batch(32, True)
+_bsplit_i8, _bsplit_i4 = _make_row_batch(8, False, True), _make_row_batch(4, False, True)
+_bsdense_i8, _bsdense_i4 = _make_row_batch(8, True, True), _make_row_batch(4, True, True)
 SPLIT_GROUPS = (32, 16)  # group sizes below 64 with a SIMD path (int8 / int4)
 
 # ---------------------------------------------------------------------------------------------------
@@ -417,6 +486,101 @@ def mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xo
         for r in range(r0, r1):
             vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
             y[yoff + r] = _dense_f32(fvals, vo, masks, moff, x, xoff, scales, soff, ng, wpg, zo)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _rows_split_b(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xs, n, y, yoff, ys):  # pragma: no cover
+    """`mat_rows_batch` for group size 32 or 16 (see `_rows_split`)."""
+    kind, gs, dense = meta[m, M_KIND], meta[m, M_GS], meta[m, M_DENSE] != 0
+    ng, pw, nq = meta[m, M_IN] // gs, 64 // gs, n - n % BATCH
+    if kind == KIND_I8 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bsplit_i8(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, pw, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _split_i8(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, pw, zo)
+    elif kind == KIND_I4 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bsplit_i4(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, pw, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _split_i4(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, pw, zo)
+    elif kind == KIND_I8:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bsdense_i8(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, pw, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _sdense_i8(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, pw, zo)
+    else:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bsdense_i4(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, pw, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _sdense_i4(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, pw, zo)
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, yoff, ys,
+                   fast):  # pragma: no cover - compiled
+    """`mat_rows` for `n` inputs at once: y[e * ys + yoff + r] = row r of matrix `m` times x[e * xs:], r in [r0, r1).
+
+    Why: at batch size n the single-row kernel would stream every row's bytes n times. Here each row is
+    decoded once per `BATCH` inputs while its bytes sit in L1 (the SIMD paths; the scalar path loops
+    `mat_rows` per input). Per input the arithmetic is the single kernel's, in the same order, so a
+    batched result equals the unbatched one bit for bit. Kind dispatch outside the row loops, as in `mat_rows`."""
+    inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
+    ng, wpg, dense, nq = inp // gs, gs // 64, meta[m, M_DENSE] != 0, n - n % BATCH
+    if not (fast and meta[m, M_FAST]):
+        for e in range(n):
+            mat_rows(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, e * xs, y, e * ys + yoff, fast)
+    elif gs < 64:
+        _rows_split_b(meta, m, r0, r1, masks, qvals, scales, rowptr, x, xs, n, y, yoff, ys)
+    elif kind == KIND_I8 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _brow_i8(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _row_i8(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
+    elif kind == KIND_I4 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _brow_i4(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _row_i4(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
+    elif kind == KIND_F32 and not dense:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _brow_f32(fvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _row_f32(fvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
+    elif kind == KIND_I8:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bdense_i8(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _dense_i8(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
+    elif kind == KIND_I4:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bdense_i4(qvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _dense_i4(qvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
+    else:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            for e in range(0, nq, BATCH):
+                _bdense_f32(fvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
+            for e in range(nq, n):
+                y[e * ys + yoff + r] = _dense_f32(fvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
 
 
 @njit(cache=True, nogil=True)
