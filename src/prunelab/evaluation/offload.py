@@ -11,6 +11,8 @@ in-memory forward, so the numbers are identical, not merely close.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,15 +49,29 @@ def _block_major(lm: LoadedModel, blocks: list[BlockRef], batches: list[torch.Te
     return raw
 
 
+@contextlib.contextmanager
+def _identity_blocks(blocks: list[BlockRef], *, tuples: bool) -> Iterator[None]:
+    """`stand_ins`, returning what the real blocks return: a tensor, or a tuple that starts with one.
+
+    Models whose blocks return tuples (GPT-Neo, for instance) take `outputs[0]`; handed a bare
+    tensor they would take its first row instead.
+    """
+    with stand_ins(blocks):
+        if tuples:
+            for b in blocks:
+                b.module.forward = lambda hidden_states, *a, **k: (hidden_states,)  # type: ignore[method-assign]
+        yield
+
+
 def offloaded_window_nll(lm: LoadedModel, batches: list[torch.Tensor], blocks_out: Blocks) -> tuple[float, int]:
     """(sum of NLL, predicted tokens) over `batches` of windows, as `CausalScorer.window_nll` per batch."""
     blocks = stack_blocks(lm, "decoder")
     batches = [b.to(lm.offload.device) for b in batches]
     scorer = CausalScorer(lm.model)
-    with lm.offload.outside(), stand_ins(blocks):
+    raw = _block_major(lm, blocks, batches)
+    with lm.offload.outside(), _identity_blocks(blocks, tuples=not torch.is_tensor(raw[0])):
         if scorer.sliced is None:  # whether the head may be applied in slices depends on the head, not the blocks
             scorer.sliced = scorer._check_sliced(batches[0])
-    raw = _block_major(lm, blocks, batches)
     nll_sum, count = 0.0, 0
     with lm.offload.outside():
         for batch, out in zip(batches, raw, strict=True):

@@ -14,6 +14,13 @@ Tensors are read with plain positioned reads into a fresh buffer, not through a 
 pages of a mapped shard would count towards the process's resident memory until the map is
 closed, doubling the footprint of the largest tensor. Values are converted to the model's
 dtype exactly as `from_pretrained` does, so an out-of-core run computes on the same numbers.
+
+Which stored tensor fills which parameter is decided by transformers' own loading rules
+(`stored_names`: its key renamings and base-model prefix handling; tied weights read once from
+the stored half of the tie), not by a parallel table: an architecture whose checkpoint names
+differ from its module names streams like any other. What the checkpoint does not store
+(sinusoidal position tables, for instance) is initialised once by the model's own
+`initialize_weights`, as `from_pretrained` does, and kept in memory (`Offload.initialised`).
 """
 
 from __future__ import annotations
@@ -121,8 +128,18 @@ class Offload:
 
     # -- which tensor is where ------------------------------------------------------------------
     def _slots(self, model: nn.Module) -> dict[str, _Slot]:
-        prefix = getattr(model, "base_model_prefix", "") or ""
+        """Every parameter and persistent buffer, with the stored tensor `from_pretrained` would put there.
+
+        Keys are resolved by transformers' own loading rules (`stored_names`), tied tensors share one
+        slot (read from the stored one of the group, as `tie_weights` does), and whatever the
+        checkpoint does not store is initialised now, in memory, by `_initialise_missing`.
+        """
+        stored = stored_names(model, self.index)
+        self.renamed = {name: key for name, key in stored.items() if key != name}
+        _untie_differing(model, stored, self.index)
+        tied_targets = set(getattr(model, "all_tied_weights_keys", {}) or {})
         slots: dict[str, _Slot] = {}
+        names: dict[str, list[str]] = {}
         by_id: dict[int, str] = {}
         for mod_name, module in model.named_modules(remove_duplicate=False):
             for attr, t in list(module._parameters.items()) + [
@@ -132,22 +149,20 @@ class Offload:
                     continue
                 name = f"{mod_name}.{attr}" if mod_name else attr
                 first = by_id.setdefault(id(t), name)
-                if first not in slots:
-                    slots[first] = _Slot(self._key(name, prefix))
+                slots.setdefault(first, _Slot(""))
                 slots[first].holders.append((module, attr, attr in module._parameters))
-                if first != name and not slots[first].key:
-                    slots[first].key = self._key(name, prefix)
-        missing = [n for n, s in slots.items() if not s.key and any(h[2] for h in s.holders)]
-        if missing:
-            raise ModelLoadError(f"cannot stream {missing[0]}: no such tensor in the checkpoint's shards; "
-                                 "load it in memory instead (--offload none)")
+                names.setdefault(first, []).append(name)
+        missing: dict[str, _Slot] = {}
+        for first, slot in slots.items():
+            # a tied group is read from its source (a target only when the source is not stored)
+            aliases = sorted(names[first], key=lambda n: n in tied_targets)
+            slot.key = next((stored[n] for n in aliases if n in stored), "")
+            if not slot.key:
+                missing[first] = slot
+            else:
+                _check_shape(first, slot, self.index[slot.key])
+        self.initialised = _initialise_missing(model, missing, self.device)
         return {n: s for n, s in slots.items() if s.key}
-
-    def _key(self, name: str, prefix: str) -> str:
-        for cand in (name, name.removeprefix(f"{prefix}."), f"{prefix}.{name}"):
-            if cand in self.index:
-                return cand
-        return ""
 
     # -- reading and releasing ------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
@@ -203,6 +218,17 @@ class Offload:
         if write and self.sink is not None:
             self.sink(unit, self.tensors(unit))
         self.release(unit)
+
+    def initialised_report(self) -> list[dict[str, Any]]:
+        """What the checkpoint does not store and was initialised in memory (for `prune_report.json`)."""
+        out = []
+        for name, slot in self.initialised.items():
+            module, attr, is_param = slot.holders[0]
+            t = getattr(module, attr)
+            out.append({"name": name, "kind": "parameter" if is_param else "buffer", "shape": list(t.shape),
+                        "dtype": str(t.dtype).removeprefix("torch."), "numel": t.numel(),
+                        "initialised_by": f"{type(self.model).__name__}._init_weights (as from_pretrained)"})
+        return out
 
     def tensors(self, unit: str) -> dict[str, torch.Tensor]:
         """A resident unit's current tensors by model name (what a writer stores)."""
@@ -262,6 +288,107 @@ class Offload:
             what = f"block {unit}" if unit else "the weights outside the blocks (embeddings, norms, head)"
             raise ConfigError(f"--max-memory {format_bytes(self.budget_bytes)} is smaller than {what}, which needs "
                               f"{format_bytes(need)}: raise --max-memory to at least {format_bytes(2 * need)}")
+
+
+def stored_names(model: nn.Module, index: dict[str, TensorInfo]) -> dict[str, str]:
+    """Model state-dict name → checkpoint key, by the rules `from_pretrained` itself applies.
+
+    transformers renames checkpoint keys while loading (legacy names such as `LayerNorm.gamma`,
+    per-architecture rules such as GPT-NeoX's `embed_out` → `lm_head`, the base-model prefix added
+    or stripped): its own `get_model_conversion_mapping` and `rename_source_key` are run on every
+    stored key, in its order, so a key lands where `from_pretrained` would put it and nowhere else.
+    A key that transformers builds with a conversion (several stored tensors merged, one split) is
+    not a tensor that can be read on its own: that is refused here, before any work, naming it.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+
+    mapping = get_model_conversion_mapping(model)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", "") or None
+    meta_state = model.state_dict()
+    out: dict[str, str] = {}
+    for key in sorted(index, key=dot_natural_key):  # transformers' order: with duplicates the first one wins
+        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if renamed not in meta_state and key in meta_state:
+            renamed, pattern = rename_source_key(key, [], [], prefix, meta_state)
+        if renamed not in meta_state:
+            continue  # an unexpected key: from_pretrained ignores it too
+        if pattern is not None:
+            raise ModelLoadError(f"cannot stream {renamed}: transformers builds it from the stored {key} with a "
+                                 "weight conversion (tensors merged or split while loading), which --offload disk "
+                                 "does not do; load it in memory instead (--offload none)")
+        out.setdefault(renamed, key)
+    return out
+
+
+def _untie_differing(model: nn.Module, stored: dict[str, str], index: dict[str, TensorInfo]) -> None:
+    """A tied pair whose two tensors are both stored and differ is left untied, as `from_pretrained` does.
+
+    Only checkpoints that store both halves of a tie are read here (safetensors from
+    `save_pretrained` never do), one pair at a time.
+    """
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(tied.items()):
+        if target not in stored or source not in stored or stored[target] == stored[source]:
+            continue
+        if torch.equal(read_stored(index[stored[target]]), read_stored(index[stored[source]])):
+            continue
+        parent_name, _, attr = target.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        shared = getattr(parent, attr)
+        setattr(parent, attr, nn.Parameter(torch.empty_like(shared, device="meta"), requires_grad=False))
+        tied.pop(target)
+
+
+def _check_shape(name: str, slot: _Slot, stored: TensorInfo) -> None:
+    module, attr, _ = slot.holders[0]
+    want = tuple(getattr(module, attr).shape)
+    if tuple(stored.shape) != want:
+        raise ModelLoadError(f"cannot stream {name}: the checkpoint stores {stored.name} with shape "
+                             f"{list(stored.shape)} where the model built from config.json has {list(want)}")
+
+
+def _initialise_missing(model: nn.Module, missing: dict[str, _Slot], device: torch.device) -> dict[str, _Slot]:
+    """Tensors the checkpoint does not store, initialised the way `from_pretrained` initialises them.
+
+    `from_pretrained` gives each missing parameter or persistent buffer an empty tensor, marks every
+    loaded one `_is_hf_initialized` and runs the model's `initialize_weights`, whose `_init_weights`
+    fills exactly the unmarked ones (sinusoidal position tables, for instance, are computed there).
+    The same calls are made here on the skeleton — its streamed tensors are still on the meta device,
+    so the walk costs no memory — and the results stay in memory for the whole run: they are small.
+    """
+    if not missing:
+        return {}
+    fresh: set[int] = set()
+    for slot in missing.values():
+        module, attr, is_param = slot.holders[0]
+        meta = getattr(module, attr)
+        value: Any = torch.empty_like(meta, device="cpu")
+        if is_param:
+            value = nn.Parameter(value, requires_grad=False)
+        for mod, a, p in slot.holders:
+            (mod._parameters if p else mod._buffers)[a] = value
+        fresh.add(id(value))
+    init_weights = getattr(model, "initialize_weights", None)
+    if init_weights is None:
+        raise ModelLoadError(f"cannot stream {next(iter(missing))}: the checkpoint does not store it and "
+                             f"{type(model).__name__} has no initialize_weights; load it in memory (--offload none)")
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in fresh:
+            t._is_hf_initialized = True  # type: ignore[attr-defined]  # transformers' own "loaded" mark
+    for module in model.modules():
+        module._is_hf_initialized = False  # as in from_pretrained, where no module was initialised yet
+    init_weights()
+    for slot in missing.values():
+        module, attr, is_param = slot.holders[0]
+        value = getattr(module, attr).detach().to(device)
+        if is_param:
+            value = nn.Parameter(value, requires_grad=False)
+        for mod, a, p in slot.holders:
+            (mod._parameters if p else mod._buffers)[a] = value
+    return missing
 
 
 def units_of(names: Iterable[str]) -> dict[str, list[str]]:
@@ -329,6 +456,10 @@ def load_offloaded(spec: Any, *, device: str = "cpu", max_memory: int | None = N
     offload = Offload(model, index, dtype=dtype, device=resolve_device(device), budget_bytes=max_memory)
     offload.check_budget()
     lm = loaded_model(model, spec, source, config)
+    for m in lm.prunable:  # pruned in memory, it could not be written out with its block: say so now
+        if m.param_name in offload.initialised:
+            raise ModelLoadError(f"cannot stream {m.param_name}: the checkpoint does not store this prunable "
+                                 "matrix (from_pretrained would initialise it); load it in memory (--offload none)")
     lm.offload = offload
     return lm
 

@@ -73,6 +73,102 @@ def tiny_config(arch: str) -> Any:
     raise ConfigError(f"unknown tiny architecture '{arch}': choose one of {', '.join(TINY_ARCHS)}")
 
 
+# Width 32 (4 heads of 8), 2 layers, FFN 64: the smallest shapes every architecture accepts, so
+# that a test can build a few dozen of them in seconds. Keys are transformers' model_type values.
+_H, _FFN, _LAYERS, _HEADS = 32, 64, 2, 4
+
+
+def _hub_table() -> dict[str, tuple[str, str, dict[str, Any]]]:
+    """model_type -> (config class, model class with its LM head, config arguments)."""
+    ids = {"vocab_size": VOCAB_SIZE, "pad_token_id": PAD, "bos_token_id": BOS, "eos_token_id": EOS}
+    llama = dict(hidden_size=_H, intermediate_size=_FFN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+                 num_key_value_heads=2, max_position_embeddings=128, **ids)
+    gemma = dict(llama, head_dim=8, sliding_window=16)
+    gpt = dict(n_embd=_H, n_layer=_LAYERS, n_head=_HEADS, n_positions=128, **ids)
+    bert = dict(hidden_size=_H, intermediate_size=_FFN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+                max_position_embeddings=130, vocab_size=VOCAB_SIZE, pad_token_id=PAD)
+    t5 = dict(d_model=_H, d_kv=8, d_ff=_FFN, num_layers=_LAYERS, num_decoder_layers=_LAYERS, num_heads=_HEADS,
+              vocab_size=VOCAB_SIZE, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)
+    bart = dict(d_model=_H, encoder_layers=_LAYERS, decoder_layers=_LAYERS, encoder_attention_heads=_HEADS,
+                decoder_attention_heads=_HEADS, encoder_ffn_dim=_FFN, decoder_ffn_dim=_FFN,
+                max_position_embeddings=128, decoder_start_token_id=EOS, **ids)
+    return {
+        # decoders
+        "llama": ("LlamaConfig", "LlamaForCausalLM", llama),
+        "mistral": ("MistralConfig", "MistralForCausalLM", llama),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", llama),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(llama, head_dim=8)),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(llama, head_dim=8)),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", gemma),
+        "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", gemma),
+        "phi": ("PhiConfig", "PhiForCausalLM", llama),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", llama),
+        "stablelm": ("StableLmConfig", "StableLmForCausalLM", llama),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", llama),
+        "granite": ("GraniteConfig", "GraniteForCausalLM", llama),
+        "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", llama),
+        "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", llama),
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel", gpt),
+        "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", gpt),
+        "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(gpt, rotary_dim=4)),
+        "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(gpt, n_ctx=128, rotary_dim=4)),
+        "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM",
+                    dict(hidden_size=_H, num_layers=_LAYERS, num_heads=_HEADS, window_size=16,
+                         attention_types=[[["global", "local"], 1]], max_position_embeddings=128, **ids)),
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
+                     dict(hidden_size=_H, intermediate_size=_FFN, num_hidden_layers=_LAYERS,
+                          num_attention_heads=_HEADS, max_position_embeddings=128, **ids)),
+        "opt": ("OPTConfig", "OPTForCausalLM",
+                dict(hidden_size=_H, ffn_dim=_FFN, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS,
+                     word_embed_proj_dim=_H, max_position_embeddings=128, **ids)),
+        "falcon": ("FalconConfig", "FalconForCausalLM",
+                   dict(hidden_size=_H, num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, **ids)),
+        "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=_H, n_layer=_LAYERS, n_head=_HEADS, **ids)),
+        # encoders
+        "bert": ("BertConfig", "BertForMaskedLM", bert),
+        "roberta": ("RobertaConfig", "RobertaForMaskedLM", bert),
+        "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForMaskedLM", bert),
+        "camembert": ("CamembertConfig", "CamembertForMaskedLM", bert),
+        "deberta-v2": ("DebertaV2Config", "DebertaV2ForMaskedLM",
+                       dict(bert, relative_attention=True, position_buckets=16, pos_att_type=["p2c", "c2p"],
+                            position_biased_input=False)),
+        "electra": ("ElectraConfig", "ElectraForMaskedLM", dict(bert, embedding_size=_H)),
+        "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM",
+                       dict(dim=_H, hidden_dim=_FFN, n_layers=_LAYERS, n_heads=_HEADS, max_position_embeddings=128,
+                            vocab_size=VOCAB_SIZE, pad_token_id=PAD)),
+        "mpnet": ("MPNetConfig", "MPNetForMaskedLM", bert),
+        "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",
+                       dict(bert, global_attn_every_n_layers=2, local_attention=16)),
+        # encoder-decoders
+        "t5": ("T5Config", "T5ForConditionalGeneration", t5),
+        "mt5": ("MT5Config", "MT5ForConditionalGeneration", t5),
+        "bart": ("BartConfig", "BartForConditionalGeneration", bart),
+        "mbart": ("MBartConfig", "MBartForConditionalGeneration", bart),
+        "marian": ("MarianConfig", "MarianMTModel", dict(bart, decoder_start_token_id=PAD)),
+        "pegasus": ("PegasusConfig", "PegasusForConditionalGeneration", dict(bart, decoder_start_token_id=PAD)),
+        "m2m_100": ("M2M100Config", "M2M100ForConditionalGeneration", bart),
+        "blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration", bart),
+    }
+
+
+TINY_HUB_ARCHS = tuple(_hub_table())
+
+
+def tiny_hub_config(arch: str) -> Any:
+    """A 2-layer, width-32 config of a hub architecture (its model_type) for the byte tokenizer.
+
+    For tests that must cover many architectures cheaply (out of core vs in memory); the five
+    `TINY_ARCHS` keep their own, wider configs.
+    """
+    import transformers as tf
+
+    table = _hub_table()
+    if arch not in table:
+        raise ConfigError(f"unknown tiny hub architecture '{arch}': choose one of {', '.join(table)}")
+    config_cls, model_cls, kwargs = table[arch]
+    return getattr(tf, config_cls)(**kwargs, architectures=[model_cls])
+
+
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A randomly initialised tiny model with its LM head, deterministic given `seed`."""
     import transformers as tf
@@ -90,6 +186,24 @@ def save_tiny(arch: str, directory: str | Path, seed: int = 0) -> Path:
     """Write a tiny model and its tokenizer as a normal HF checkpoint directory."""
     directory = Path(directory)
     model = tiny_model(arch, seed)
+    model.save_pretrained(directory, safe_serialization=True)
+    byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def save_tiny_hub(arch: str, directory: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random model of a hub architecture (`TINY_HUB_ARCHS`) and the byte tokenizer.
+
+    `save_pretrained` writes it exactly as a real checkpoint of that architecture is written
+    (transformers' own key names on disk, tied weights stored once), which is what out-of-core
+    loading must map back.
+    """
+    import transformers as tf
+
+    directory = Path(directory)
+    config = tiny_hub_config(arch)
+    torch.manual_seed(seed)
+    model = getattr(tf, config.architectures[0])(config).eval()
     model.save_pretrained(directory, safe_serialization=True)
     byte_tokenizer().save_pretrained(directory)
     return directory

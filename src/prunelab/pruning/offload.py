@@ -77,6 +77,12 @@ class _Sink:
         self.total_params = self.total_zeros = 0
         self.written: set[str] = set()
         self.block_seconds: list[float] = []  # per block: read, calibration pass and solve, write
+        for slot in lm.offload.initialised.values():  # never written (loading initialises them again), but
+            module, attr, is_param = slot.holders[0]  # parameters of the model all the same
+            if is_param:
+                t = getattr(module, attr)
+                self.total_params += t.numel()
+                self.total_zeros += t.numel() - int(torch.count_nonzero(t))
 
     def __call__(self, unit: str, tensors: dict[str, torch.Tensor]) -> None:
         if unit and unit in self.written:
@@ -133,6 +139,10 @@ def prune_to_disk(lm: LoadedModel, config: PruneConfig, out_dir: str | Path, *, 
             "bytes_read": offload.bytes_read, "bytes_written": sink.stream.bytes_written,
             "block_seconds": sink.block_seconds, "model_bytes": offload.total_bytes,
             "budget_bytes": offload.budget_bytes,
+            # what the checkpoint does not store, initialised in memory as from_pretrained does (not written)
+            "initialised": offload.initialised_report(),
+            # model name -> stored key, where transformers' loading rules rename (the output uses model names)
+            "renamed": dict(offload.renamed),
         }
         write_json(tmp / "prune_report.json", _report(lm, result, extra))
     return result
