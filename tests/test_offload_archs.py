@@ -150,13 +150,17 @@ def test_tied_pair_stored_twice_with_different_values_stays_untied(small_text, t
     _same_as_in_memory(src, small_text, tmp_path / "out")
 
 
-def test_tensor_missing_from_a_block_is_initialised_as_from_pretrained(hub_dir, small_text, tmp_path):
-    """A norm the checkpoint lacks is initialised (ones) like from_pretrained does, kept and reported."""
-    src = save_tiny_hub("llama", tmp_path / "llama")
-    _rewrite(src, lambda t: t.pop("model.layers.1.input_layernorm.weight"))
+@pytest.mark.parametrize("arch, key, kind", [
+    ("llama", "model.layers.1.input_layernorm.weight", "parameter"),  # inside a block
+    ("marian", "final_logits_bias", "buffer"),  # a persistent buffer outside the blocks
+])
+def test_tensor_missing_from_the_checkpoint_is_initialised_as_from_pretrained(small_text, tmp_path, arch, key, kind):
+    """What the checkpoint lacks is initialised like from_pretrained does (its `_init_weights`), kept, reported."""
+    src = save_tiny_hub(arch, tmp_path / arch)
+    _rewrite(src, lambda t: t.pop(key))
     report = _same_as_in_memory(src, small_text, tmp_path / "out")
-    (entry,) = report["offload"]["initialised"]
-    assert entry["name"] == "model.layers.1.input_layernorm.weight" and entry["kind"] == "parameter"
+    entry = next(e for e in report["offload"]["initialised"] if e["name"] == key)
+    assert entry["kind"] == kind
 
 
 def test_prunable_matrix_missing_from_the_checkpoint_is_refused_in_one_line(tmp_path):
