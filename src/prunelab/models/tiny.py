@@ -160,7 +160,8 @@ def _hub_table() -> dict[str, tuple[str, str, dict[str, Any]]]:
         "megatron-bert": ("MegatronBertConfig", "MegatronBertForMaskedLM", bert),
         "ernie": ("ErnieConfig", "ErnieForMaskedLM", bert),
         "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM",
-                       dict(bert, global_attn_every_n_layers=2, local_attention=16)),
+                       dict(bert, global_attn_every_n_layers=2, local_attention=16, bos_token_id=BOS,
+                            eos_token_id=EOS, cls_token_id=BOS, sep_token_id=EOS)),
         # encoder-decoders
         "t5": ("T5Config", "T5ForConditionalGeneration", t5),
         "mt5": ("MT5Config", "MT5ForConditionalGeneration", t5),
