@@ -404,7 +404,9 @@ class BatchDecoder:
 
     Why apart from the engine: the engine's own cache serves `generate` / `logits` (one sequence), while a
     server assigns slots to requests as they come and go; both read the same packed weights. A step takes
-    at most `max_entries` entries. The caches grow (doubling) up to the model's context length.
+    at most `max_entries` entries. The caches grow (doubling) up to the model's context length. Logits
+    equal the engine's up to fp32 summation order (the matrix products are bit-identical; norms and
+    attention are compiled separately, so their vectorized sums may round differently).
     """
 
     def __init__(self, engine: DecodeEngine, slots: int, *, max_entries: int = 64) -> None:
