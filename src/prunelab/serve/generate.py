@@ -90,10 +90,12 @@ def complete(served: ServedModel, prompt: list[int], max_new_tokens: int, params
 
 def generate(model: str, *, prompt: str | None = None, chat: bool = False, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             out: TextIO = sys.stdout, err: TextIO = sys.stderr, stdin: TextIO = sys.stdin) -> list[GenerateResult]:
+             out: TextIO | None = None, err: TextIO | None = None,
+             stdin: TextIO | None = None) -> list[GenerateResult]:
     """`prunelab generate`: one completion of `prompt` (or standard input when it is piped), or with `chat`
     the chat template applied — one turn from `prompt` / piped input, or interactive turns from a terminal.
     Text streams to `out`; after each completion a line on `err` names the engine and its tokens/s."""
+    out, err, stdin = out or sys.stdout, err or sys.stderr, stdin or sys.stdin
     params = SamplingParams(temperature, top_k, top_p, seed).validate()
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})")

@@ -68,9 +68,9 @@ class TransformersBatcher:
                 raise ConfigError(f"slot {s}: positions must continue the sequence (at {self.lengths[s]})")
             ids = torch.tensor([[tokens[e] for e in idx]])
             with torch.no_grad():
-                out = self.model(input_ids=ids, past_key_values=self.caches[s], use_cache=True,
+                out = self.model(input_ids=ids, cache=self.caches[s], use_cache=True,
                                  position_ids=torch.arange(first, first + len(idx))[None])
-            self.caches[s], self.lengths[s] = out.past_key_values, first + len(idx)
+            self.caches[s], self.lengths[s] = out.cache, first + len(idx)
             logits = out.logits[0].float().numpy()
             for k, e in enumerate(idx):
                 if want[e]:
