@@ -225,9 +225,10 @@ def test_killed_stream_frees_slot_and_full_queue_answers_429(served) -> None:
 
 
 def test_batched_rows_equal_single_rows_bit_for_bit() -> None:
-    """mat_rows_batch (4 inputs per row decode + a remainder) == mat_rows per input, every kind and path."""
+    """mat_rows_batch (4 inputs per row decode + a remainder) == mat_rows per input, every kind and path;
+    mat_rows_t (16 transposed inputs, sparse matrices) equal up to fp32 rounding."""
     from prunelab.quant import QuantScheme, quantize_rtn
-    from prunelab.runtime.qkernels import FAST, PAD, QPack, mat_rows, mat_rows_batch
+    from prunelab.runtime.qkernels import FAST, LANES, M_DENSE, PAD, QPack, mat_rows, mat_rows_batch, mat_rows_t
 
     torch.manual_seed(0)
     pack, mats = QPack(), []
@@ -250,6 +251,14 @@ def test_batched_rows_equal_single_rows_bit_for_bit() -> None:
                 mat_rows(b[0], m, 0, 40, *b[1:], x, e * xs, one, e * ys + 3, fast)
             mat_rows_batch(b[0], m, 0, 40, *b[1:], x, xs, n, many, 3, ys, fast)
             assert np.array_equal(one, many), (m, fast)
+            if fast and b[0][m, M_DENSE] == 0:  # sparse: the transposed kernel (one FMA per kept weight)
+                xt = np.zeros(256 * LANES + PAD, np.float32)
+                xt[: 256 * LANES].reshape(256, LANES)[:, :n] = x[: n * xs].reshape(n, xs)[:, :256].T
+                yt = np.zeros(40 * LANES + PAD, np.float32)
+                mat_rows_t(b[0], m, 0, 40, b[1], b[3], b[4], b[5], b[6], xt, yt, 0)
+                ref = one.reshape(n, ys)[:, 3:43]
+                got = yt[: 40 * LANES].reshape(40, LANES)[:, :n].T
+                assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max(), m
 
 
 def test_batch_decoder_equals_single_engine(tiny_dirs) -> None:

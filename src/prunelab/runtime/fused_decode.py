@@ -37,11 +37,22 @@ from numba import njit, prange
 from prunelab.errors import ConfigError
 from prunelab.models.types import LoadedModel
 from prunelab.quant import QuantScheme, quantize_rtn
-from prunelab.runtime.qkernels import FAST, LAYOUT_VERSION, PAD, QPack, mat_rows, mat_rows_batch, row_values
+from prunelab.runtime.qkernels import (
+    FAST,
+    LANES,
+    LAYOUT_VERSION,
+    PAD,
+    QPack,
+    mat_rows,
+    mat_rows_batch,
+    mat_rows_t,
+    row_values,
+    transposed_ok,
+)
 
 # numba caches `_step` by this file's content alone, not by the qkernels it inlines: pinning the kernels'
 # layout version here makes a kernel change change this file too (and so recompile the step).
-PINNED_LAYOUT = 7
+PINNED_LAYOUT = 8
 if LAYOUT_VERSION != PINNED_LAYOUT:
     raise RuntimeError(f"qkernels layout {LAYOUT_VERSION} != {PINNED_LAYOUT} pinned in fused_decode.py: "
                        "bump PINNED_LAYOUT (numba would otherwise reuse a cached step built for the old kernels)")
@@ -150,16 +161,45 @@ def _step(tok, pos, cfg, eps, scaling, lmats, offs, norms, fnorm, emb_m, head_m,
     _gemv_par(np.array([head_m]), offs[2], *buf, xn, logits, nch, fast)
 
 
+T_MIN = 6  # inputs from which a sparse matrix runs transposed (work per kept weight, not per input and weight)
+
+
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
 def _gemv_batch(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, ys, nch,
                 fast):  # pragma: no cover - compiled
-    """`_gemv_par` for `n` inputs `xs` apart (outputs `ys` apart): each chunk of rows serves every input."""
+    """`_gemv_par` for `n` inputs `xs` apart (outputs `ys` apart): each chunk of rows serves every input.
+
+    From `T_MIN` inputs on, sparse matrices run `mat_rows_t` on the inputs transposed in blocks of `LANES`
+    (one FMA per kept weight serves 16 inputs); dense ones (the head) and smaller batches run
+    `mat_rows_batch` (one row decode per 4 inputs, dense SIMD work per input)."""
+    inp = meta[mats[0], 1]
+    use_t = n >= T_MIN
+    nblk = (n + LANES - 1) // LANES if use_t else 0
+    xt = np.zeros(nblk * inp * LANES + PAD, np.float32)
+    rowoff = np.zeros(mats.shape[0] + 1, np.int64)
+    for k in range(mats.shape[0]):
+        rowoff[k + 1] = rowoff[k] + meta[mats[k], 0]
+    yt = np.empty(nblk * rowoff[-1] * LANES + PAD, np.float32)
+    for e in range(nblk * LANES if use_t else 0):
+        blk, lane = e // LANES, e % LANES
+        if e < n:
+            for j in range(inp):
+                xt[(blk * inp + j) * LANES + lane] = x[e * xs + j]
     for c in prange(mats.shape[0] * nch):
         k, part = c // nch, c % nch
         m = mats[k]
         out = meta[m, 0]
         r0, r1 = out * part // nch, out * (part + 1) // nch
-        mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, yoffs[k], ys, fast)
+        if use_t and transposed_ok(meta, m, fast):
+            for blk in range(nblk):
+                base = (blk * rowoff[-1] + rowoff[k]) * LANES
+                mat_rows_t(meta, m, r0, r1, masks, qvals, fvals, scales, rowptr, xt[blk * inp * LANES:], yt, base)
+                for r in range(r0, r1):
+                    for lane in range(min(LANES, n - blk * LANES)):
+                        y[(blk * LANES + lane) * ys + yoffs[k] + r] = yt[base + r * LANES + lane]
+        else:
+            mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, yoffs[k], ys,
+                           fast)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)

@@ -55,8 +55,8 @@ PAD = 64  # bytes of slack after every value buffer: the vector loads read up to
 # The layout of QPack's buffers and the kernels' arguments. numba caches a compiled function by its own
 # file's content only, so fused_decode.py (whose cached step inlines these kernels) pins this number:
 # bump both together, or a stale cached step keeps running the old kernels.
-LAYOUT_VERSION = 7  # 2: int4 zero points; 3: group 32 SIMD; 4: register expand; 5: group 16; 6: one split kernel;
-# 7: batched rows
+LAYOUT_VERSION = 8  # 2: int4 zero points; 3: group 32 SIMD; 4: register expand; 5: group 16; 6: one split kernel;
+# 7: batched rows; 8: transposed sparse rows
 
 # ---------------------------------------------------------------------------------------------------
 # LLVM IR for one row: sum over groups of (scale[g] * sum over the group's 64-column words)
@@ -185,7 +185,7 @@ def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
 # writes its `nb` results into `y` `ystride` apart; a single row returns its float.
 _ROW_ARGS = ("vals", "voff", "masks", "moff", "x", "xoff", "scales", "soff", "ngroups", "wpg", "zoff")
 _BATCH_ARGS = _ROW_ARGS[:6] + ("xstride",) + _ROW_ARGS[6:] + ("y", "yoff", "ystride")
-_ARRAYS = ("vals", "masks", "x", "scales", "y")
+_ARRAYS = ("vals", "masks", "x", "scales", "y", "fbuf", "ibuf")
 
 
 def _named(context, builder, sig, args, names):  # noqa: ANN001, ANN202
@@ -377,6 +377,155 @@ _bdense_i8, _bdense_i4, _bdense_f32 = _make_row_batch(8, True), _make_row_batch(
 _bsplit_i8, _bsplit_i4 = _make_row_batch(8, False, True), _make_row_batch(4, False, True)
 _bsdense_i8, _bsdense_i4 = _make_row_batch(8, True, True), _make_row_batch(4, True, True)
 SPLIT_GROUPS = (32, 16)  # group sizes below 64 with a SIMD path (int8 / int4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sparse rows against many inputs at once: the batch in the SIMD lanes, work per kept weight
+# ---------------------------------------------------------------------------------------------------
+LANES = 16  # inputs per transposed call: one <16 x float> register holds one column of all of them
+_V16F_ = ir.VectorType(_F32, LANES)
+
+
+def _compress16(builder: ir.IRBuilder, v: ir.Value, m16: ir.Value, dst: ir.Value) -> None:
+    """Store the lanes of a 16-lane vector (float or i32) whose mask bit is set, packed, at `dst` (16 lanes
+    are written: zeros after the packed ones). Register form where AVX-512 has it (the memory form is slow)."""
+    vty = v.type
+    if HAS_AVX512F:
+        kind = "v16f32" if vty.element == _F32 else "v16i32"
+        fn = _fn(builder, f"llvm.x86.avx512.mask.compress.{kind}", vty, [vty, vty, _V16I1])
+        builder.store(builder.call(fn, [v, ir.Constant(vty, None), m16]), builder.bitcast(dst, vty.as_pointer()),
+                      align=4)
+    else:
+        builder.store(ir.Constant(vty, None), builder.bitcast(dst, vty.as_pointer()), align=4)
+        kind = "v16f32" if vty.element == _F32 else "v16i32"
+        fn = _fn(builder, f"llvm.masked.compressstore.{kind}", ir.VoidType(), [vty, vty.element.as_pointer(), _V16I1])
+        builder.call(fn, [v, dst, m16])
+
+
+def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.Value:
+    """The lane totals (<16 x float>) of one sparse row against `LANES` transposed inputs; `per_word`: groups
+    per 64-column word (2 or 4: group size 32 or 16), or 0 for group sizes that are multiples of 64.
+
+    Two passes. First every word's kept values, decoded and scaled, are packed into a list (`fbuf`) with
+    their column indices (`ibuf`) by compress instructions, no per-weight branch; then one loop over the
+    list, unrolled by 4 into 4 accumulators, does a broadcast and an FMA per kept weight."""
+    vals, masks, xt, scales = a["vals"], a["masks"], a["x"], a["scales"]
+    fbuf, ibuf = a["fbuf"], a["ibuf"]
+    fma = _fn(builder, "llvm.fmuladd.v16f32", _V16F_, [_V16F_, _V16F_, _V16F_])
+    pop16 = _fn(builder, "llvm.ctpop.i16", _I16, [_I16])
+    one, c0, zero16 = ir.Constant(_I64, 1), ir.Constant(_I64, 0), ir.Constant(_V16F_, None)
+    v16i = ir.VectorType(_I32, LANES)
+    if per_word:
+        words = builder.udiv(a["ngroups"], ir.Constant(_I64, per_word))
+    else:
+        words = builder.mul(a["ngroups"], a["wpg"])
+    entry = builder.block
+    whead, wbody, lhead, lbody, done = (builder.append_basic_block(f"qt{per_word}.{n}") for n in
+                                        ("whead", "wbody", "lhead", "lbody", "done"))
+    builder.branch(whead)
+    builder.position_at_end(whead)  # pass 1 over words: i, value offset vo, list length cnt
+    i, vo, cnt = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64)
+    for phi, init in ((i, c0), (vo, a["voff"]), (cnt, c0)):
+        phi.add_incoming(init, entry)
+    pad = builder.append_basic_block(f"qt{per_word}.pad")
+    builder.cbranch(builder.icmp_signed("<", i, words), wbody, pad)
+    builder.position_at_end(wbody)
+    w = builder.load(builder.gep(masks, [builder.add(a["moff"], i)]))
+    g = builder.mul(i, ir.Constant(_I64, per_word)) if per_word else builder.udiv(i, a["wpg"])
+    n = per_word or 1
+    sv = _splat_groups(builder, scales, builder.add(a["soff"], g), n, _V64F)
+    z = _splat_groups(builder, vals, builder.add(a["zoff"], g), n, _V64I8) if bits == 4 else None
+    q, used = _word_values(builder, bits, False, vals, vo, w, z, z_after=bool(per_word))
+    q = builder.fmul(q, sv)
+    col0 = builder.trunc(builder.mul(i, ir.Constant(_I64, 64)), _I32)
+    base = builder.insert_element(ir.Constant(v16i, ir.Undefined), col0, ir.Constant(_I32, 0))
+    base = _shuffle(builder, base, base, [0] * LANES)
+    off = cnt
+    for c in range(4):
+        m16 = builder.trunc(builder.lshr(w, ir.Constant(_I64, 16 * c)), _I16)
+        part = _shuffle(builder, q, q, list(range(16 * c, 16 * c + 16)))
+        _compress16(builder, part, builder.bitcast(m16, _V16I1), builder.gep(fbuf, [off]))
+        cols = builder.add(base, ir.Constant(v16i, [16 * c + k for k in range(16)]))
+        _compress16(builder, cols, builder.bitcast(m16, _V16I1), builder.gep(ibuf, [off]))
+        off = builder.add(off, builder.zext(builder.call(pop16, [m16]), _I64))
+    i.add_incoming(builder.add(i, one), builder.block)
+    vo.add_incoming(builder.add(vo, used), builder.block)
+    cnt.add_incoming(off, builder.block)
+    builder.branch(whead)
+    builder.position_at_end(pad)  # zero 4 entries past the end, so the last group of 4 adds nothing
+    builder.store(ir.Constant(ir.VectorType(_F32, 4), None),
+                  builder.bitcast(builder.gep(fbuf, [cnt]), ir.VectorType(_F32, 4).as_pointer()), align=4)
+    builder.store(ir.Constant(ir.VectorType(_I32, 4), None),
+                  builder.bitcast(builder.gep(ibuf, [cnt]), ir.VectorType(_I32, 4).as_pointer()), align=4)
+    builder.branch(lhead)
+    builder.position_at_end(lhead)  # pass 2 over the list, 4 at a time: k, accumulators
+    k = builder.phi(_I64)
+    accs = [builder.phi(_V16F_) for _ in range(4)]
+    k.add_incoming(c0, pad)
+    for acc in accs:
+        acc.add_incoming(zero16, pad)
+    builder.cbranch(builder.icmp_signed("<", k, cnt), lbody, done)
+    builder.position_at_end(lbody)
+    new = []
+    for u, acc in enumerate(accs):
+        e = builder.add(k, ir.Constant(_I64, u))
+        v = builder.load(builder.gep(fbuf, [e]))
+        vb = builder.insert_element(ir.Constant(_V16F_, ir.Undefined), v, ir.Constant(_I32, 0))
+        vb = _shuffle(builder, vb, vb, [0] * LANES)
+        col = builder.zext(builder.load(builder.gep(ibuf, [e])), _I64)
+        at = builder.mul(col, ir.Constant(_I64, LANES))
+        xv = builder.load(builder.bitcast(builder.gep(xt, [at]), _V16F_.as_pointer()), align=4)
+        new.append(builder.call(fma, [vb, xv, acc]))
+    k.add_incoming(builder.add(k, ir.Constant(_I64, 4)), lbody)
+    for acc, nv in zip(accs, new, strict=True):
+        acc.add_incoming(nv, lbody)
+    builder.branch(lhead)
+    builder.position_at_end(done)
+    return builder.fadd(builder.fadd(accs[0], accs[1]), builder.fadd(accs[2], accs[3]))
+
+
+def _row_t_codegen(bits: int, split: bool):  # noqa: ANN202 - numba codegen callback
+    """One sparse row against `LANES` inputs stored transposed (`xt[col * LANES + lane]`): each word's kept
+    values are decoded and scaled once, then every kept weight costs one broadcast and one FMA over all
+    lanes, so the work follows the kept weights, not the matrix size (the row kernels' dense SIMD work per
+    input does not). Four rotating accumulators hide the FMA latency. Lane totals go to `yt[ytoff:]`."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        names = ("vals", "voff", "masks", "moff", "x", "scales", "soff", "ngroups", "wpg", "zoff", "y", "yoff",
+                 "fbuf", "ibuf")
+        a = _named(context, builder, sig, args, names)
+        if split:
+            four, two, join = (builder.append_basic_block(f"qts.{n}") for n in ("four", "two", "join"))
+            builder.cbranch(builder.icmp_signed("==", a["wpg"], ir.Constant(_I64, 4)), four, two)
+            branches = []
+            for block, per_word in ((four, 4), (two, 2)):
+                builder.position_at_end(block)
+                branches.append((_row_t_loop(builder, bits, per_word, a), builder.block))
+                builder.branch(join)
+            builder.position_at_end(join)
+            total = builder.phi(_V16F_)
+            for value, block in branches:
+                total.add_incoming(value, block)
+        else:
+            total = _row_t_loop(builder, bits, 0, a)
+        builder.store(total, builder.bitcast(builder.gep(a["y"], [a["yoff"]]), _V16F_.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_row_t(bits: int, split: bool):  # noqa: ANN202 - returns a numba intrinsic
+    @intrinsic
+    def row_t(typingctx, vals, voff, masks, moff, xt, scales, soff, ngroups, wpg, zoff, yt, ytoff,  # noqa: ANN001, ANN202
+              fbuf, ibuf):
+        sig = types.none(vals, types.int64, masks, types.int64, xt, scales, types.int64, types.int64, types.int64,
+                         types.int64, yt, types.int64, fbuf, ibuf)
+        return sig, _row_t_codegen(bits, split)
+
+    return row_t
+
+
+_trow_i8, _trow_i4, _trow_f32 = _make_row_t(8, False), _make_row_t(4, False), _make_row_t(32, False)
+_tsplit_i8, _tsplit_i4 = _make_row_t(8, True), _make_row_t(4, True)
 
 # ---------------------------------------------------------------------------------------------------
 # One row of any matrix in a QPack; the portable scalar path; matrix-vector products
@@ -581,6 +730,42 @@ def mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr,
                 _bdense_f32(fvals, vo, masks, moff, x, e * xs, xs, scales, soff, ng, wpg, zo, y, e * ys + yoff + r, ys)
             for e in range(nq, n):
                 y[e * ys + yoff + r] = _dense_f32(fvals, vo, masks, moff, x, e * xs, scales, soff, ng, wpg, zo)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def transposed_ok(meta, m, fast):  # pragma: no cover - compiled
+    """`mat_rows_t` covers matrix `m`: stored sparse (a mask) on a SIMD layout."""
+    return fast and meta[m, M_FAST] != 0 and meta[m, M_DENSE] == 0
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def mat_rows_t(meta, m, r0, r1, masks, qvals, fvals, scales, rowptr, xt, yt, ytoff):  # pragma: no cover - compiled
+    """yt[ytoff + r * LANES + lane] = row r of sparse matrix `m` times input `lane`, for r in [r0, r1), with the
+    inputs transposed (`xt[col * LANES + lane]`). Only where `transposed_ok`. Sums in another order than
+    `mat_rows` (scaled values times inputs, per kept weight): equal up to fp32 rounding."""
+    inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
+    ng = inp // gs
+    fb, ib = np.empty(inp + 64, np.float32), np.empty(inp + 64, np.int32)  # one row's kept values and columns
+    if gs < 64:
+        pw = 64 // gs
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            if kind == KIND_I8:
+                _tsplit_i8(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib)
+            else:
+                _tsplit_i4(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib)
+    elif kind == KIND_I8:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            _trow_i8(qvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib)
+    elif kind == KIND_I4:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            _trow_i4(qvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib)
+    else:
+        for r in range(r0, r1):
+            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+            _trow_f32(fvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib)
 
 
 @njit(cache=True, nogil=True)
