@@ -161,7 +161,7 @@ def _step(tok, pos, cfg, eps, scaling, lmats, offs, norms, fnorm, emb_m, head_m,
     _gemv_par(np.array([head_m]), offs[2], *buf, xn, logits, nch, fast)
 
 
-T_MIN = 6  # inputs from which a sparse matrix runs transposed (work per kept weight, not per input and weight)
+T_MIN = 10  # inputs from which a sparse matrix runs transposed (work per kept weight, not per input and weight)
 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
@@ -175,7 +175,9 @@ def _gemv_batch(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, 
     inp = meta[mats[0], 1]
     use_t = n >= T_MIN
     nblk = (n + LANES - 1) // LANES if use_t else 0
-    xt = np.zeros(nblk * inp * LANES + PAD, np.float32)
+    xt_raw = np.zeros(nblk * inp * LANES + PAD + 16, np.float32)
+    a0 = (-xt_raw.ctypes.data % 64) // 4  # 64-byte aligned: each 16-lane column load is one cache line
+    xt = xt_raw[a0:]
     rowoff = np.zeros(mats.shape[0] + 1, np.int64)
     for k in range(mats.shape[0]):
         rowoff[k + 1] = rowoff[k] + meta[mats[k], 0]
@@ -439,6 +441,14 @@ class DecodeEngine:
         return new
 
 
+def _aligned(shape: tuple[int, int]) -> np.ndarray:
+    """A zeroed float32 array whose data starts on a 64-byte boundary."""
+    n = shape[0] * shape[1]
+    raw = np.zeros(n + 16, np.float32)
+    off = (-raw.ctypes.data % 64) // 4
+    return raw[off:off + n].reshape(shape)
+
+
 class BatchDecoder:
     """KV caches of `slots` sequences over one engine's packed weights, fed by a batched step.
 
@@ -456,9 +466,10 @@ class BatchDecoder:
         self.limit = engine.context or 1 << 20
         h, nh, nkv, hd, inter = (int(v) for v in engine.cfg[:5])
         wide = max(h, inter, nh * hd) + PAD
-        self.x, self.xn, self.att, self.act, self.tmp = (np.zeros((max_entries, wide), np.float32) for _ in range(5))
-        self.qkv = np.zeros((max_entries, (nh + 2 * nkv) * hd + PAD), np.float32)
-        self.gu = np.zeros((max_entries, 2 * inter + PAD), np.float32)
+        wide = -(-wide // 16) * 16  # rows start on 64-byte lines: the SIMD loads of an input never split a line
+        self.x, self.xn, self.att, self.act, self.tmp = (_aligned((max_entries, wide)) for _ in range(5))
+        self.qkv = _aligned((max_entries, -(-((nh + 2 * nkv) * hd + PAD) // 16) * 16))
+        self.gu = _aligned((max_entries, -(-(2 * inter + PAD) // 16) * 16))
         self.logits = np.zeros((max_entries, engine.vocab), np.float32)
         qd, kd = nh * hd, nkv * hd
         self.offs = np.array([[0, qd, qd + kd], [0, inter, 0], [0, 0, 0]], np.int64)

@@ -383,6 +383,7 @@ SPLIT_GROUPS = (32, 16)  # group sizes below 64 with a SIMD path (int8 / int4)
 # Sparse rows against many inputs at once: the batch in the SIMD lanes, work per kept weight
 # ---------------------------------------------------------------------------------------------------
 LANES = 16  # inputs per transposed call: one <16 x float> register holds one column of all of them
+T_CHUNK = 9  # 64-column words per column chunk: 576 columns x 16 lanes x 4 bytes = 36 KB of inputs, L1-resident
 _V16F_ = ir.VectorType(_F32, LANES)
 
 
@@ -404,7 +405,8 @@ def _compress16(builder: ir.IRBuilder, v: ir.Value, m16: ir.Value, dst: ir.Value
 
 def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.Value:
     """The lane totals (<16 x float>) of one sparse row against `LANES` transposed inputs; `per_word`: groups
-    per 64-column word (2 or 4: group size 32 or 16), or 0 for group sizes that are multiples of 64.
+    per 64-column word (2 or 4: group size 32 or 16), or 0 for group sizes that are multiples of 64. Only the
+    columns of words [w0, w1) count (a chunk whose inputs stay in L1).
 
     Two passes. First every word's kept values, decoded and scaled, are packed into a list (`fbuf`) with
     their column indices (`ibuf`) by compress instructions, no per-weight branch; then one loop over the
@@ -415,20 +417,27 @@ def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.
     pop16 = _fn(builder, "llvm.ctpop.i16", _I16, [_I16])
     one, c0, zero16 = ir.Constant(_I64, 1), ir.Constant(_I64, 0), ir.Constant(_V16F_, None)
     v16i = ir.VectorType(_I32, LANES)
-    if per_word:
-        words = builder.udiv(a["ngroups"], ir.Constant(_I64, per_word))
-    else:
-        words = builder.mul(a["ngroups"], a["wpg"])
+    pop64 = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
     entry = builder.block
-    whead, wbody, lhead, lbody, done = (builder.append_basic_block(f"qt{per_word}.{n}") for n in
-                                        ("whead", "wbody", "lhead", "lbody", "done"))
-    builder.branch(whead)
-    builder.position_at_end(whead)  # pass 1 over words: i, value offset vo, list length cnt
+    shead, sbody, whead, wbody, lhead, lbody, done = (builder.append_basic_block(f"qt{per_word}.{n}") for n in
+                                                      ("shead", "sbody", "whead", "wbody", "lhead", "lbody", "done"))
+    builder.branch(shead)
+    builder.position_at_end(shead)  # the values of the words before this column chunk: skip them
+    si, svo = builder.phi(_I64), builder.phi(_I64)
+    si.add_incoming(c0, entry)
+    svo.add_incoming(a["voff"], entry)
+    builder.cbranch(builder.icmp_signed("<", si, a["w0"]), sbody, whead)
+    builder.position_at_end(sbody)
+    sw = builder.load(builder.gep(masks, [builder.add(a["moff"], si)]))
+    si.add_incoming(builder.add(si, one), sbody)
+    svo.add_incoming(builder.add(svo, builder.call(pop64, [sw])), sbody)
+    builder.branch(shead)
+    builder.position_at_end(whead)  # pass 1 over the chunk's words: i, value offset vo, list length cnt
     i, vo, cnt = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64)
-    for phi, init in ((i, c0), (vo, a["voff"]), (cnt, c0)):
-        phi.add_incoming(init, entry)
+    for phi, init in ((i, a["w0"]), (vo, svo), (cnt, c0)):
+        phi.add_incoming(init, shead)
     pad = builder.append_basic_block(f"qt{per_word}.pad")
-    builder.cbranch(builder.icmp_signed("<", i, words), wbody, pad)
+    builder.cbranch(builder.icmp_signed("<", i, a["w1"]), wbody, pad)
     builder.position_at_end(wbody)
     w = builder.load(builder.gep(masks, [builder.add(a["moff"], i)]))
     g = builder.mul(i, ir.Constant(_I64, per_word)) if per_word else builder.udiv(i, a["wpg"])
@@ -491,7 +500,7 @@ def _row_t_codegen(bits: int, split: bool):  # noqa: ANN202 - numba codegen call
     input does not). Four rotating accumulators hide the FMA latency. Lane totals go to `yt[ytoff:]`."""
     def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
         names = ("vals", "voff", "masks", "moff", "x", "scales", "soff", "ngroups", "wpg", "zoff", "y", "yoff",
-                 "fbuf", "ibuf")
+                 "fbuf", "ibuf", "w0", "w1")
         a = _named(context, builder, sig, args, names)
         if split:
             four, two, join = (builder.append_basic_block(f"qts.{n}") for n in ("four", "two", "join"))
@@ -507,7 +516,10 @@ def _row_t_codegen(bits: int, split: bool):  # noqa: ANN202 - numba codegen call
                 total.add_incoming(value, block)
         else:
             total = _row_t_loop(builder, bits, 0, a)
-        builder.store(total, builder.bitcast(builder.gep(a["y"], [a["yoff"]]), _V16F_.as_pointer()), align=4)
+        dst = builder.bitcast(builder.gep(a["y"], [a["yoff"]]), _V16F_.as_pointer())
+        first = builder.icmp_signed("==", a["w0"], ir.Constant(_I64, 0))  # later chunks add to the first's sums
+        total = builder.select(first, total, builder.fadd(total, builder.load(dst, align=4)))
+        builder.store(total, dst, align=4)
         return context.get_dummy_value()
 
     return codegen
@@ -516,9 +528,9 @@ def _row_t_codegen(bits: int, split: bool):  # noqa: ANN202 - numba codegen call
 def _make_row_t(bits: int, split: bool):  # noqa: ANN202 - returns a numba intrinsic
     @intrinsic
     def row_t(typingctx, vals, voff, masks, moff, xt, scales, soff, ngroups, wpg, zoff, yt, ytoff,  # noqa: ANN001, ANN202
-              fbuf, ibuf):
+              fbuf, ibuf, w0, w1):
         sig = types.none(vals, types.int64, masks, types.int64, xt, scales, types.int64, types.int64, types.int64,
-                         types.int64, yt, types.int64, fbuf, ibuf)
+                         types.int64, yt, types.int64, fbuf, ibuf, types.int64, types.int64)
         return sig, _row_t_codegen(bits, split)
 
     return row_t
@@ -741,31 +753,39 @@ def transposed_ok(meta, m, fast):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True, fastmath=True)
 def mat_rows_t(meta, m, r0, r1, masks, qvals, fvals, scales, rowptr, xt, yt, ytoff):  # pragma: no cover - compiled
     """yt[ytoff + r * LANES + lane] = row r of sparse matrix `m` times input `lane`, for r in [r0, r1), with the
-    inputs transposed (`xt[col * LANES + lane]`). Only where `transposed_ok`. Sums in another order than
-    `mat_rows` (scaled values times inputs, per kept weight): equal up to fp32 rounding."""
+    inputs transposed (`xt[col * LANES + lane]`). Only where `transposed_ok`. Columns run in chunks of
+    `T_CHUNK` words, all rows per chunk, so the chunk's inputs (36 KB) stay in L1. Sums in another order
+    than `mat_rows` (scaled values times inputs, per kept weight): equal up to fp32 rounding."""
     inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
-    ng = inp // gs
+    ng, words = inp // gs, inp // 64
     fb, ib = np.empty(inp + 64, np.float32), np.empty(inp + 64, np.int32)  # one row's kept values and columns
-    if gs < 64:
-        pw = 64 // gs
-        for r in range(r0, r1):
-            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
-            if kind == KIND_I8:
-                _tsplit_i8(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib)
-            else:
-                _tsplit_i4(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib)
-    elif kind == KIND_I8:
-        for r in range(r0, r1):
-            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
-            _trow_i8(qvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib)
-    elif kind == KIND_I4:
-        for r in range(r0, r1):
-            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
-            _trow_i4(qvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib)
-    else:
-        for r in range(r0, r1):
-            vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
-            _trow_f32(fvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib)
+    for w0 in range(0, words, T_CHUNK):
+        w1 = min(words, w0 + T_CHUNK)
+        if gs < 64:
+            pw = 64 // gs
+            for r in range(r0, r1):
+                vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+                if kind == KIND_I8:
+                    _tsplit_i8(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib,
+                               w0, w1)
+                else:
+                    _tsplit_i4(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib,
+                               w0, w1)
+        elif kind == KIND_I8:
+            for r in range(r0, r1):
+                vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+                _trow_i8(qvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib,
+                         w0, w1)
+        elif kind == KIND_I4:
+            for r in range(r0, r1):
+                vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+                _trow_i4(qvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib,
+                         w0, w1)
+        else:
+            for r in range(r0, r1):
+                vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+                _trow_f32(fvals, vo, masks, moff, xt, scales, soff, ng, gs // 64, zo, yt, ytoff + r * LANES, fb, ib,
+                          w0, w1)
 
 
 @njit(cache=True, nogil=True)
