@@ -203,7 +203,8 @@ def test_killed_stream_frees_slot_and_full_queue_answers_429(served) -> None:
         sched = s.app.state.scheduler
         with httpx.Client(timeout=30) as c, c.stream("POST", f"{s.url}/v1/completions", json=body) as r:
             assert r.status_code == 200
-            next(r.iter_lines())  # the stream has started: the only slot is taken
+            lines = r.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
+            next(lines)  # the stream has started: the only slot is taken
             assert sched.active == 1
             waiting: list[httpx.Response] = []
             t = threading.Thread(target=lambda: waiting.append(
@@ -225,10 +226,10 @@ def test_killed_stream_frees_slot_and_full_queue_answers_429(served) -> None:
 
 
 def test_batched_rows_equal_single_rows_bit_for_bit() -> None:
-    """mat_rows_batch (4 inputs per row decode + a remainder) == mat_rows per input, every kind and path;
-    mat_rows_t (16 transposed inputs, sparse matrices) equal up to fp32 rounding."""
+    """mat_rows_batch (4 inputs per row decode + a remainder) == mat_rows per input bit for bit (group sizes
+    16/32: up to fp32 rounding); mat_rows_t (16 transposed inputs, sparse matrices) up to fp32 rounding."""
     from prunelab.quant import QuantScheme, quantize_rtn
-    from prunelab.runtime.qkernels import FAST, LANES, M_DENSE, PAD, QPack, mat_rows, mat_rows_batch, mat_rows_t
+    from prunelab.runtime.qkernels import FAST, LANES, M_DENSE, M_GS, PAD, QPack, mat_rows, mat_rows_batch, mat_rows_t
 
     torch.manual_seed(0)
     pack, mats = QPack(), []
@@ -250,7 +251,10 @@ def test_batched_rows_equal_single_rows_bit_for_bit() -> None:
             for e in range(n):
                 mat_rows(b[0], m, 0, 40, *b[1:], x, e * xs, one, e * ys + 3, fast)
             mat_rows_batch(b[0], m, 0, 40, *b[1:], x, xs, n, many, 3, ys, fast)
-            assert np.array_equal(one, many), (m, fast)
+            if fast and b[0][m, M_GS] < 64:  # group 16/32 batched: word scaled first, q*s*x rounding
+                assert np.abs(one - many).max() <= 1e-5 * np.abs(one).max(), (m, fast)
+            else:
+                assert np.array_equal(one, many), (m, fast)
             if fast and b[0][m, M_DENSE] == 0:  # sparse: the transposed kernel (one FMA per kept weight)
                 xt = np.zeros(256 * LANES + PAD, np.float32)
                 xt[: 256 * LANES].reshape(256, LANES)[:, :n] = x[: n * xs].reshape(n, xs)[:, :256].T

@@ -206,30 +206,11 @@ def _gemv_batch(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, 
 
 @njit(parallel=True, cache=True, nogil=True, fastmath=True)
 def _attention_batch(qkv, qs, kc, vc, layer, slots, poss, n, nh, nkv, hd, scaling, out, os):  # pragma: no cover
-    """`_attention` for every (entry, head) pair, entry e reading its slot's cache up to its own position."""
-    group = nh // nkv
-    for c in prange(n * nh):
-        e, h = c // nh, c % nh
-        s_, pos, kvh, qo, oo = slots[e], poss[e], h // group, e * qs + h * hd, e * os + h * hd
-        scores = np.empty(pos + 1, np.float32)
-        best = np.float32(-np.inf)
-        for t in range(pos + 1):
-            acc = np.float32(0.0)
-            for i in range(hd):
-                acc += qkv[qo + i] * kc[layer, s_, kvh, t, i]
-            acc *= scaling
-            scores[t] = acc
-            best = max(best, acc)
-        tot = np.float32(0.0)
-        for t in range(pos + 1):
-            scores[t] = np.exp(scores[t] - best)
-            tot += scores[t]
-        for i in range(hd):
-            out[oo + i] = 0.0
-        for t in range(pos + 1):
-            p = scores[t] / tot
-            for i in range(hd):
-                out[oo + i] += p * vc[layer, s_, kvh, t, i]
+    """`_attention` per entry (in parallel), entry e reading its slot's cache (`kc[slot]`: the single
+    engine's layout) up to its own position."""
+    for e in prange(n):
+        _attention(qkv[e * qs:(e + 1) * qs], kc[slots[e]], vc[slots[e]], layer, poss[e], nh, nkv, hd, scaling,
+                   out[e * os:(e + 1) * os])
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -258,8 +239,8 @@ def _step_batch(toks, slots, poss, heads, cfg, eps, scaling, lmats, offs, norms,
             _rope(q, qd, nkv, hd, cos, sin, poss[e])
             for g in range(nkv):
                 for i in range(hd):
-                    kc[layer, slots[e], g, poss[e], i] = q[qd + g * hd + i]
-                    vc[layer, slots[e], g, poss[e], i] = q[qd + kd + g * hd + i]
+                    kc[slots[e], layer, g, poss[e], i] = q[qd + g * hd + i]
+                    vc[slots[e], layer, g, poss[e], i] = q[qd + kd + g * hd + i]
         _attention_batch(qkvf, qw, kc, vc, layer, slots, poss, n, nh, nkv, hd, scaling, attf, w)
         _gemv_batch(lmats[layer, 3:4], offs[2], *buf, attf, w, n, tmpf, w, nch, fast)
         for e in range(n):
@@ -480,7 +461,7 @@ class BatchDecoder:
     def _grow(self, positions: int) -> None:
         """Caches and RoPE table for `positions` per slot, keeping what the slots hold."""
         _, _, nkv, hd = (int(v) for v in self.engine.cfg[:4])
-        kc = np.zeros((self.engine.lmats.shape[0], self.slots, nkv, positions, hd), np.float32)
+        kc = np.zeros((self.slots, self.engine.lmats.shape[0], nkv, positions, hd), np.float32)
         vc = np.zeros_like(kc)
         if self.positions:
             kc[:, :, :, : self.positions], vc[:, :, :, : self.positions] = self.kc, self.vc

@@ -308,8 +308,13 @@ def _split_loop(builder: ir.IRBuilder, bits: int, dense: bool, per_word: int, a:
     q, used = _word_values(builder, bits, dense, vals, vo, w, z, z_after=True)
     sv = _splat_groups(builder, scales, builder.add(a["soff"], g0), per_word, _V64F)
     col = builder.mul(i, ir.Constant(_I64, 64))
-    new = [builder.call(fma, [builder.fmul(q, builder.load(_ptr(builder, x, builder.add(xo, col), _V64F), align=4)),
-                              sv, t]) for xo, t in zip(xoffs, totals, strict=True)]
+    if nb == 1:  # (q * x) * s: the single kernel's rounding
+        new = [builder.call(fma, [builder.fmul(q, builder.load(_ptr(builder, x, builder.add(xoffs[0], col), _V64F),
+                                                               align=4)), sv, totals[0]])]
+    else:  # batched: the word scaled once for all inputs, one FMA per input (half the arithmetic; rounds as q*s*x)
+        qs = builder.fmul(q, sv)
+        new = [builder.call(fma, [qs, builder.load(_ptr(builder, x, builder.add(xo, col), _V64F), align=4), t])
+               for xo, t in zip(xoffs, totals, strict=True)]
     for phi, v in ((i, builder.add(i, one)), (vo, builder.add(vo, used)), *zip(totals, new, strict=True)):
         phi.add_incoming(v, builder.block)
     builder.branch(head)
@@ -692,7 +697,9 @@ def mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr,
     Why: at batch size n the single-row kernel would stream every row's bytes n times. Here each row is
     decoded once per `BATCH` inputs while its bytes sit in L1 (the SIMD paths; the scalar path loops
     `mat_rows` per input). Per input the arithmetic is the single kernel's, in the same order, so a
-    batched result equals the unbatched one bit for bit. Kind dispatch outside the row loops, as in `mat_rows`."""
+    batched result equals the unbatched one bit for bit, except for group sizes 16/32, where each word is
+    scaled once for all inputs (q * s * x: half the arithmetic; equal up to fp32 rounding). Kind dispatch
+    outside the row loops, as in `mat_rows`."""
     inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
     ng, wpg, dense, nq = inp // gs, gs // 64, meta[m, M_DENSE] != 0, n - n % BATCH
     if not (fast and meta[m, M_FAST]):
