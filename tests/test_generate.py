@@ -90,3 +90,49 @@ def test_bad_model_is_one_line_exit_2(which, tiny_dirs, tmp_path, monkeypatch, c
     code, text = run_cli(monkeypatch, capsys, "generate", spec, "--prompt", "hi")
     assert code == 2
     assert len(text.strip().splitlines()) == 1 and text.startswith("error:"), text
+
+
+@pytest.mark.slow
+def test_smollm2_server_chat_equals_transformers(tmp_path) -> None:
+    """Realism: SmolLM2-135M-Instruct 70 % + int8 saved sparse, its chat template, the live server's greedy
+    chat completion (openai client) == transformers' greedy generate == `complete` on the same checkpoint."""
+    import socket
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+    from openai import OpenAI
+
+    from prunelab.serve import ServeConfig, create_app
+
+    lm = load("zoo:smollm2")
+    prune(lm, PruneConfig(method="magnitude", sparsity=0.7, quant="int8"))
+    folder = save(lm, tmp_path / "q", format="sparse")
+    del lm
+    served = load_model(str(folder))
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = served.encode_chat(messages)
+    ref = _hf_greedy(str(folder), ids, 12)
+    assert complete(served, ids, 12, SamplingParams()).text == ref
+    app = create_app(served, ServeConfig("smollm2", threads=1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == ref
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
