@@ -314,3 +314,24 @@ def test_cli_serve_answers_health_and_a_completion(checkpoint) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "serving" in out and "Traceback" not in out, out
+
+
+def test_transformers_fallback_serves_concurrent_requests(tiny_dirs) -> None:
+    """GPT-2 has no fused engine: the server runs transformers per slot, same greedy text as its generate."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    served = load_model(str(tiny_dirs["gpt2"]))
+    assert served.engine == "transformers"
+    s = LiveServer(served, max_batch=2)
+    try:
+        prompts = ["hello world", "abc", "the end"]
+        refs = [_hf_greedy_text(tiny_dirs["gpt2"], served.encode(p), 8) for p in prompts]
+
+        def ask(p: str) -> str:
+            r = httpx.post(f"{s.url}/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0}, timeout=60)
+            return r.json()["choices"][0]["text"]
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(ask, prompts)) == refs
+    finally:
+        s.close()
