@@ -335,3 +335,16 @@ def test_transformers_fallback_serves_concurrent_requests(tiny_dirs) -> None:
             assert list(pool.map(ask, prompts)) == refs
     finally:
         s.close()
+
+
+def test_request_timeout_answers_504_and_frees_the_slot(served) -> None:
+    s = LiveServer(served, max_batch=1, timeout_s=0.3, step_delay_s=0.02)
+    try:
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(f"{s.url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
+        ok = httpx.post(f"{s.url}/v1/completions", json={**body, "max_tokens": 3}, timeout=30)
+        assert ok.status_code == 200
+        assert s.app.state.scheduler.stats.finished["timeout"] == 1
+    finally:
+        s.close()
