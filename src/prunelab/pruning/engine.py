@@ -199,6 +199,14 @@ def _account(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor
     owl_requested(config, result)
 
 
+def recount(lm: LoadedModel, result: PruneResult) -> None:
+    """Every figure of `result` again from the weights as they are now (after recovery and quantization
+    changed the kept weights; the masks are the same, so a kept weight rounded to 0 only adds zeros)."""
+    result.matrices = []
+    result.prunable_params = result.prunable_zeros = result.total_params = result.total_zeros = 0
+    _account(lm, result.config, result.masks, result)
+
+
 def owl_requested(config: PruneConfig, result: PruneResult) -> None:
     """With OWL each block had its own target: recover every matrix's requested sparsity from its mask counts."""
     if config.owl:

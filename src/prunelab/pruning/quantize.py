@@ -131,3 +131,28 @@ def quantize_remaining(lm: LoadedModel, config: PruneConfig, masks: dict[str, to
         "count_rule": "exact counts are checked on the masks (before rounding); kept weights rounded to 0 "
                       "add to `zeros`",
     }
+
+
+def gptq_on_masks(lm: LoadedModel, config: PruneConfig, masks: dict[str, torch.Tensor],
+                  calib: list[dict[str, torch.Tensor]], progress: Any = None) -> dict[str, Any]:
+    """GPTQ every prunable matrix on its fixed mask, block by block, then the head: `--quant` after recovery.
+
+    The same joint step sparsegpt/alps take inside their solve, run on weights that were trained after
+    pruning: each block is calibrated on the already-quantized blocks before it, pruned entries stay 0.
+    """
+    from prunelab.pruning.sequential import run_sequential
+    from prunelab.pruning.sparsegpt import HessianStats
+
+    model = lm.model
+
+    def solve(m: Any, stats: HessianStats) -> None:
+        w = m.weight(model)
+        scheme = config.quant_for(m.in_features, m.name)
+        new, info = gptq_on_support(w.detach().clone(), stats.hessian(), masks[m.name], scheme, name=m.name,
+                                    hinv_cache=stats.hinv_cache)  # type: ignore[arg-type]
+        w.copy_(new)
+        lm.quant[m.name] = info
+
+    with torch.no_grad():
+        run_sequential(lm, calib, lambda m: HessianStats(m.in_features), solve, progress=progress)
+    return quantize_remaining(lm, config, masks)

@@ -51,8 +51,8 @@ from prunelab.models.blocks import (
 from prunelab.models.types import LoadedModel, PrunableMatrix
 from prunelab.pruning.types import PruningError
 
-__all__ = ["BlockInput", "BlockRef", "ProgressFn", "SequentialRunner", "Stats", "block_prefix", "capture_inputs",
-           "plan_chunks", "run_sequential", "stack_blocks"]
+__all__ = ["BlockInput", "BlockRef", "ProgressFn", "SequentialRunner", "Stats", "batch_samples", "block_prefix",
+           "capture_inputs", "plan_chunks", "run_sequential", "stack_blocks"]
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -103,7 +103,7 @@ def plan_chunks(lm: LoadedModel, calib: list[dict[str, torch.Tensor]], budget_by
     return max(1, min(len(calib), budget_bytes // max(1, per_sample)))
 
 
-def _batches(calib: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, Any]]:
+def batch_samples(calib: list[dict[str, torch.Tensor]], size: int) -> list[dict[str, Any]]:
     """Stack samples into batches of `size`; samples of unequal shapes are never padded (padding
     would enter the statistics): they run one per batch instead."""
     shapes = {k: {tuple(c[k].shape) for c in calib if torch.is_tensor(c.get(k))} for k in calib[0]}
@@ -252,7 +252,7 @@ class SequentialRunner:
         """Calibrate (and prune) every stack of the model in execution order."""
         if not calib:
             raise PruningError("no calibration samples")
-        batches = _batches(calib, chunk_size or plan_chunks(self.lm, calib))
+        batches = batch_samples(calib, chunk_size or plan_chunks(self.lm, calib))
         device = self.lm.offload.device if self.lm.offload is not None else next(self.lm.model.parameters()).device
         if device.type != "cpu":  # inputs go where the blocks run (a GPU, with --device)
             batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]

@@ -100,10 +100,12 @@ class Cell:
 
     @property
     def method_label(self) -> str:
-        """`wanda`, `wanda[owl=True]`, `wanda+swap` (refine), `magnitude 2:4`: how plots and tables name the method."""
+        """`wanda`, `wanda[owl=True]`, `wanda+swap` (refine), `alps +block` (recovery), `magnitude 2:4`: how plots
+        and tables name the method."""
         opts = dict(self.method_options)
         refine = opts.pop("refine", None)
-        label = self.method + (f"+{refine}" if refine else "")
+        recover = opts.pop("recover", None)
+        label = self.method + (f"+{refine}" if refine else "") + (f" +{recover}" if recover else "")
         if opts:
             label += "[" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "]"
         if self.pattern != "unstructured":

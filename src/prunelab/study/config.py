@@ -36,7 +36,7 @@ SPEED_KEYS = ("sparsities", "methods", "prefill_tokens", "decode_tokens", "repea
 SIZE_KEYS = ("sparsities", "methods")
 TOP_KEYS = ("models", "methods", "patterns", "sparsities", "benchmarks", "analyze", "size", "speed", "calibration",
             "eval", "seed", "resources", "preset", "allow_hub", "keep_checkpoints", "threads", "model_overrides",
-            "plugins")
+            "plugins", "recover")
 # Speech encoders see 1500 frames per clip: 2 clips already give 3000 calibration positions per layer.
 SPEECH_CALIBRATION = {"zoo:whisper-tiny-en": {"calibration": {"nsamples": 2}}}
 
@@ -243,7 +243,7 @@ def load_config(
     allow_hub = _bool(merged["allow_hub"], "allow_hub")
     plugins = _check_plugins(merged.get("plugins") or [])
     models = _check_models(merged["models"], allow_hub)
-    methods = _check_methods(merged["methods"])
+    methods = _expand_recover(_check_methods(merged["methods"]), merged.get("recover"))
     patterns = _check_patterns(merged["patterns"])
     sparsities = _check_sparsities(merged["sparsities"], "sparsities")
     benchmarks = _check_benchmarks(merged["benchmarks"], models)
@@ -346,6 +346,9 @@ def _check_methods(value: Any) -> list[MethodEntry]:
         if name not in known:
             raise ConfigError(f"study config: methods[{i}] '{name}' is not a known method: choose one of "
                               f"{', '.join(known)}")
+        recover = opts.pop("recover", None)
+        if recover is not None:
+            _check_recover(recover, f"methods[{i}] '{name}'")
         allowed = method_option_names(name)
         for key in opts:
             if key not in allowed:
@@ -357,8 +360,31 @@ def _check_methods(value: Any) -> list[MethodEntry]:
             PruneConfig.from_settings(name, sparsity=0.5, **opts)
         except (TypeError, PrunelabError) as exc:
             raise ConfigError(f"study config: methods[{i}] '{name}': {exc}") from exc
-        out.append(MethodEntry(name, dict(opts)))
+        out.append(MethodEntry(name, dict(opts) | ({"recover": recover} if recover is not None else {})))
     return out
+
+
+def _check_recover(spec: Any, where: str) -> str:
+    """`block`, `distill:N`, `block+distill:N` (recovery after the method; see prunelab.recovery)."""
+    from prunelab.recovery.config import RecoveryConfig
+
+    try:
+        RecoveryConfig.from_spec(spec)
+    except PrunelabError as exc:
+        raise ConfigError(f"study config: {where}: {exc}") from exc
+    return str(spec)
+
+
+def _expand_recover(methods: list[MethodEntry], value: Any) -> list[MethodEntry]:
+    """The `recover:` axis: every method once per recovery (`none` keeps the method as it is)."""
+    if value is None:
+        return methods
+    specs = [str(v) for v in _as_list(value, "recover")]
+    for spec in specs:
+        if spec != "none":
+            _check_recover(spec, "recover")
+    return [MethodEntry(m.name, dict(m.options) | ({"recover": spec} if spec != "none" else {}))
+            for m in methods for spec in specs]
 
 
 def _check_patterns(value: Any) -> list[str]:
@@ -539,7 +565,9 @@ def _prune_params(config: StudyConfig, method: MethodEntry, model: str) -> dict[
 
     params: dict[str, Any] = {"seed": config.seed}
     calib = {**config.calibration_for(model), **{k: v for k, v in method.options.items() if k in CALIBRATION_KEYS}}
-    if PruneConfig.from_settings(method.name, sparsity=0.5, **method.options).needs_calibration:
+    options = {k: v for k, v in method.options.items() if k != "recover"}
+    # recovery trains on the calibration windows, so a recovered point depends on them too
+    if "recover" in method.options or PruneConfig.from_settings(method.name, sparsity=0.5, **options).needs_calibration:
         defaults = PruneConfig(method=method.name, sparsity=0.5)
         for key in CALIBRATION_KEYS:
             params[key] = calib.get(key, getattr(defaults, key))

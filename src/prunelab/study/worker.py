@@ -186,7 +186,18 @@ def prune_config_for(cell: Cell) -> Any:
 
     load_plugins(cell.plugins)  # the study's plug-in methods: a fresh worker process has not registered them
     kwargs = {**cell.prune, **cell.method_options}
+    kwargs.pop("recover", None)  # recovery after the method: `recovery_for`
     return PruneConfig.from_settings(cell.method, sparsity=cell.sparsity, pattern=cell.pattern, **kwargs)
+
+
+def recovery_for(cell: Cell) -> Any:
+    """The cell's recovery (`recover:` axis or a method entry's `recover`), None when it has none."""
+    spec = cell.method_options.get("recover")
+    if spec is None:
+        return None
+    from prunelab.recovery.config import RecoveryConfig
+
+    return RecoveryConfig.from_spec(spec)
 
 
 def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
@@ -213,7 +224,14 @@ def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
         lm = load(cell.model)
         before = _BEFORE.get(cell.model) or _BEFORE.setdefault(cell.model, block_profile(lm))
         t0 = time.perf_counter()
-        result = prune(lm, config, progress=_progress)
+        recovery = recovery_for(cell)
+        if recovery is None:
+            result = prune(lm, config, progress=_progress)
+        else:
+            from prunelab.recovery.pipeline import prune_and_recover
+
+            result = prune_and_recover(lm, config, recovery, lambda: load(cell.model), progress=_progress,
+                                       state_dir=ckpt.with_name(ckpt.name + ".recovery"))
         prune_s = time.perf_counter() - t0
         with atomic_dir(ckpt) as tmp:
             save_pruned(lm, result, tmp)
