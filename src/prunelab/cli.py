@@ -205,6 +205,12 @@ def prune(
                                           "(default: 80 percent of the memory available now)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (a GPU when there is one): where "
                                "calibration, Hessians and the weight solve run."),
+    recover_mode: str | None = typer.Option(None, "--recover", help="Train the kept weights afterwards, mask fixed: "
+                                            "block (each block against the dense block), distill (the dense model "
+                                            "teaches end to end) or block+distill."),
+    tokens: int = typer.Option(100_000, "--tokens", help="Distillation tokens (with --recover distill)."),
+    data: str = typer.Option("calib", "--data", help="Distillation text: calib (the calibration source), generated "
+                             "(sampled from the dense model) or a text file."),
 ) -> None:
     """Prune a model and write the checkpoint plus DIR/prune_report.json."""
     import time as _time
@@ -226,11 +232,14 @@ def prune(
     config = PruneConfig.from_settings(method, sparsity=sparsity, pattern=pattern, calib=calib,
                                        calib_column=calib_column, nsamples=nsamples, seqlen=seqlen, seed=seed, owl=owl,
                                        **settings)
+    recovery = _recovery_config(recover_mode, tokens, data, device) if recover_mode is not None else None
     t0 = _time.perf_counter()
     budget = parse_bytes(max_memory) if max_memory is not None else None
     lm = load(model, offload=offload, device=device, max_memory=budget)
     if lm.offload is not None and fmt != "hf":
         fail("--offload disk writes --format hf (one shard per block); convert afterwards with --offload none")
+    if lm.offload is not None and recovery is not None:
+        fail("--recover trains the model in memory: use --offload none (or recover the pruned checkpoint later)")
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task(f"{method} {pattern}", total=None)
@@ -240,11 +249,108 @@ def prune(
 
         if lm.offload is not None:
             result = prune_to_disk(lm, config, out_dir, progress=progress)
+        elif recovery is not None:
+            from prunelab.recovery.pipeline import prune_and_recover
+
+            result = prune_and_recover(lm, config, recovery, lambda: load(model, device=device),
+                                       state_dir=_recovery_state(out_dir), progress=progress)
         else:
             result = run_prune(lm, config, progress=progress)
     if lm.offload is None:
         save_pruned(lm, result, out_dir, format=fmt, extra={"wall_time_s": _time.perf_counter() - t0})
+    if recovery is not None:
+        _print_recovery(result.extra["recovery"])
+        _drop_recovery_state(out_dir)
     _print_prune_summary(model, f"{method} {pattern}{f' + {quant}' if quant else ''}", result, out_dir)
+
+
+def _recovery_config(mode: str, tokens: int, data: str, device: str, **extra: Any) -> Any:
+    from prunelab.recovery import RecoveryConfig
+
+    return RecoveryConfig(mode=mode, tokens=tokens, data=data, device=device, **extra)
+
+
+def _recovery_state(out_dir: Path) -> Path:
+    """Checkpoints of a recovery in progress, beside the output: a killed run resumes from them."""
+    return out_dir.parent / f".{out_dir.name}.recovery"
+
+
+def _drop_recovery_state(out_dir: Path) -> None:
+    import shutil
+
+    shutil.rmtree(_recovery_state(out_dir), ignore_errors=True)
+
+
+def _print_recovery(rec: dict[str, Any]) -> None:
+    for name, stage in rec["stages"].items():
+        if name == "block":
+            blocks = stage["blocks"]
+            before = sum(b["loss_before"] for b in blocks) / max(1, len(blocks))
+            after = sum(b["loss_after"] for b in blocks) / max(1, len(blocks))
+            line = f"recovery block: {len(blocks)} blocks, mean held-out nmse {before:.4f} → {after:.4f}"
+        else:
+            curve = stage["loss_curve"]
+            line = (f"recovery distill: {stage['tokens']:,} tokens, {stage['steps']} steps, loss "
+                    f"{curve[0][1]:.4f} → {curve[-1][1]:.4f}")
+        out.print(f"{line}, {stage['wall_s']:.0f} s", highlight=False)
+    out.print(f"pruned weights still zero: {rec['zeros_after']:,} zeros (before {rec['zeros_before']:,})"
+              f"{'; resumed ' + ', '.join(rec['resumed']) if rec['resumed'] else ''}", highlight=False)
+
+
+@app.command()
+def recover(
+    pruned: str = typer.Argument(..., help="The pruned checkpoint (any HF checkpoint with zeros: they are the mask)."),
+    teacher: str = typer.Option(..., "--teacher", help="The dense model it was pruned from (same architecture)."),
+    out_dir: Path = typer.Option(..., "--out", help="Output directory (written atomically)."),
+    mode: str = typer.Option("block", "--mode", help="block, distill or block+distill."),
+    tokens: int = typer.Option(100_000, "--tokens", help="Distillation tokens."),
+    data: str = typer.Option("calib", "--data", help="Distillation text: calib, generated or a text file."),
+    calib: str | None = typer.Option(None, "--calib", help="Calibration text of the block stage (default: MRPC)."),
+    calib_column: str | None = typer.Option(None, "--calib-column", help="Column of a .tsv/.jsonl calibration file."),
+    nsamples: int = typer.Option(64, "--nsamples", help="Calibration windows of the block stage."),
+    seqlen: int = typer.Option(512, "--seqlen", help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed of window sampling and of the batch order."),
+    quant: str | None = typer.Option(None, "--quant", help="Then quantize the recovered weights (int8 or int4, "
+                                     "GPTQ on the fixed mask)."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Input columns per scale (int4: 128)."),
+    fmt: str = typer.Option("hf", "--format", help="hf (save_pretrained, safetensors) or sparse (compressed)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32, or bf16 (autocast; weights stay fp32)."),
+    checkpoint_every: float = typer.Option(300.0, "--checkpoint-every", help="Seconds between distillation "
+                                           "checkpoints (a killed run resumes from the last one)."),
+) -> None:
+    """Recover a pruned checkpoint: train its kept weights against the dense teacher, the mask fixed."""
+    import time as _time
+
+    from prunelab.recovery.commands import recover_checkpoint
+
+    t0 = _time.perf_counter()
+    recovery = _recovery_config(mode, tokens, data, device, calib=calib, calib_column=calib_column,
+                                nsamples=nsamples, seqlen=seqlen, seed=seed, precision=precision,
+                                checkpoint_every_s=checkpoint_every)
+    with _bar("recover") as progress:
+        result = recover_checkpoint(pruned, teacher, recovery, out_dir, state_dir=_recovery_state(out_dir),
+                                    quant=quant, group_size=group_size, format=fmt, progress=progress)
+    _print_recovery(result.extra["recovery"])
+    _drop_recovery_state(out_dir)
+    out.print(f"{pruned}: recovered ({mode}) in {_time.perf_counter() - t0:.0f} s → {out_dir}", highlight=False)
+
+
+def _bar(what: str) -> Any:
+    """A transient rich progress bar; yields the `progress(message, done, total)` callback."""
+    import contextlib
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bar() -> Any:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as p:
+            task = p.add_task(what, total=None)
+            yield lambda message, done, total: p.update(task, description=f"{what}: {message}", completed=done,
+                                                        total=total)
+
+    return bar()
 
 
 def _print_prune_summary(model: str, what: str, result: Any, out_dir: Path) -> None:
@@ -405,6 +511,43 @@ def analyze_cmd(
               f"({scan['gb_per_s']} GB/s); outputs: {Path(out_dir).resolve()}", highlight=False)
 
 
+@app.command()
+def generate(
+    model: str = typer.Argument(..., help="Checkpoint directory or model spec (a decoder LM; pruned/quantized ok)."),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prompt text (default: standard input if piped)."),
+    chat: bool = typer.Option(False, "--chat", help="Apply the chat template (interactive turns on a terminal)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (1 = off)."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed for sampling."),
+) -> None:
+    """Stream text from a model: prunelab's fused sparse engine when it can, transformers otherwise."""
+    from prunelab.serve import generate as run_generate
+
+    run_generate(model, prompt=prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
+                 top_k=top_k, top_p=top_p, seed=seed)
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Checkpoint directory or model spec (a decoder LM; pruned/quantized ok)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (default: this machine only)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    api_key: str | None = typer.Option(None, "--api-key", help="Require 'Authorization: Bearer KEY' (else 401)."),
+    max_batch: int = typer.Option(16, "--max-batch", min=1, help="Sequences decoded together per step."),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="Waiting requests beyond the batch (else 429)."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds a request may take in all."),
+    model_name: str | None = typer.Option(None, "--model-name", help="Model id clients send (default: MODEL)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="Compute threads (default: all cores)."),
+) -> None:
+    """OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
+    from prunelab.serve import serve as run_serve
+
+    run_serve(model, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+              timeout_s=timeout, model_name=model_name, threads=threads)
+
+
 def main() -> None:
     """Entry point: run the app, turning `PrunelabError` into a one-line message and exit 2."""
     try:
@@ -420,3 +563,7 @@ def main() -> None:
 
 
 _ = Path  # re-exported for command modules that build paths
+
+
+if __name__ == "__main__":  # `python -m prunelab.cli` (what tests spawn and kill)
+    main()
