@@ -388,6 +388,7 @@ SPLIT_GROUPS = (32, 16)  # group sizes below 64 with a SIMD path (int8 / int4)
 # Sparse rows against many inputs at once: the batch in the SIMD lanes, work per kept weight
 # ---------------------------------------------------------------------------------------------------
 LANES = 16  # inputs per transposed call: one <16 x float> register holds one column of all of them
+UNROLL = 8  # pass 2 of the transposed rows: kept weights per iteration, one accumulator each (2 FMA pipes x 4 latency)
 T_CHUNK = 9  # 64-column words per column chunk: 576 columns x 16 lanes x 4 bytes = 36 KB of inputs, L1-resident
 _V16F_ = ir.VectorType(_F32, LANES)
 
@@ -408,6 +409,19 @@ def _compress16(builder: ir.IRBuilder, v: ir.Value, m16: ir.Value, dst: ir.Value
         builder.call(fn, [v, dst, m16])
 
 
+def _compress_bytes(builder: ir.IRBuilder, v: ir.Value, w: ir.Value) -> ir.Value:
+    """<64 x i8>: the bytes of `v` at the set bits of the 64-bit `w`, packed low, zeros above."""
+    mask = builder.bitcast(w, _V64I1)
+    if HAS_VBMI2:
+        fn = _fn(builder, "llvm.x86.avx512.mask.compress.v64i8", _V64I8, [_V64I8, _V64I8, _V64I1])
+        return builder.call(fn, [v, ir.Constant(_V64I8, None), mask])
+    mem = cgutils.alloca_once(builder, _V64I8)
+    builder.store(ir.Constant(_V64I8, None), mem)
+    fn = _fn(builder, "llvm.masked.compressstore.v64i8", ir.VoidType(), [_V64I8, _I8.as_pointer(), _V64I1])
+    builder.call(fn, [v, builder.bitcast(mem, _I8.as_pointer()), mask])
+    return builder.load(mem)
+
+
 def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.Value:
     """The lane totals (<16 x float>) of one sparse row against `LANES` transposed inputs; `per_word`: groups
     per 64-column word (2 or 4: group size 32 or 16), or 0 for group sizes that are multiples of 64. Only the
@@ -423,6 +437,8 @@ def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.
     one, c0, zero16 = ir.Constant(_I64, 1), ir.Constant(_I64, 0), ir.Constant(_V16F_, None)
     v16i = ir.VectorType(_I32, LANES)
     pop64 = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
+    if not per_word:  # one division per row chunk, none per word (a 64-bit divide per word cost as much as the word)
+        g_start, k_start = builder.udiv(a["w0"], a["wpg"]), builder.urem(a["w0"], a["wpg"])
     entry = builder.block
     shead, sbody, whead, wbody, lhead, lbody, done = (builder.append_basic_block(f"qt{per_word}.{n}") for n in
                                                       ("shead", "sbody", "whead", "wbody", "lhead", "lbody", "done"))
@@ -437,44 +453,71 @@ def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.
     si.add_incoming(builder.add(si, one), sbody)
     svo.add_incoming(builder.add(svo, builder.call(pop64, [sw])), sbody)
     builder.branch(shead)
-    builder.position_at_end(whead)  # pass 1 over the chunk's words: i, value offset vo, list length cnt
-    i, vo, cnt = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64)
+    builder.position_at_end(whead)  # pass 1 over the chunk's words: i, value offset vo, list length cnt,
+    i, vo, cnt = builder.phi(_I64), builder.phi(_I64), builder.phi(_I64)  # group gk and word kk in it
+    gk, kk = builder.phi(_I64), builder.phi(_I64)
     for phi, init in ((i, a["w0"]), (vo, svo), (cnt, c0)):
         phi.add_incoming(init, shead)
+    if per_word:
+        gk.add_incoming(c0, shead)
+        kk.add_incoming(c0, shead)
+    else:
+        gk.add_incoming(g_start, shead)
+        kk.add_incoming(k_start, shead)
     pad = builder.append_basic_block(f"qt{per_word}.pad")
     builder.cbranch(builder.icmp_signed("<", i, a["w1"]), wbody, pad)
     builder.position_at_end(wbody)
     w = builder.load(builder.gep(masks, [builder.add(a["moff"], i)]))
-    g = builder.mul(i, ir.Constant(_I64, per_word)) if per_word else builder.udiv(i, a["wpg"])
+    g = builder.mul(i, ir.Constant(_I64, per_word)) if per_word else gk
     n = per_word or 1
     sv = _splat_groups(builder, scales, builder.add(a["soff"], g), n, _V64F)
     z = _splat_groups(builder, vals, builder.add(a["zoff"], g), n, _V64I8) if bits == 4 else None
-    q, used = _word_values(builder, bits, False, vals, vo, w, z, z_after=bool(per_word))
-    q = builder.fmul(q, sv)
+    kk1 = builder.add(kk, one)
+    wrap = builder.icmp_signed("==", kk1, a["wpg"])
+    gk1 = builder.select(wrap, builder.add(gk, one), gk) if not per_word else gk
+    kk1 = builder.select(wrap, c0, kk1) if not per_word else kk
     col0 = builder.trunc(builder.mul(i, ir.Constant(_I64, 64)), _I32)
-    base = builder.insert_element(ir.Constant(v16i, ir.Undefined), col0, ir.Constant(_I32, 0))
-    base = _shuffle(builder, base, base, [0] * LANES)
-    off = cnt
-    for c in range(4):
-        m16 = builder.trunc(builder.lshr(w, ir.Constant(_I64, 16 * c)), _I16)
-        part = _shuffle(builder, q, q, list(range(16 * c, 16 * c + 16)))
-        _compress16(builder, part, builder.bitcast(m16, _V16I1), builder.gep(fbuf, [off]))
-        cols = builder.add(base, ir.Constant(v16i, [16 * c + k for k in range(16)]))
-        _compress16(builder, cols, builder.bitcast(m16, _V16I1), builder.gep(ibuf, [off]))
-        off = builder.add(off, builder.zext(builder.call(pop16, [m16]), _I64))
+    if per_word:  # scales vary inside the word: expand, scale, then pack values and columns 16 lanes at a time
+        q, used = _word_values(builder, bits, False, vals, vo, w, z, z_after=True)
+        q = builder.fmul(q, sv)
+        base = builder.insert_element(ir.Constant(v16i, ir.Undefined), col0, ir.Constant(_I32, 0))
+        base = _shuffle(builder, base, base, [0] * LANES)
+        off = cnt
+        for c in range(4):
+            m16 = builder.trunc(builder.lshr(w, ir.Constant(_I64, 16 * c)), _I16)
+            part = _shuffle(builder, q, q, list(range(16 * c, 16 * c + 16)))
+            _compress16(builder, part, builder.bitcast(m16, _V16I1), builder.gep(fbuf, [off]))
+            cols = builder.mul(builder.add(base, ir.Constant(v16i, [16 * c + k for k in range(16)])),
+                               ir.Constant(v16i, [LANES] * 16))  # stored as the element offset into xt
+            _compress16(builder, cols, builder.bitcast(m16, _V16I1), builder.gep(ibuf, [off]))
+            off = builder.add(off, builder.zext(builder.call(pop16, [m16]), _I64))
+    else:  # one scale per word: the stored values are already the packed list; only the columns need packing
+        q, _ = _word_values(builder, bits, True, vals, vo, w, z)  # the next 64 stored values, in order
+        v64f = ir.VectorType(_F32, 64)
+        builder.store(builder.fmul(q, sv), builder.bitcast(builder.gep(fbuf, [cnt]), v64f.as_pointer()), align=4)
+        packed = _compress_bytes(builder, ir.Constant(_V64I8, list(range(64))), w)
+        v64i = ir.VectorType(_I32, 64)
+        base = builder.insert_element(ir.Constant(v64i, ir.Undefined), col0, ir.Constant(_I32, 0))
+        cols = builder.add(builder.zext(packed, v64i), _shuffle(builder, base, base, [0] * 64))
+        cols = builder.mul(cols, ir.Constant(v64i, [LANES] * 64))
+        builder.store(cols, builder.bitcast(builder.gep(ibuf, [cnt]), v64i.as_pointer()), align=4)
+        used = builder.call(pop64, [w])
+        off = builder.add(cnt, used)
     i.add_incoming(builder.add(i, one), builder.block)
     vo.add_incoming(builder.add(vo, used), builder.block)
     cnt.add_incoming(off, builder.block)
+    gk.add_incoming(gk1, builder.block)
+    kk.add_incoming(kk1, builder.block)
     builder.branch(whead)
-    builder.position_at_end(pad)  # zero 4 entries past the end, so the last group of 4 adds nothing
-    builder.store(ir.Constant(ir.VectorType(_F32, 4), None),
-                  builder.bitcast(builder.gep(fbuf, [cnt]), ir.VectorType(_F32, 4).as_pointer()), align=4)
-    builder.store(ir.Constant(ir.VectorType(_I32, 4), None),
-                  builder.bitcast(builder.gep(ibuf, [cnt]), ir.VectorType(_I32, 4).as_pointer()), align=4)
+    builder.position_at_end(pad)  # zero UNROLL entries past the end, so the last group adds nothing
+    builder.store(ir.Constant(ir.VectorType(_F32, UNROLL), None),
+                  builder.bitcast(builder.gep(fbuf, [cnt]), ir.VectorType(_F32, UNROLL).as_pointer()), align=4)
+    builder.store(ir.Constant(ir.VectorType(_I32, UNROLL), None),
+                  builder.bitcast(builder.gep(ibuf, [cnt]), ir.VectorType(_I32, UNROLL).as_pointer()), align=4)
     builder.branch(lhead)
-    builder.position_at_end(lhead)  # pass 2 over the list, 4 at a time: k, accumulators
+    builder.position_at_end(lhead)  # pass 2 over the list, UNROLL at a time: k, accumulators
     k = builder.phi(_I64)
-    accs = [builder.phi(_V16F_) for _ in range(4)]
+    accs = [builder.phi(_V16F_) for _ in range(UNROLL)]
     k.add_incoming(c0, pad)
     for acc in accs:
         acc.add_incoming(zero16, pad)
@@ -486,16 +529,17 @@ def _row_t_loop(builder: ir.IRBuilder, bits: int, per_word: int, a: dict) -> ir.
         v = builder.load(builder.gep(fbuf, [e]))
         vb = builder.insert_element(ir.Constant(_V16F_, ir.Undefined), v, ir.Constant(_I32, 0))
         vb = _shuffle(builder, vb, vb, [0] * LANES)
-        col = builder.zext(builder.load(builder.gep(ibuf, [e])), _I64)
-        at = builder.mul(col, ir.Constant(_I64, LANES))
+        at = builder.zext(builder.load(builder.gep(ibuf, [e])), _I64)
         xv = builder.load(builder.bitcast(builder.gep(xt, [at]), _V16F_.as_pointer()), align=4)
         new.append(builder.call(fma, [vb, xv, acc]))
-    k.add_incoming(builder.add(k, ir.Constant(_I64, 4)), lbody)
+    k.add_incoming(builder.add(k, ir.Constant(_I64, UNROLL)), lbody)
     for acc, nv in zip(accs, new, strict=True):
         acc.add_incoming(nv, lbody)
     builder.branch(lhead)
     builder.position_at_end(done)
-    return builder.fadd(builder.fadd(accs[0], accs[1]), builder.fadd(accs[2], accs[3]))
+    while len(accs) > 1:
+        accs = [builder.fadd(accs[j], accs[j + 1]) for j in range(0, len(accs), 2)]
+    return accs[0]
 
 
 def _row_t_codegen(bits: int, split: bool):  # noqa: ANN202 - numba codegen callback
@@ -765,7 +809,7 @@ def mat_rows_t(meta, m, r0, r1, masks, qvals, fvals, scales, rowptr, xt, yt, yto
     than `mat_rows` (scaled values times inputs, per kept weight): equal up to fp32 rounding."""
     inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
     ng, words = inp // gs, inp // 64
-    fb, ib = np.empty(inp + 64, np.float32), np.empty(inp + 64, np.int32)  # one row's kept values and columns
+    fb, ib = np.empty(inp + 128, np.float32), np.empty(inp + 128, np.int32)  # one row's kept values and columns
     for w0 in range(0, words, T_CHUNK):
         w1 = min(words, w0 + T_CHUNK)
         if gs < 64:
