@@ -190,7 +190,9 @@ def create_app(served: ServedModel, cfg: ServeConfig) -> Any:
         return body
 
     def _job(body: dict[str, Any], prompt: list[int], default_max: int | None) -> Job:
-        max_tokens = _int(body, "max_completion_tokens", None) or _int(body, "max_tokens", default_max)
+        max_tokens = _int(body, "max_completion_tokens", None)
+        if max_tokens is None:
+            max_tokens = _int(body, "max_tokens", default_max)
         if max_tokens is None:
             max_tokens = max(1, min(DEFAULT_MAX_TOKENS, served.context - len(prompt)))
         if max_tokens <= 0:
