@@ -224,9 +224,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="compute threads of both servers")
     ap.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
-    ap.add_argument("--requests", type=int, default=4, help="requests of the single client")
-    ap.add_argument("--requests-per-client", type=int, default=2, help="requests per client at 4 and 16 clients")
+    ap.add_argument("--requests", type=int, default=6, help="requests of the single client")
+    ap.add_argument("--requests-per-client", type=int, default=3, help="requests per client at 4 and 16 clients")
     ap.add_argument("--level-timeout", type=float, default=300.0, help="seconds per level at most")
+    ap.add_argument("--note", default="", help="free text for the JSON (e.g. what else the machine was running)")
     ap.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.json")
     args = ap.parse_args()
@@ -253,7 +254,9 @@ def main() -> None:
         "llama.cpp_model": gguf_path().name, "xllamacpp": xllamacpp.__version__, "max_batch": max(LEVELS),
         "tokens_per_request": args.tokens, "greedy": True, "ignore_eos": True, "python": platform.python_version(),
         "note": "both servers measured one after the other in one run, same machine and thread count; "
-                "tokens_per_s = completion tokens of all requests / wall time of the level",
+                "tokens_per_s = completion tokens of all requests / wall time of the level (prefill included); "
+                "token_ms = gaps between streamed chunks; ttft from request start",
+        "machine_note": args.note,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
