@@ -574,6 +574,109 @@ def _row_t_codegen(bits: int, split: bool):  # noqa: ANN202 - numba codegen call
     return codegen
 
 
+def _row_t_i8row_codegen():  # noqa: ANN202 - numba codegen callback
+    """`_row_t_loop` for an int8 row with one scale (per output channel, the usual int8): the stored values
+    of the row are already its packed list, in column order, so pass 1 only packs the columns (one byte
+    compress and two 64-byte stores per word, as uint16 offsets into `xt`), pass 2 reads each value byte
+    where it is stored, and the scale multiplies the row's sums once at the end."""
+    def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+        names = ("vals", "voff", "masks", "moff", "x", "scales", "soff", "y", "yoff", "ibuf", "w0", "w1")
+        a = {n: (context.make_array(sig.args[k])(context, builder, args[k]).data
+                 if n in ("vals", "masks", "x", "scales", "y", "ibuf") else args[k]) for k, n in enumerate(names)}
+        vals, masks, xt, ib = a["vals"], a["masks"], a["x"], a["ibuf"]
+        fma = _fn(builder, "llvm.fmuladd.v16f32", _V16F_, [_V16F_, _V16F_, _V16F_])
+        pop64 = _fn(builder, "llvm.ctpop.i64", _I64, [_I64])
+        one, c0, zero16 = ir.Constant(_I64, 1), ir.Constant(_I64, 0), ir.Constant(_V16F_, None)
+        v64s = ir.VectorType(_I16, 64)
+        entry = builder.block
+        blocks = ("shead", "sbody", "whead", "wbody", "lpre", "lhead", "lbody", "rhead", "rbody", "done")
+        shead, sbody, whead, wbody, lpre, lhead, lbody, rhead, rbody, done = (
+            builder.append_basic_block(f"q8.{n}") for n in blocks)
+        builder.branch(shead)
+        builder.position_at_end(shead)  # the values of the words before this chunk
+        si, svo = builder.phi(_I64), builder.phi(_I64)
+        si.add_incoming(c0, entry)
+        svo.add_incoming(a["voff"], entry)
+        builder.cbranch(builder.icmp_signed("<", si, a["w0"]), sbody, whead)
+        builder.position_at_end(sbody)
+        sw = builder.load(builder.gep(masks, [builder.add(a["moff"], si)]))
+        si.add_incoming(builder.add(si, one), sbody)
+        svo.add_incoming(builder.add(svo, builder.call(pop64, [sw])), sbody)
+        builder.branch(shead)
+        builder.position_at_end(whead)  # pass 1: pack the chunk's kept columns
+        i, cnt = builder.phi(_I64), builder.phi(_I64)
+        i.add_incoming(a["w0"], shead)
+        cnt.add_incoming(c0, shead)
+        builder.cbranch(builder.icmp_signed("<", i, a["w1"]), wbody, lpre)
+        builder.position_at_end(wbody)
+        w = builder.load(builder.gep(masks, [builder.add(a["moff"], i)]))
+        packed = _compress_bytes(builder, ir.Constant(_V64I8, list(range(64))), w)
+        base = builder.trunc(builder.mul(i, ir.Constant(_I64, 64)), _I16)
+        base = builder.insert_element(ir.Constant(v64s, ir.Undefined), base, ir.Constant(_I32, 0))
+        cols = builder.add(builder.zext(packed, v64s), _shuffle(builder, base, base, [0] * 64))
+        cols = builder.mul(cols, ir.Constant(v64s, [LANES] * 64))
+        builder.store(cols, builder.bitcast(builder.gep(ib, [cnt]), v64s.as_pointer()), align=2)
+        i.add_incoming(builder.add(i, one), wbody)
+        cnt.add_incoming(builder.add(cnt, builder.call(pop64, [w])), wbody)
+        builder.branch(whead)
+        builder.position_at_end(lpre)
+        nmain = builder.and_(cnt, ir.Constant(_I64, -UNROLL))
+        builder.branch(lhead)
+
+        def term(e: ir.Value, acc: ir.Value) -> ir.Value:
+            col = builder.mul(builder.zext(builder.load(builder.gep(ib, [e])), _I64), one)
+            v = builder.sitofp(builder.load(builder.gep(vals, [builder.add(svo, e)])), _F32)
+            vb = builder.insert_element(ir.Constant(_V16F_, ir.Undefined), v, ir.Constant(_I32, 0))
+            vb = _shuffle(builder, vb, vb, [0] * LANES)
+            xv = builder.load(builder.bitcast(builder.gep(xt, [col]), _V16F_.as_pointer()), align=4)
+            return builder.call(fma, [vb, xv, acc])
+
+        builder.position_at_end(lhead)  # pass 2, UNROLL kept weights per iteration
+        k = builder.phi(_I64)
+        accs = [builder.phi(_V16F_) for _ in range(UNROLL)]
+        k.add_incoming(c0, lpre)
+        for acc in accs:
+            acc.add_incoming(zero16, lpre)
+        builder.cbranch(builder.icmp_signed("<", k, nmain), lbody, rhead)
+        builder.position_at_end(lbody)
+        new = [term(builder.add(k, ir.Constant(_I64, u)), acc) for u, acc in enumerate(accs)]
+        k.add_incoming(builder.add(k, ir.Constant(_I64, UNROLL)), lbody)
+        for acc, nv in zip(accs, new, strict=True):
+            acc.add_incoming(nv, lbody)
+        builder.branch(lhead)
+        builder.position_at_end(rhead)  # the last cnt % UNROLL
+        k2, racc = builder.phi(_I64), builder.phi(_V16F_)
+        k2.add_incoming(nmain, lhead)
+        racc.add_incoming(zero16, lhead)
+        builder.cbranch(builder.icmp_signed("<", k2, cnt), rbody, done)
+        builder.position_at_end(rbody)
+        k2.add_incoming(builder.add(k2, one), rbody)
+        racc.add_incoming(term(k2, racc), rbody)
+        builder.branch(rhead)
+        builder.position_at_end(done)
+        parts = [*accs, racc]
+        while len(parts) > 1:
+            parts = [builder.fadd(parts[j], parts[j + 1]) if j + 1 < len(parts) else parts[j]
+                     for j in range(0, len(parts), 2)]
+        sv = builder.load(builder.gep(a["scales"], [a["soff"]]))
+        sv = builder.insert_element(ir.Constant(_V16F_, ir.Undefined), sv, ir.Constant(_I32, 0))
+        total = builder.fmul(parts[0], _shuffle(builder, sv, sv, [0] * LANES))
+        dst = builder.bitcast(builder.gep(a["y"], [a["yoff"]]), _V16F_.as_pointer())
+        first = builder.icmp_signed("==", a["w0"], c0)
+        total = builder.select(first, total, builder.fadd(total, builder.load(dst, align=4)))
+        builder.store(total, dst, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _trow_i8row(typingctx, vals, voff, masks, moff, xt, scales, soff, yt, ytoff, ib16, w0, w1):  # noqa: ANN001, ANN201
+    sig = types.none(vals, types.int64, masks, types.int64, xt, scales, types.int64, yt, types.int64, ib16,
+                     types.int64, types.int64)
+    return sig, _row_t_i8row_codegen()
+
+
 def _make_row_t(bits: int, split: bool):  # noqa: ANN202 - returns a numba intrinsic
     @intrinsic
     def row_t(typingctx, vals, voff, masks, moff, xt, scales, soff, ngroups, wpg, zoff, yt, ytoff,  # noqa: ANN001, ANN202
@@ -810,6 +913,7 @@ def mat_rows_t(meta, m, r0, r1, masks, qvals, fvals, scales, rowptr, xt, yt, yto
     inp, kind, gs = meta[m, M_IN], meta[m, M_KIND], meta[m, M_GS]
     ng, words = inp // gs, inp // 64
     fb, ib = np.empty(inp + 128, np.float32), np.empty(inp + 128, np.int32)  # one row's kept values and columns
+    ib16 = np.empty(inp + 128, np.uint16)
     for w0 in range(0, words, T_CHUNK):
         w1 = min(words, w0 + T_CHUNK)
         if gs < 64:
@@ -822,6 +926,10 @@ def mat_rows_t(meta, m, r0, r1, masks, qvals, fvals, scales, rowptr, xt, yt, yto
                 else:
                     _tsplit_i4(qvals, vo, masks, moff, xt, scales, soff, ng, pw, zo, yt, ytoff + r * LANES, fb, ib,
                                w0, w1)
+        elif kind == KIND_I8 and ng == 1 and inp <= 4096:  # one scale per row; uint16 column offsets fit
+            for r in range(r0, r1):
+                vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
+                _trow_i8row(qvals, vo, masks, moff, xt, scales, soff, yt, ytoff + r * LANES, ib16, w0, w1)
         elif kind == KIND_I8:
             for r in range(r0, r1):
                 vo, moff, soff, zo = _offsets(meta, m, r, rowptr)
