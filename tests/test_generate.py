@@ -136,3 +136,21 @@ def test_smollm2_server_chat_equals_transformers(tmp_path) -> None:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_interactive_chat_turns_from_a_terminal(pruned_llama) -> None:
+    """--chat on a terminal: one completion per line typed, the conversation carried over, /exit ends it."""
+    import io
+
+    from prunelab.serve import generate
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out, err = io.StringIO(), io.StringIO()
+    results = generate(str(pruned_llama), chat=True, max_new_tokens=5, out=out, err=err,
+                       stdin=Tty("hello\n\nhow are you\n/exit\n"))
+    assert len(results) == 2
+    assert results[1].prompt_tokens > results[0].prompt_tokens + len(results[0].tokens)  # history included
+    assert err.getvalue().count("you> ") == 4 and err.getvalue().count("tokens/s") == 2
