@@ -277,15 +277,15 @@ def test_batch_decoder_equals_single_engine(tiny_dirs) -> None:
         prune(lm, PruneConfig(**recipe))
         eng = DecodeEngine.from_model(lm, fast=fast)
         rng = np.random.default_rng(0)
-        prompts = [rng.integers(5, 260, size=k).tolist() for k in (3, 9, 1, 6, 5)]
+        prompts = [rng.integers(5, 260, size=k).tolist() for k in (13, 9, 4, 16, 5)]
         refs = [eng.logits(p) for p in prompts]
-        batch = BatchDecoder(eng, len(prompts), max_entries=16)
+        batch = BatchDecoder(eng, len(prompts), max_entries=32)
         got: list[list[np.ndarray]] = [[] for _ in prompts]
         fed = [0] * len(prompts)
         while any(f < len(p) for f, p in zip(fed, prompts, strict=True)):
             toks, slots, poss = [], [], []
-            for i, p in enumerate(prompts):  # up to 2 tokens of every sequence per step
-                for _ in range(2):
+            for i, p in enumerate(prompts):  # up to 4 tokens of every sequence per step: 20, 13, 9, 5, ... entries
+                for _ in range(4):
                     if fed[i] < len(p):
                         toks.append(p[fed[i]])
                         slots.append(i)

@@ -170,11 +170,15 @@ def _gemv_batch(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, 
     """`_gemv_par` for `n` inputs `xs` apart (outputs `ys` apart): each chunk of rows serves every input.
 
     From `T_MIN` inputs on, sparse matrices run `mat_rows_t` on the inputs transposed in blocks of `LANES`
-    (one FMA per kept weight serves 16 inputs); dense ones (the head) and smaller batches run
-    `mat_rows_batch` (one row decode per 4 inputs, dense SIMD work per input)."""
+    (one FMA per kept weight serves 16 inputs; a block costs the same however few lanes it fills, so a last
+    block of fewer than `T_MIN` inputs is left to `mat_rows_batch`); dense ones (the head) and smaller
+    batches run `mat_rows_batch` (one row decode per 4 inputs, dense SIMD work per input)."""
     inp = meta[mats[0], 1]
     use_t = n >= T_MIN
-    nblk = (n + LANES - 1) // LANES if use_t else 0
+    nblk = 0  # blocks of LANES inputs; a last partial block of fewer than T_MIN goes the mat_rows_batch way
+    if use_t:
+        nblk = n // LANES + (1 if n % LANES >= T_MIN else 0)
+    tail = min(n, nblk * LANES)  # first input not in a block
     xt_raw = np.zeros(nblk * inp * LANES + PAD + 16, np.float32)
     a0 = (-xt_raw.ctypes.data % 64) // 4  # 64-byte aligned: each 16-lane column load is one cache line
     xt = xt_raw[a0:]
@@ -199,6 +203,9 @@ def _gemv_batch(mats, yoffs, meta, masks, mbytes, qvals, fvals, scales, rowptr, 
                 for r in range(r0, r1):
                     for lane in range(min(LANES, n - blk * LANES)):
                         y[(blk * LANES + lane) * ys + yoffs[k] + r] = yt[base + r * LANES + lane]
+            if tail < n:
+                mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x[tail * xs:], xs,
+                               n - tail, y[tail * ys:], yoffs[k], ys, fast)
         else:
             mat_rows_batch(meta, m, r0, r1, masks, mbytes, qvals, fvals, scales, rowptr, x, xs, n, y, yoffs[k], ys,
                            fast)
