@@ -156,6 +156,8 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--curve-every", type=int, default=5, help="keep every n-th distillation loss in the JSON")
     ap.add_argument("--quick", action="store_true", help="smoke test: tiny windows, one budget of 4 steps")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
+    ap.add_argument("--finalize", action="store_true", help="write the table, checks and JSON from the rows an "
+                    "interrupted run left in OUT.partial.json (the JSON says which configurations are missing)")
     ap.add_argument("--child-model", help=argparse.SUPPRESS)
     ap.add_argument("--child-kind", help=argparse.SUPPRESS)
     ap.add_argument("--child-sparsity", type=float, help=argparse.SUPPRESS)
@@ -250,7 +252,12 @@ def main() -> None:
     from prunelab.io import write_json
 
     t_all = time.perf_counter()
-    rows = _run_children(args)
+    if args.finalize:
+        rows = json.loads(args.out.with_suffix(".partial.json").read_text())["rows"]
+    else:
+        rows = _run_children(args)
+    done = {(r["model"], r["pattern"], r["requested_sparsity"]) for r in rows}
+    missing = [f"{m} {p} {s:g}" for m, _, s, p in _jobs(args) if (m, p, s) not in done]
     table = _table(rows)
     print(table)
     checks = _checks(rows)
@@ -269,7 +276,8 @@ def main() -> None:
         "units": {"ppl": "token perplexity", "mean_cosine": "mean cosine to dense embeddings (SST-2 dev)",
                   "wer": "word error rate", "recover_wall_s": "seconds wall of recovery (all stages of the row)",
                   "peak_rss_bytes": "bytes (ru_maxrss of the child so far)"},
-        "wall_s": time.perf_counter() - t_all, "rows": rows, "checks": checks, "table": table,
+        "wall_s": sum(r.get("recover_wall_s") or 0 for r in rows) if args.finalize else time.perf_counter() - t_all,
+        "missing": missing, "rows": rows, "checks": checks, "table": table,
     })
     args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(f"saved {args.out}")

@@ -34,7 +34,7 @@ def _weights(lm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in lm.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "bart", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "bert", "t5"])  # one per family (gpt2/bart: the CLI tests)
 def test_mask_fixed_after_every_step_and_block_loss_falls(tiny_dirs, arch, monkeypatch):
     from prunelab.recovery import MaskGuard, RecoveryConfig, masks_from_zeros, recover
 
@@ -48,7 +48,7 @@ def test_mask_fixed_after_every_step_and_block_loss_falls(tiny_dirs, arch, monke
         checks.append(self.nonzero_pruned())
 
     monkeypatch.setattr(MaskGuard, "apply", checked_apply)
-    mode = "block" if arch in ("bart", "t5") else "block+distill"
+    mode = "block" if arch == "t5" else "block+distill"
     result = recover(student, teacher, RecoveryConfig(mode=mode, tokens=256, **SMALL), masks=masks)
     assert len(checks) > 10 and set(checks) == {0}
     after = masks_from_zeros(student)

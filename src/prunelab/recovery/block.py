@@ -29,8 +29,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunelab.models.blocks import BlockInput, BlockRef, call_block, capture_block_kwargs, mixed_layer_types
-from prunelab.models.types import LoadedModel
+from prunelab.models.blocks import (
+    BlockInput,
+    BlockRef,
+    call_block,
+    capture_block_kwargs,
+    mixed_layer_types,
+    stack_blocks,
+)
+from prunelab.models.types import LoadedModel, Stack
 from prunelab.pruning.sequential import ProgressFn, SequentialRunner, batch_samples
 from prunelab.recovery.config import RecoveryConfig
 from prunelab.recovery.masks import MaskGuard
@@ -110,11 +117,11 @@ class _BlockTrainer:
         monitor = (held_in, held_tg) if held else ([x for x, _ in train], [y for _, y in train])
         start = best = self.held_out_loss(*monitor)
         best_state = [p.detach().clone() for p in self.params]
-        curve, stale, epochs = [start], 0, 0
+        curve, stale, epochs, train_loss = [start], 0, 0, float("nan")
         self.block.module.train()
         for _ in range(cfg.block_epochs):
             epochs += 1
-            train_losses = []
+            train_losses: list[float] = []
             for i in torch.randperm(len(train), generator=self.gen).tolist():
                 x, y = train[i]
                 with cfg.autocast():
@@ -127,6 +134,7 @@ class _BlockTrainer:
                 sched.step()
                 self.guard.apply()
                 train_losses.append(loss.item())
+            train_loss = sum(train_losses) / max(1, len(train_losses))
             self.block.module.eval()
             val = self.held_out_loss(*monitor)
             self.block.module.train()
@@ -143,7 +151,7 @@ class _BlockTrainer:
             for p, b in zip(self.params, best_state, strict=True):
                 p.copy_(b)
         return {"loss_before": start, "loss_after": best, "epochs": epochs, "held_out_curve": curve,
-                "steps": epochs * len(train)}
+                "train_loss_last_epoch": train_loss, "steps": epochs * len(train)}
 
 
 def reconstruct_blocks(student: LoadedModel, teacher: LoadedModel, guard: MaskGuard,
@@ -157,7 +165,7 @@ def reconstruct_blocks(student: LoadedModel, teacher: LoadedModel, guard: MaskGu
     blocks_report: list[dict[str, Any]] = []
     student.model.eval()
     teacher.model.eval()
-    total = sum(len(b) for b, _ in _stack_lengths(student))
+    total = _total_blocks(student)
     for (s_blocks, s_in), (t_blocks, t_in) in zip(_stacks(student, batches), _stacks(teacher, batches), strict=True):
         for pos, (sb, tb) in enumerate(zip(s_blocks, t_blocks, strict=True)):
             tb0 = time.perf_counter()
@@ -190,9 +198,7 @@ def reconstruct_blocks(student: LoadedModel, teacher: LoadedModel, guard: MaskGu
     }
 
 
-def _stack_lengths(lm: LoadedModel) -> list[tuple[list[Any], str]]:
-    from prunelab.models.blocks import stack_blocks
-
-    stacks = ["encoder", "decoder"] if lm.family == "encoder-decoder" else [
-        "encoder" if lm.family == "encoder" else "decoder"]
-    return [(stack_blocks(lm, s), s) for s in stacks]  # type: ignore[arg-type]
+def _total_blocks(lm: LoadedModel) -> int:
+    stacks: tuple[Stack, ...] = ("encoder", "decoder") if lm.family == "encoder-decoder" else (
+        ("encoder",) if lm.family == "encoder" else ("decoder",))
+    return sum(len(stack_blocks(lm, s)) for s in stacks)

@@ -31,7 +31,7 @@ class RecoveryConfig:
     `target` picks what block `i` of the sparse model is trained towards: `dense` is the dense
     model's block output on the dense model's own inputs (so each block also undoes the error the
     pruned blocks before it let through); `local` is the dense block applied to the sparse model's
-    inputs (each block only imitates its dense self). `benchmarks/recovery.py --targets` measures both.
+    inputs (each block only imitates its dense self). `tests/test_recovery.py` compares the two.
     """
 
     mode: str = "block"
