@@ -198,7 +198,7 @@ def _run_children(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<22}{'pattern':<13}{'sparsity':>9}  {'recover':<15}{'tokens':>9}{'metric':>14}{'recover s':>11}" \
+    head = f"{'model':<22}{'pattern':<13}{'sparsity':>9}  {'recover':<15}{'tokens':>10}{'metric':>20}{'recover s':>11}" \
            f"{'zeros kept':>12}{'peak RSS MiB':>14}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -209,7 +209,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                       if k in r)
         kept = "yes" if r.get("zeros_before", r["zeros"]) == r.get("zeros_after", r["zeros"]) else "NO"
         lines.append(f"{r['model']:<22}{r['pattern']:<13}{r['sparsity_prunable']:>9.3f}  {r['recover']:<15}"
-                     f"{r['tokens']:>9}{metric:>14}{(r['recover_wall_s'] or 0):>11.0f}{kept:>12}"
+                     f"{r['tokens']:>10}{metric:>20}{(r['recover_wall_s'] or 0):>11.0f}{kept:>12}"
                      f"{r['peak_rss_bytes'] / 2**20:>14.0f}")
     return "\n".join(lines)
 
