@@ -198,8 +198,8 @@ def _run_children(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'model':<22}{'pattern':<13}{'sparsity':>9}  {'recover':<15}{'tokens':>10}{'metric':>20}{'recover s':>11}" \
-           f"{'zeros kept':>12}{'peak RSS MiB':>14}"
+    head = (f"{'model':<22}{'pattern':<13}{'sparsity':>9}  {'recover':<15}{'tokens':>10}{'metric':>20}"
+            f"{'recover s':>11}{'zeros kept':>12}{'peak RSS MiB':>14}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
