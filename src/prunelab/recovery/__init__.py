@@ -6,6 +6,7 @@
 - distillation from the dense model, checkpointed and resumable — distill.py
 - the recovery text, and the refusal of evaluation splits — data.py
 - masks held fixed through training — masks.py
+- saved state of a run (block stage, distillation checkpoints), written atomically — state.py
 """
 
 from prunelab.recovery.api import RecoveryResult, check_pair, recover

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from prunelab.recovery.config import RecoveryConfig
 from prunelab.recovery.data import recovery_windows
 from prunelab.recovery.distill import DistillState, distill, trainable_named
 from prunelab.recovery.masks import MaskGuard, masks_from_zeros, zero_counts
+from prunelab.recovery.state import read_state, write_state
 
 
 @dataclass
@@ -86,29 +86,6 @@ def _fingerprint(config: RecoveryConfig, masks: dict[str, torch.Tensor], teacher
     return h.hexdigest()
 
 
-def _save_stage(folder: Path, params: dict[str, torch.nn.Parameter], report: dict[str, Any], fp: str) -> None:
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "trained.safetensors"))
-    (tmp / "report.json").write_text(json.dumps({"fingerprint": fp, "report": report}, default=str))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-def _load_stage(folder: Path, params: dict[str, torch.nn.Parameter], fp: str) -> dict[str, Any] | None:
-    if not (folder / "report.json").is_file():
-        return None
-    meta = json.loads((folder / "report.json").read_text())
-    if meta.get("fingerprint") != fp:
-        return None
-    tensors = load_file(str(folder / "trained.safetensors"))
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
-    return dict(meta["report"])
-
-
 def recover(student: LoadedModel, teacher: LoadedModel, config: RecoveryConfig, *,
             masks: dict[str, torch.Tensor] | None = None, state_dir: str | Path | None = None,
             progress: ProgressFn | None = None) -> RecoveryResult:
@@ -155,9 +132,9 @@ def _block_stage(student: LoadedModel, teacher: LoadedModel, guard: MaskGuard, c
     params = trainable_named(student, guard, config.train_norms)
     for p in params.values():
         p.requires_grad_(False)
-    if state is not None and (done := _load_stage(state / "block", params, fp)) is not None:
+    if state is not None and (done := read_state(state / "block", params, fp)) is not None:
         result.resumed.append("block")
-        return done
+        return dict(done["report"])
     cs = calibration_set(student, config)
     for p in params.values():
         p.requires_grad_(True)
@@ -166,7 +143,7 @@ def _block_stage(student: LoadedModel, teacher: LoadedModel, guard: MaskGuard, c
         p.requires_grad_(False)
     report["calibration"] = cs.info
     if state is not None:
-        _save_stage(state / "block", params, report, fp)
+        write_state(state / "block", params, {"report": report}, fp)
     return report
 
 

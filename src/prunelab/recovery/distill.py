@@ -15,9 +15,7 @@ atomically) ends with exactly the weights of a run that was never interrupted.
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunelab.models.blocks import block_prefix
@@ -33,8 +30,7 @@ from prunelab.models.types import LoadedModel
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.recovery.config import RecoveryConfig
 from prunelab.recovery.masks import MaskGuard
-
-STATE_VERSION = 1
+from prunelab.recovery.state import read_state, write_state
 
 
 def trainable_named(lm: LoadedModel, guard: MaskGuard, train_norms: bool) -> dict[str, nn.Parameter]:
@@ -90,39 +86,17 @@ def batch_order(n_windows: int, batch: int, steps: int, seed: int) -> list[list[
 
 
 class DistillState:
-    """The checkpoint folder of one distillation run: trained tensors, Adam's state, progress."""
+    """The checkpoint folder of one distillation run (None: no checkpoints) and its fingerprint."""
 
     def __init__(self, folder: Path | None, fingerprint: str) -> None:
         self.folder, self.fingerprint = folder, fingerprint
 
     def load(self, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer) -> dict[str, Any] | None:
-        if self.folder is None or not (self.folder / "state.json").is_file():
-            return None
-        meta = json.loads((self.folder / "state.json").read_text())
-        if meta.get("fingerprint") != self.fingerprint or meta.get("version") != STATE_VERSION:
-            return None  # another run's state: start over
-        tensors = load_file(str(self.folder / "trained.safetensors"))
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(tensors[name])
-        opt.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
-        return meta
+        return read_state(self.folder, params, self.fingerprint, opt)
 
     def save(self, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-        if self.folder is None:
-            return
-        tmp = self.folder.with_name(self.folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "trained.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(meta, fingerprint=self.fingerprint, version=STATE_VERSION)))
-        old = self.folder.with_name(self.folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.folder.exists():
-            self.folder.rename(old)
-        tmp.rename(self.folder)
-        shutil.rmtree(old, ignore_errors=True)
+        if self.folder is not None:
+            write_state(self.folder, params, meta, self.fingerprint, opt)
 
 
 def _forward_kwargs(lm: LoadedModel, ids: torch.Tensor) -> dict[str, Any]:
