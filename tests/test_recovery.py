@@ -264,3 +264,13 @@ def test_study_recover_spec_errors(tiny_dirs, spec, fragment):
 
     with pytest.raises(ConfigError, match=fragment):
         load_config({"models": [str(tiny_dirs["llama"])], "methods": ["wanda"], "recover": ["none", spec]})
+
+
+def test_prune_recover_refuses_an_evaluation_split_as_calibration(tiny_dirs, tmp_path, monkeypatch, capsys,
+                                                                  data_dir):
+    out = tmp_path / "out"
+    wiki = str(data_dir / "wikitext-2-raw" / "wiki.test.raw")
+    code, text = run_cli(monkeypatch, capsys, "prune", str(tiny_dirs["llama"]), "--method", "wanda", "--nsamples", "4",
+                         "--seqlen", "32", "--calib", wiki, "--recover", "block", "--out", str(out))
+    assert code == 2 and "WikiText-2 test evaluation split" in text, text
+    assert not out.exists()

@@ -26,7 +26,7 @@ from prunelab.pruning.engine import peak_rss_bytes
 from prunelab.pruning.sequential import ProgressFn
 from prunelab.recovery.block import reconstruct_blocks
 from prunelab.recovery.config import RecoveryConfig
-from prunelab.recovery.data import recovery_windows
+from prunelab.recovery.data import check_recovery_texts, recovery_windows
 from prunelab.recovery.distill import DistillState, distill, trainable_named
 from prunelab.recovery.masks import MaskGuard, masks_from_zeros, zero_counts
 from prunelab.recovery.state import read_state, write_state
@@ -92,6 +92,8 @@ def recover(student: LoadedModel, teacher: LoadedModel, config: RecoveryConfig, 
     """Recover `student` in place against `teacher`; `masks` default to the student's zeros."""
     config.validate()
     check_pair(student, teacher)
+    if student.processor is None:  # speech models calibrate on synthesized audio, not on a text source
+        check_recovery_texts(config)
     if "distill" in config.stages and student.family == "encoder-decoder":
         raise ConfigError("--recover distill covers decoder and encoder models; use --recover block for "
                           "encoder-decoder models")

@@ -20,17 +20,8 @@ from prunelab.pruning.sequential import ProgressFn
 from prunelab.pruning.types import PruneConfig, PruneResult
 from prunelab.recovery.api import check_pair, recover
 from prunelab.recovery.config import RecoveryConfig
-from prunelab.recovery.data import check_not_evaluation
+from prunelab.recovery.data import check_recovery_texts
 from prunelab.recovery.masks import masks_from_zeros
-
-
-def _check_data(config: RecoveryConfig) -> None:
-    """The recovery texts are checked before any model is loaded: a refused text writes nothing."""
-    from prunelab.data.text import read_text_source
-
-    check_not_evaluation(read_text_source(config.calib, config.calib_column))
-    if "distill" in config.stages and config.data not in ("calib", "generated"):
-        check_not_evaluation(read_text_source(config.data, config.data_column))
 
 
 def _prior_report(path: str) -> dict[str, Any]:
@@ -47,7 +38,7 @@ def recover_checkpoint(pruned: str, teacher: str, config: RecoveryConfig, out_di
     if format not in ("hf", "sparse"):
         raise ConfigError(f"unknown --format '{format}': use hf or sparse")
     config.validate()
-    _check_data(config)
+    check_recovery_texts(config)  # a refused text: nothing loaded, nothing written
     t0 = time.perf_counter()
     student = load(pruned)
     dense = load(teacher)

@@ -47,6 +47,13 @@ def check_not_evaluation(source: TextSource) -> None:
                           "(the default calibration text, --data generated, or a training split)")
 
 
+def check_recovery_texts(config: RecoveryConfig) -> None:
+    """Every text this recipe would train on is no evaluation split (before any model is loaded or trained)."""
+    check_not_evaluation(read_text_source(config.calib, config.calib_column))
+    if "distill" in config.stages and config.data not in ("calib", "generated"):
+        check_not_evaluation(read_text_source(config.data, config.data_column))
+
+
 def _windows_from_source(lm: LoadedModel, source: TextSource, n: int, seqlen: int, seed: int) -> torch.Tensor:
     cs = text_calibration(lm, source, n, seqlen, seed)
     return torch.cat([s["input_ids"] for s in cs.inputs], dim=0)

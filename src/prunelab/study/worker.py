@@ -190,7 +190,7 @@ def prune_config_for(cell: Cell) -> Any:
     return PruneConfig.from_settings(cell.method, sparsity=cell.sparsity, pattern=cell.pattern, **kwargs)
 
 
-def recovery_for(cell: Cell) -> Any:
+def cell_recovery(cell: Cell) -> Any:
     """The cell's recovery (`recover:` axis or a method entry's `recover`), None when it has none."""
     spec = cell.method_options.get("recover")
     if spec is None:
@@ -224,7 +224,7 @@ def ensure_checkpoint(cell: Cell, study_dir: Path) -> Path:
         lm = load(cell.model)
         before = _BEFORE.get(cell.model) or _BEFORE.setdefault(cell.model, block_profile(lm))
         t0 = time.perf_counter()
-        recovery = recovery_for(cell)
+        recovery = cell_recovery(cell)
         if recovery is None:
             result = prune(lm, config, progress=_progress)
         else:
